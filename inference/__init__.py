@@ -1,0 +1,1 @@
+"""The torch-free core shared by every stage: the model spec, image decoding, model packages and runtimes."""

@@ -1,0 +1,164 @@
+"""The model registry: one name -> constructor table that every CLI, test, export and report looks up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    build: Callable[..., nn.Module]  # build(num_classes, input_size, **arch_kwargs) -> nn.Module taking (N, 3, H, W)
+    description: str
+    input_size: tuple[int, int] = (32, 32)  # default (H, W)
+    transfer: bool = False  # torchvision ImageNet architecture whose backbone takes pretrained weights
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, description: str, *, input_size=(32, 32), transfer: bool = False):
+    def decorate(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelInfo(name, build, description, tuple(input_size), transfer)
+        return build
+
+    return decorate
+
+
+def list_models() -> list[ModelInfo]:
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+def get_model_info(name: str) -> ModelInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def build_model(name: str, num_classes: int, input_size: tuple[int, int] | None = None, **arch_kwargs) -> nn.Module:
+    """A freshly initialised (random-weight) model; pretrained weights are loaded by training.transfer."""
+    info = get_model_info(name)
+    return info.build(num_classes, tuple(input_size or info.input_size), **arch_kwargs)
+
+
+def flat_features(features: nn.Module, input_size: tuple[int, int], in_channels: int = 3) -> int:
+    """Size of `features`' flattened output, found by a dummy forward, never by hand.
+
+    The lesson's CNNWithBatchNorm hard-codes 64*16*16; after two 2x2 pools a 32x32 input gives 64*8*8.
+    """
+    with torch.no_grad():
+        return features(torch.zeros(1, in_channels, *input_size)).flatten(1).shape[1]
+
+
+class SimpleCNN(nn.Module):
+    """The lesson's SimpleCNN (two conv blocks, dropout MLP head), on RGB input."""
+
+    def __init__(self, num_classes: int = 10, input_size=(32, 32)):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat_features(self.features, input_size), 128), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(128, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class LeNet(nn.Module):
+    """The lesson's LeNet-5 on RGB input (32x32 -> 28 -> 14 -> 10 -> 5)."""
+
+    def __init__(self, num_classes: int = 10, input_size=(32, 32)):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, kernel_size=5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, kernel_size=5), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat_features(self.features, input_size), 120), nn.ReLU(),
+            nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class LessonCNN(nn.Module):
+    """The lesson's CNNWithBatchNorm (conv-BN-ReLU-pool x2, linear head), or its plain twin without BN."""
+
+    def __init__(self, num_classes: int = 10, input_size=(32, 32), batch_norm: bool = True):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            # Without BN the conv keeps its bias; with BN the bias would be cancelled by the mean.
+            norm = [nn.BatchNorm2d(cout)] if batch_norm else []
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=not batch_norm), *norm, nn.ReLU(), nn.MaxPool2d(2)]
+
+        self.features = nn.Sequential(*block(3, 32), *block(32, 64))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(flat_features(self.features, input_size), num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model("simple_cnn", "The lesson's SimpleCNN: 2 conv blocks + dropout MLP head")
+def simple_cnn(num_classes: int, input_size=(32, 32)) -> nn.Module:
+    return SimpleCNN(num_classes, input_size)
+
+
+@register_model("lenet", "The lesson's LeNet-5 (1998), on RGB")
+def lenet(num_classes: int, input_size=(32, 32)) -> nn.Module:
+    return LeNet(num_classes, input_size)
+
+
+@register_model("cnn_bn", "The lesson's CNNWithBatchNorm: 2 conv-BN-ReLU-pool blocks + linear head")
+def cnn_bn(num_classes: int, input_size=(32, 32)) -> nn.Module:
+    return LessonCNN(num_classes, input_size, batch_norm=True)
+
+
+@register_model("cnn_plain", "cnn_bn's plain twin: the same network without batch norm")
+def cnn_plain(num_classes: int, input_size=(32, 32)) -> nn.Module:
+    return LessonCNN(num_classes, input_size, batch_norm=False)
+
+
+@register_model("resnet18", "ResNet-18 for 32x32 inputs (3x3 stem, no early max-pool), from scratch")
+def resnet18(num_classes: int, input_size=(32, 32)) -> nn.Module:
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    # ImageNet's 7x7/2 stem and 3x3/2 max-pool would shrink 32x32 to 8x8 before the first block.
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _transfer_resnet(constructor: Callable[..., nn.Module], num_classes: int) -> nn.Module:
+    model = constructor()  # ImageNet architecture; weights come from training.transfer
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+@register_model(
+    "resnet18_transfer", "torchvision ResNet-18 with ImageNet weights and a new head", input_size=(64, 64), transfer=True
+)
+def resnet18_transfer(num_classes: int, input_size=(64, 64)) -> nn.Module:
+    return _transfer_resnet(torchvision.models.resnet18, num_classes)
+
+
+@register_model(
+    "resnet50_transfer", "torchvision ResNet-50 with ImageNet weights and a new head", input_size=(64, 64), transfer=True
+)
+def resnet50_transfer(num_classes: int, input_size=(64, 64)) -> nn.Module:
+    return _transfer_resnet(torchvision.models.resnet50, num_classes)
