@@ -48,6 +48,8 @@ def decode_image(
             raise ImageDecodeError("unsupported_format", "the bytes are not an image in a known format") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageDecodeError("too_large", "the image header declares too many pixels") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # a recognised header cut short or malformed
+            raise ImageDecodeError("corrupt", f"the image header is truncated or corrupt: {exc}") from None
         if image.format not in ACCEPTED_FORMATS:
             raise ImageDecodeError(
                 "unsupported_format",

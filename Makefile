@@ -1,0 +1,42 @@
+# The two quickstart commands (`make demo`, `make test`) and their building blocks. See README.md.
+# Each target creates the virtual environment on first use, so a fresh clone needs nothing else.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# PyTorch is installed first and pinned together: torchvision must match the torch build exactly.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+# The JPEG copy of CIFAR-10 where it is present (offline machines), else torchvision's official download.
+DATA ?= $(if $(wildcard ../shared/data/cifar10-jpeg.tar.gz),../shared/data/cifar10-jpeg.tar.gz,cifar10)
+RUN ?= runs/quick
+PACKAGE ?= packages/quick
+PORT ?= 3000
+
+.PHONY: setup demo train export serve test lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $@
+
+# The main job: train the quick recipe, export a verified package, serve it on http://127.0.0.1:$(PORT).
+demo: export serve
+
+train: setup
+	$(PY) -m training train --recipe quick --data $(DATA) --out $(RUN)
+
+export: train
+	$(PY) -m export --run $(RUN) --out $(PACKAGE) --int8 --force
+
+serve: setup
+	VISIONSERVE_MODEL=$(PACKAGE) $(VENV)/bin/bentoml serve --port $(PORT)
+
+test: setup
+	$(PY) -m pytest -m "not gpu"
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

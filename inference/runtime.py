@@ -1,0 +1,167 @@
+"""Runtimes for model packages: ONNX Runtime (CUDA with a checked CPU fallback) or TorchScript, behind one Predictor."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from inference.package import INPUT_NAME, OUTPUT_PROBABILITIES, ModelPackage, load_package
+from inference.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cuda", "cpu")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+class DeviceUnavailableError(RuntimeError):
+    """`device="cuda"` was asked for and CUDA cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What is really running, as opposed to what was asked for (ONNX Runtime falls back silently)."""
+
+    backend: str  # onnx | onnx-int8 | torchscript
+    requested_device: str  # auto | cuda | cpu
+    device: str  # cuda | cpu: the device in use
+    provider: str  # CUDAExecutionProvider | CPUExecutionProvider | torch
+    fallback_reason: str | None  # why CUDA is not used although auto asked for it; None otherwise
+    intra_op_threads: int
+
+
+def cpu_threads() -> int:
+    """The cores this process may use (respects taskset/cgroup affinity, unlike os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class Predictor:
+    """One loaded model: `predict` maps raw pixels (N, H, W, 3) uint8 RGB to probabilities (N, C) float32.
+
+    Thread-safe: ONNX Runtime's and TorchScript's run calls may be made from several threads at once.
+    """
+
+    def __init__(
+        self,
+        package: ModelPackage,
+        *,
+        backend: str = "onnx",
+        device: str = "auto",
+        intra_op_threads: int | None = None,
+    ) -> None:
+        if device not in DEVICES:
+            raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+        self.package = package
+        self.spec: ModelSpec = package.spec
+        threads = intra_op_threads or cpu_threads()
+        model_path = package.model_path(backend)
+        if backend == "torchscript":
+            self._run, self.info = _torchscript_runner(model_path, backend, device, threads)
+        else:
+            self._run, self.info = _onnx_runner(model_path, backend, device, threads)
+        if self.info.fallback_reason:
+            log.warning("CUDA requested (device=auto) but not used: %s; running on the CPU", self.info.fallback_reason)
+
+    @classmethod
+    def from_path(cls, root: str | Path, **kwargs) -> Predictor:
+        return cls(load_package(root), **kwargs)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        height, width = self.spec.input_size
+        return (height, width, 3)
+
+    def check_input(self, pixels: np.ndarray) -> None:
+        """Raise ValueError unless `pixels` is a non-empty (N, H, W, 3) uint8 array of the model's size."""
+        if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
+            raise ValueError(f"pixels must be a uint8 array, got {getattr(pixels, 'dtype', type(pixels).__name__)}")
+        if pixels.ndim != 4 or pixels.shape[1:] != self.input_shape or pixels.shape[0] < 1:
+            raise ValueError(f"pixels must have shape (N>=1, {', '.join(map(str, self.input_shape))}), got {pixels.shape}")
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        self.check_input(pixels)
+        return self._run(np.ascontiguousarray(pixels))
+
+    def warm_up(self, batch_size: int = 1) -> None:
+        """Run once so that the first request doesn't pay for lazy initialisation (allocators, CUDA kernels)."""
+        self.predict(np.zeros((batch_size, *self.input_shape), dtype=np.uint8))
+
+
+def _onnx_runner(path: Path, backend: str, device: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle intra-op threads would otherwise spin and take CPU from request parsing and decoding.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+    def session(providers: list[str]):
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+    fallback_reason = None
+    if device in ("auto", "cuda"):
+        problem = None
+        if CUDA_PROVIDER not in ort.get_available_providers():
+            problem = f"this onnxruntime build has no {CUDA_PROVIDER} (install onnxruntime-gpu)"
+        else:
+            try:
+                # Load CUDA/cuDNN from the nvidia-* wheels when they are installed (e.g. beside torch);
+                # a system-wide CUDA needs nothing from this.
+                ort.preload_dlls(msvc=False)
+                cuda_session = session([CUDA_PROVIDER, CPU_PROVIDER])
+                # Ask the session what it really got: without a driver or libraries it silently keeps only the CPU.
+                if cuda_session.get_providers()[0] == CUDA_PROVIDER:
+                    return _onnx_run(cuda_session), RuntimeInfo(backend, device, "cuda", CUDA_PROVIDER, None, threads)
+                problem = f"{CUDA_PROVIDER} could not be initialised (no GPU, driver or CUDA libraries)"
+            except Exception as exc:  # ORT raises its own Fail/RuntimeException types
+                problem = f"{CUDA_PROVIDER} failed: {str(exc).splitlines()[0][:200]}"
+        if device == "cuda":
+            raise DeviceUnavailableError(f"device=cuda was requested but {problem}")
+        fallback_reason = problem
+    cpu_session = session([CPU_PROVIDER])
+    return _onnx_run(cpu_session), RuntimeInfo(backend, device, "cpu", CPU_PROVIDER, fallback_reason, threads)
+
+
+def _onnx_run(session):
+    def run(pixels: np.ndarray) -> np.ndarray:
+        return session.run([OUTPUT_PROBABILITIES], {INPUT_NAME: pixels})[0]
+
+    return run
+
+
+def _torchscript_runner(path: Path, backend: str, device: str, threads: int):
+    import torch  # only this backend needs torch
+
+    fallback_reason = None
+    use_cuda = torch.cuda.is_available()
+    if device == "cuda" and not use_cuda:
+        raise DeviceUnavailableError("device=cuda was requested but torch.cuda.is_available() is False")
+    if device == "auto" and not use_cuda:
+        fallback_reason = "torch.cuda.is_available() is False"
+    if device == "cpu":
+        use_cuda = False
+    torch_device = torch.device("cuda" if use_cuda else "cpu")
+    torch.set_num_threads(threads)
+    # The archive's sha256 was verified against the manifest before this point.
+    module = torch.jit.load(str(path), map_location=torch_device).eval()
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            probabilities = module(torch.from_numpy(pixels).to(torch_device))
+            if isinstance(probabilities, (tuple, list)):
+                probabilities = probabilities[0]
+            return probabilities.float().cpu().numpy()
+
+    info = RuntimeInfo(backend, device, torch_device.type, "torch", fallback_reason, threads)
+    return run, info

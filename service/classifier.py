@@ -1,0 +1,269 @@
+"""The serving model: a verified package, its runtime, the adaptive batcher and the decode step, behind one object.
+
+Every HTTP route (the service's own and the Open Inference Protocol's) uses a Classifier; none touches the
+runtime directly, so every inference path goes through the same batching, limits and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from inference.imaging import ACCEPTED_FORMATS, ImageDecodeError, decode_image
+from inference.package import ModelPackage, load_package
+from inference.runtime import Predictor, cpu_threads
+from service.batcher import Batcher
+from service.errors import ApiError
+from service.metrics import service_metrics
+from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+# Images whose headers declare at most this many pixels in total are decoded on the event loop (a 32x32
+# PNG took about 0.1-0.4 ms here, a thread hop as much again); more goes to the decode threads.
+INLINE_DECODE_MAX_PIXELS = 128 * 128
+
+
+def resolve_package(model: str) -> ModelPackage:
+    """A package folder, else a BentoML model-store tag whose files are a package; verified (sha256) either way."""
+    if Path(model).is_dir():
+        return load_package(model)
+    if "/" in model or "\\" in model:
+        raise FileNotFoundError(f"model package folder {model} does not exist")
+    import bentoml  # only for store tags; a folder needs no BentoML
+
+    try:
+        stored = bentoml.models.get(model)
+    except bentoml.exceptions.BentoMLException as exc:  # NotFound, or a malformed tag
+        raise FileNotFoundError(
+            f"model {model!r} is neither a package folder nor a tag in the BentoML model store ({exc})"
+        ) from None
+    return load_package(stored.path)
+
+
+def declared_pixels(images: list[bytes]) -> float:
+    """Total width * height from the images' headers (read lazily, nothing decoded); inf if one is unreadable."""
+    total = 0
+    for data in images:
+        try:
+            with Image.open(io.BytesIO(data), formats=sorted(ACCEPTED_FORMATS)) as image:
+                width, height = image.size
+        except Exception:  # any problem is reported by the real decode, in the pool
+            return math.inf
+        total += width * height
+    return total
+
+
+class Classifier:
+    """Load + verify the package, create the runtime, warm up, and serve `infer` through the batcher."""
+
+    def __init__(self, settings: ServiceSettings, package: ModelPackage | None = None) -> None:
+        self.settings = settings
+        self.package = package or resolve_package(settings.model)
+        self.spec = self.package.spec
+        self.predictor = Predictor(
+            self.package,
+            backend=settings.backend,
+            device=settings.device,
+            intra_op_threads=settings.threads or None,
+        )
+        self.info = self.predictor.info
+        self.metrics = service_metrics()
+        self.metrics.set_runtime(
+            self.info.backend,
+            self.info.provider,
+            self.info.device,
+            self.info.requested_device,
+            self.info.fallback_reason is not None,
+        )
+        self.batcher = Batcher(
+            self.predictor.predict,
+            max_batch_size=settings.max_batch_size,
+            max_latency_ms=settings.max_latency_ms,
+            max_queue=settings.max_queue,
+        )
+        self._decode_pool: ThreadPoolExecutor | None = None
+        self._warmed_up = False
+        self.failure: str | None = None  # why warm-up failed; the service then reports itself dead
+
+    @property
+    def ready(self) -> bool:
+        """Checksums verified and session created (in __init__), warm-up batches run, batcher running."""
+        return self._warmed_up and self.batcher.running
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    async def start(self) -> None:
+        """Start batching and warm up (once at batch 1, once at the largest batch) before declaring readiness."""
+        self.batcher.start()
+        loop = asyncio.get_running_loop()
+        try:
+            for batch_size in sorted({1, self.settings.max_batch_size}):
+                await loop.run_in_executor(self._pool(), self.predictor.warm_up, batch_size)
+        except Exception as exc:
+            self.failure = f"warm-up failed: {exc}"
+            log.exception("model warm-up failed; the service stays unready")
+            return
+        self._warmed_up = True
+        log.info(
+            "model %s %s ready: backend=%s provider=%s device=%s",
+            self.package.name,
+            self.package.version,
+            self.info.backend,
+            self.info.provider,
+            self.info.device,
+        )
+
+    async def stop(self) -> None:
+        self._warmed_up = False
+        await self.batcher.stop()
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+            self._decode_pool = None
+
+    def _pool(self) -> ThreadPoolExecutor:
+        # Decoding runs off the event loop; one thread per core (Pillow releases the GIL while decoding).
+        if self._decode_pool is None:
+            self._decode_pool = ThreadPoolExecutor(
+                max_workers=cpu_threads(), thread_name_prefix="decode"
+            )
+        return self._decode_pool
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Encoded image -> (H, W, 3) uint8 at the model's input size; bad input -> ApiError (400/413/415)."""
+        try:
+            return decode_image(
+                data, self.spec.input_size, max_pixels=self.settings.max_image_pixels
+            )
+        except ImageDecodeError as exc:
+            raise ApiError.from_decode_error(exc) from None
+
+    async def decode_many(self, images: list[bytes]) -> list[np.ndarray | ApiError]:
+        """Decode each image; each entry is the pixels or that image's own error.
+
+        Small images (by their header) are decoded right here: that is mostly Python work under the GIL,
+        cheaper than a hop to a thread. Anything bigger goes to the thread pool, in parallel, so that the
+        event loop keeps serving while Pillow decodes and resizes (it releases the GIL for that).
+        """
+        if declared_pixels(images) <= INLINE_DECODE_MAX_PIXELS:
+            return [self._decode_or_error(data) for data in images]
+        loop = asyncio.get_running_loop()
+        with self.batcher.incoming():
+            return list(
+                await asyncio.gather(
+                    *(
+                        loop.run_in_executor(self._pool(), self._decode_or_error, data)
+                        for data in images
+                    )
+                )
+            )
+
+    def _decode_or_error(self, data: bytes) -> np.ndarray | ApiError:
+        try:
+            return self.decode(data)
+        except ApiError as exc:
+            return exc
+
+    async def run_in_pool(self, function, *args):
+        """Run CPU work of a request (parsing, base64) off the event loop, in the decode pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool(), function, *args)
+
+    async def infer(self, pixels: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> (N, C) float32 probabilities via the batcher.
+
+        `deadline` is an event-loop time (loop.time()); by default the request timeout from now.
+        Raises ApiError: 400 for a wrong shape/dtype or too many images, 503 (Retry-After) when the queue is
+        full or the model is not ready, 504 past the deadline.
+        """
+        try:
+            self.predictor.check_input(pixels)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_input", str(exc)) from None
+        if len(pixels) > self.settings.max_batch_images:
+            raise ApiError(
+                400,
+                "too_many_images",
+                f"{len(pixels)} images in one request; the limit is {self.settings.max_batch_images}",
+            )
+        if not self.ready:
+            raise ApiError(503, "not_ready", "the model is still warming up", {"Retry-After": "1"})
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        return await self.batcher.submit(pixels, deadline)
+
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """One image's (C,) probabilities -> the k most likely classes, most likely first (ties: lower index)."""
+        order = np.argsort(-probabilities, kind="stable")[:k]
+        return [
+            {
+                "label": self.spec.class_names[i],
+                "index": int(i),
+                "probability": float(probabilities[i]),
+            }
+            for i in order
+        ]
+
+    def check_top_k(self, value: Any) -> int:
+        """A client's top_k (int or numeric string) -> int in 1..num_classes, else ApiError 400."""
+        try:
+            k = int(value)
+            if isinstance(value, float) or str(value).strip() != str(k):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ApiError(
+                400, "invalid_top_k", f"top_k must be an integer, got {value!r}"
+            ) from None
+        if not 1 <= k <= self.num_classes:
+            raise ApiError(
+                400, "invalid_top_k", f"top_k must be between 1 and {self.num_classes}, got {k}"
+            )
+        return k
+
+    @property
+    def default_top_k(self) -> int:
+        return min(5, self.num_classes)
+
+    def metadata(self) -> dict[str, Any]:
+        height, width = self.spec.input_size
+        return {
+            "name": self.package.name,
+            "version": self.package.version,
+            "arch": self.spec.arch,
+            "classes": list(self.spec.class_names),
+            "input": {
+                "height": height,
+                "width": width,
+                "channels": 3,
+                "dtype": "uint8",
+                "layout": self.spec.layout,
+            },
+            "sha256": self.package.sha256(self.info.backend),
+            "backend": self.info.backend,
+            "execution_provider": self.info.provider,
+            "device": self.info.device,
+            "requested_device": self.info.requested_device,
+            "fallback_reason": self.info.fallback_reason,
+            "intra_op_threads": self.info.intra_op_threads,
+            "batching": {
+                "max_batch_size": self.settings.max_batch_size,
+                "max_latency_ms": self.settings.max_latency_ms,
+                "max_queue": self.settings.max_queue,
+            },
+            "limits": {
+                "max_body_bytes": self.settings.max_body_bytes,
+                "max_image_pixels": self.settings.max_image_pixels,
+                "max_batch_images": self.settings.max_batch_images,
+                "request_timeout_s": self.settings.request_timeout_s,
+            },
+            "ready": self.ready,
+        }

@@ -1,0 +1,54 @@
+"""The BentoML service: wires the Classifier to the HTTP routes; `bentoml serve service.service:ImageClassifier`.
+
+BentoML provides the server, workers, /livez, /readyz, /metrics, the model store and build/containerize; the
+routes are a Starlette app mounted with `bentoml.asgi_app` for full control of parsing, limits and JSON errors.
+Batching happens in-process (service.batcher), not through BentoML's batchable APIs, whose self-calls loop back
+over HTTP with arrays as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import bentoml
+
+from service import http_api
+from service.classifier import Classifier
+from service.settings import ServiceSettings
+
+SETTINGS = (
+    ServiceSettings.from_env()
+)  # read once at import: a bad variable stops the server before it starts
+app = http_api.create_app()
+
+
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(
+    name="visionserve",
+    # One worker per machine: ONNX Runtime already uses every core, and one process keeps one batching queue.
+    workers=1,
+    # Our own deadline answers 504 with a JSON body; BentoML's timeout is only the backstop behind it.
+    traffic={"timeout": SETTINGS.request_timeout_s + 5},
+)
+class ImageClassifier:
+    def __init__(self) -> None:
+        # Verifies the package's checksums and creates the runtime session; fails loudly (e.g. device=cuda
+        # without a usable GPU, a tampered file) so the server never starts half-working.
+        self.classifier = Classifier(SETTINGS)
+        http_api.attach(app, self.classifier)
+        self._warm_up: asyncio.Task | None = None
+
+    @bentoml.on_startup
+    async def start_batching(self) -> None:
+        # Warm up in the background: /livez answers at once, /readyz turns 200 after the warm-up batches.
+        self._warm_up = asyncio.get_running_loop().create_task(self.classifier.start())
+
+    @bentoml.on_shutdown
+    async def stop_batching(self) -> None:
+        await self.classifier.stop()
+
+    def __is_ready__(self) -> bool:
+        return self.classifier.ready
+
+    def __is_alive__(self) -> bool:
+        return self.classifier.failure is None

@@ -1,0 +1,99 @@
+"""The service's configuration: one frozen dataclass read from `VISIONSERVE_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from inference.imaging import DEFAULT_MAX_PIXELS
+from inference.package import BACKEND_FILES
+from inference.runtime import DEVICES
+
+ENV_PREFIX = "VISIONSERVE_"
+# The BentoML model-store tag that the export stage registers and bentofile.yaml packs into the Bento.
+DEFAULT_MODEL_TAG = "visionserve-classifier:latest"
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    # A package folder, or a BentoML model-store tag ("name" or "name:version") holding the package files.
+    model: str = DEFAULT_MODEL_TAG
+    backend: str = "onnx"  # onnx | onnx-int8 | torchscript
+    device: str = "auto"  # auto | cuda | cpu
+    max_batch_size: int = 64  # images per model call
+    # How long a batch may wait for more images, counted from its first request's arrival; the wait only happens
+    # while other requests are being decoded (known to be on their way). 0 = purely greedy.
+    max_latency_ms: float = 5.0
+    max_queue: int = (
+        512  # images waiting for the model; past it requests get 503 + Retry-After at once
+    )
+    request_timeout_s: float = 10.0  # from arrival to answer; past it 504
+    max_body_bytes: int = 16 * 1024 * 1024  # a request body over this gets 413 without being read
+    max_image_pixels: int = (
+        DEFAULT_MAX_PIXELS  # width * height from the header; over it 413 before decoding
+    )
+    max_batch_images: int = 64  # images in one /classify_batch (or v2 infer) request
+    threads: int = 0  # ONNX Runtime / torch intra-op threads; 0 = every core this process may use
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise SettingsError(
+                f"{ENV_PREFIX}MODEL must name a package folder or a BentoML model tag"
+            )
+        if self.backend not in BACKEND_FILES:
+            raise SettingsError(
+                f"{ENV_PREFIX}BACKEND={self.backend!r} is unknown; valid: {', '.join(BACKEND_FILES)}"
+            )
+        if self.device not in DEVICES:
+            raise SettingsError(
+                f"{ENV_PREFIX}DEVICE={self.device!r} is unknown; valid: {', '.join(DEVICES)}"
+            )
+        for name in (
+            "max_batch_size",
+            "max_queue",
+            "max_body_bytes",
+            "max_image_pixels",
+            "max_batch_images",
+        ):
+            if getattr(self, name) < 1:
+                raise SettingsError(
+                    f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.max_latency_ms < 0:
+            raise SettingsError(
+                f"{ENV_PREFIX}MAX_LATENCY_MS must be >= 0, got {self.max_latency_ms}"
+            )
+        if self.request_timeout_s <= 0:
+            raise SettingsError(
+                f"{ENV_PREFIX}REQUEST_TIMEOUT_S must be > 0, got {self.request_timeout_s}"
+            )
+        if self.threads < 0:
+            raise SettingsError(f"{ENV_PREFIX}THREADS must be >= 0, got {self.threads}")
+        if self.max_batch_images > self.max_queue:
+            # A request bigger than the whole queue could never be admitted.
+            raise SettingsError(
+                f"{ENV_PREFIX}MAX_BATCH_IMAGES ({self.max_batch_images}) must not exceed "
+                f"{ENV_PREFIX}MAX_QUEUE ({self.max_queue})"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
+        """Defaults overridden by every `VISIONSERVE_<FIELD>` that is set (e.g. VISIONSERVE_MAX_BATCH_SIZE=32)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field in fields(cls):
+            variable = ENV_PREFIX + field.name.upper()
+            raw = environ.get(variable)
+            if raw is None or raw.strip() == "":
+                continue
+            kind = type(field.default)  # str, int or float: every field has a default of its type
+            try:
+                values[field.name] = kind(raw.strip())
+            except ValueError:
+                raise SettingsError(f"{variable}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**values)

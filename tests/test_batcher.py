@@ -1,0 +1,199 @@
+"""Tests of the in-process adaptive batcher with stand-in models: order, splitting, greedy/waiting, overload, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher
+from service.errors import ApiError
+
+SHAPE = (2, 2, 3)
+
+
+def tagged(value: int, count: int = 1) -> np.ndarray:
+    """(count, 2, 2, 3) uint8 images whose every pixel is `value + i`: the stand-in model echoes it back."""
+    return (np.arange(count, dtype=np.uint8)[:, None, None, None] + value) * np.ones(
+        (count, *SHAPE), np.uint8
+    )
+
+
+class EchoModel:
+    """predict: (N, 2, 2, 3) -> (N, 1) float32 = each image's first pixel; records every batch it saw.
+
+    `gate` (a threading.Event) holds each call until set, to fill the queue while the model is busy."""
+
+    def __init__(self, gate: threading.Event | None = None, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = gate
+        self.fail_on = fail_on
+        self.started = threading.Event()
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(10), "test gate never opened"
+        values = [int(v) for v in pixels[:, 0, 0, 0]]
+        self.batches.append(values)
+        if self.fail_on is not None and self.fail_on in values:
+            raise RuntimeError("model exploded")
+        return pixels[:, 0, 0, :1].astype(np.float32)
+
+
+def run(coroutine_function, *args):
+    return asyncio.run(coroutine_function(*args))
+
+
+async def deadline_in(seconds: float) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def wait_until_started(model: EchoModel) -> None:
+    while not model.started.is_set():
+        await asyncio.sleep(0.005)
+
+
+def test_concurrent_requests_get_their_own_rows_and_are_batched():
+    async def scenario():
+        model = EchoModel()
+        batcher = Batcher(model, max_batch_size=16, max_latency_ms=0, max_queue=1000)
+        batcher.start()
+        deadline = await deadline_in(10)
+        # 120 requests of 1 or 2 images with distinct values, all in flight at once.
+        requests = [tagged(v, count=1 + v % 2) for v in range(0, 240, 2)]
+        results = await asyncio.gather(*(batcher.submit(p, deadline) for p in requests))
+        await batcher.stop()
+        return model, requests, results
+
+    model, requests, results = run(scenario)
+    for pixels, rows in zip(requests, results, strict=True):
+        assert rows.tolist() == [[float(v)] for v in pixels[:, 0, 0, 0]]
+    assert max(len(b) for b in model.batches) > 1  # requests really were joined
+    assert all(len(b) <= 16 for b in model.batches)
+    assert sum(len(b) for b in model.batches) == sum(len(p) for p in requests)
+
+
+def test_a_request_larger_than_the_batch_size_is_split_and_reassembled_in_order():
+    async def scenario():
+        model = EchoModel()
+        batcher = Batcher(model, max_batch_size=4, max_latency_ms=0, max_queue=100)
+        batcher.start()
+        rows = await batcher.submit(tagged(10, count=10), await deadline_in(10))
+        await batcher.stop()
+        return model, rows
+
+    model, rows = run(scenario)
+    assert rows[:, 0].tolist() == list(range(10, 20))
+    assert all(len(b) <= 4 for b in model.batches)
+
+
+def test_a_lone_request_does_not_wait_for_the_latency_budget():
+    async def scenario():
+        # A 60 s budget: if a lone request waited for company it would miss its 2 s deadline.
+        batcher = Batcher(EchoModel(), max_batch_size=8, max_latency_ms=60_000, max_queue=10)
+        batcher.start()
+        rows = await batcher.submit(tagged(7), await deadline_in(2))
+        await batcher.stop()
+        return rows
+
+    assert run(scenario).tolist() == [[7.0]]
+
+
+def test_waits_for_requests_that_are_being_decoded():
+    async def scenario():
+        model = EchoModel()
+        batcher = Batcher(model, max_batch_size=8, max_latency_ms=5_000, max_queue=10)
+        batcher.start()
+        deadline = await deadline_in(10)
+        with batcher.incoming():  # a second request is being decoded
+            first = asyncio.create_task(batcher.submit(tagged(1), deadline))
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(batcher.submit(tagged(2), deadline))
+            await asyncio.sleep(0)
+        results = await asyncio.gather(first, second)
+        await batcher.stop()
+        return model, results
+
+    model, results = run(scenario)
+    assert model.batches == [[1, 2]]
+    assert [r.tolist() for r in results] == [[[1.0]], [[2.0]]]
+
+
+def test_full_queue_is_refused_at_once_with_retry_after_and_service_recovers():
+    async def scenario():
+        gate = threading.Event()
+        model = EchoModel(gate)
+        batcher = Batcher(model, max_batch_size=1, max_latency_ms=0, max_queue=2)
+        batcher.start()
+        deadline = await deadline_in(10)
+        running = asyncio.create_task(batcher.submit(tagged(1), deadline))
+        await wait_until_started(model)  # the model holds request 1; the queue is empty again
+        queued = [asyncio.create_task(batcher.submit(tagged(v), deadline)) for v in (2, 3)]
+        await asyncio.sleep(0)
+        with pytest.raises(ApiError) as refused:
+            await batcher.submit(tagged(4), deadline)
+        gate.set()
+        answered = await asyncio.gather(running, *queued)
+        after = await batcher.submit(tagged(5), await deadline_in(10))
+        await batcher.stop()
+        return refused.value, answered, after
+
+    refused, answered, after = run(scenario)
+    assert (refused.status, refused.code) == (503, "queue_full")
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert [a.tolist() for a in answered] == [[[1.0]], [[2.0]], [[3.0]]]
+    assert after.tolist() == [[5.0]]
+
+
+def test_past_its_deadline_a_request_gets_504_and_is_never_run():
+    async def scenario():
+        gate = threading.Event()
+        model = EchoModel(gate)
+        batcher = Batcher(model, max_batch_size=1, max_latency_ms=0, max_queue=10)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit(tagged(1), await deadline_in(10)))
+        await wait_until_started(model)
+        with pytest.raises(ApiError) as late:
+            await batcher.submit(tagged(99), await deadline_in(0.05))
+        gate.set()
+        await running
+        # The consumer goes on after skipping it.
+        await batcher.submit(tagged(2), await deadline_in(10))
+        await batcher.stop()
+        return model, late.value
+
+    model, late = run(scenario)
+    assert (late.status, late.code) == (504, "deadline_exceeded")
+    assert model.batches == [[1], [2]]
+
+
+def test_a_failing_batch_fails_only_its_requests():
+    async def scenario():
+        model = EchoModel(fail_on=66)
+        batcher = Batcher(model, max_batch_size=1, max_latency_ms=0, max_queue=10)
+        batcher.start()
+        deadline = await deadline_in(10)
+        outcomes = await asyncio.gather(
+            batcher.submit(tagged(66), deadline),
+            batcher.submit(tagged(3), deadline),
+            return_exceptions=True,
+        )
+        await batcher.stop()
+        return outcomes
+
+    failed, fine = run(scenario)
+    assert isinstance(failed, RuntimeError)
+    assert fine.tolist() == [[3.0]]
+
+
+def test_submit_before_start_is_refused_as_not_ready():
+    async def scenario():
+        batcher = Batcher(EchoModel(), max_batch_size=1, max_latency_ms=0, max_queue=10)
+        with pytest.raises(ApiError) as refused:
+            await batcher.submit(tagged(1), await deadline_in(1))
+        return refused.value
+
+    assert run(scenario).status == 503

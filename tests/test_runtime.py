@@ -1,0 +1,93 @@
+"""Predictor: package loading, device choice with a checked CUDA fallback, and input validation."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from inference.package import PackageError
+from inference.runtime import CPU_PROVIDER, DeviceUnavailableError, Predictor
+from tests.color_package import COLOR_CLASSES, color_model, color_pixels, make_color_package
+
+
+
+def cuda_session_works() -> bool:
+    """Whether ONNX Runtime really gets the CUDA provider here (it is listed as available even without a GPU)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    model = color_model((4, 4)).SerializeToString()
+    session = ort.InferenceSession(model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    return session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+CUDA_WORKS = cuda_session_works()
+
+
+@pytest.fixture(scope="module")
+def package_dir(tmp_path_factory):
+    return make_color_package(tmp_path_factory.mktemp("runtime") / "color")
+
+
+def test_predicts_probabilities_per_image_in_order(package_dir):
+    predictor = Predictor.from_path(package_dir, device="cpu")
+    pixels = np.concatenate([color_pixels(c) for c in ("blue", "red", "green", "red")])
+    probabilities = predictor.predict(pixels)
+    assert probabilities.dtype == np.float32 and probabilities.shape == (4, len(COLOR_CLASSES))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    assert [COLOR_CLASSES[i] for i in probabilities.argmax(axis=1)] == ["blue", "red", "green", "red"]
+
+
+@pytest.mark.skipif(CUDA_WORKS, reason="a working GPU is present: there is no fallback to see")
+def test_auto_falls_back_to_cpu_and_says_why(package_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="inference.runtime"):
+        predictor = Predictor.from_path(package_dir, device="auto")
+    assert predictor.info.device == "cpu" and predictor.info.provider == CPU_PROVIDER
+    assert predictor.info.requested_device == "auto" and predictor.info.fallback_reason
+    assert "running on the CPU" in caplog.text
+    predictor.warm_up()
+
+
+@pytest.mark.skipif(CUDA_WORKS, reason="a working GPU is present")
+def test_cuda_fails_loudly_without_a_gpu(package_dir):
+    with pytest.raises(DeviceUnavailableError, match="device=cuda"):
+        Predictor.from_path(package_dir, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_WORKS, reason="needs a CUDA GPU")
+def test_cuda_provider_is_really_active_and_matches_cpu(package_dir):
+    gpu = Predictor.from_path(package_dir, device="cuda")
+    cpu = Predictor.from_path(package_dir, device="cpu")
+    assert gpu.info.provider == "CUDAExecutionProvider"
+    pixels = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(gpu.predict(pixels), cpu.predict(pixels), atol=1e-4)
+
+
+def test_cpu_is_used_without_fallback_note(package_dir):
+    info = Predictor.from_path(package_dir, device="cpu").info
+    assert (info.device, info.fallback_reason, info.intra_op_threads >= 1) == ("cpu", None, True)
+
+
+@pytest.mark.parametrize(
+    "pixels",
+    [
+        np.zeros((1, 32, 32, 3), dtype=np.float32),
+        np.zeros((32, 32, 3), dtype=np.uint8),
+        np.zeros((1, 16, 16, 3), dtype=np.uint8),
+        np.zeros((1, 32, 32, 4), dtype=np.uint8),
+        np.zeros((0, 32, 32, 3), dtype=np.uint8),
+    ],
+)
+def test_wrong_inputs_are_refused(package_dir, pixels):
+    with pytest.raises(ValueError, match="pixels must"):
+        Predictor.from_path(package_dir, device="cpu").predict(pixels)
+
+
+def test_unknown_device_and_missing_backend(package_dir):
+    with pytest.raises(ValueError, match="unknown device"):
+        Predictor.from_path(package_dir, device="tpu")
+    with pytest.raises(PackageError, match="no torchscript model"):
+        Predictor.from_path(package_dir, backend="torchscript")

@@ -1,0 +1,438 @@
+"""Tests of the HTTP service: request parsing as pure functions, then the real server (bentoml serve) over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from PIL import Image
+
+from inference.imaging import encode_png
+from service.errors import ApiError
+from service.http_api import decode_base64, parse_json_image
+from tests.color_package import COLOR_CLASSES, color_pixels
+from tests.service_servers import make_slow_color_package, start_server, stop_server, wait_for
+
+# --- parsing, without a server ----------------------------------------------------------------------------------
+
+
+def test_json_body_gives_image_bytes_and_top_k():
+    data, top_k = parse_json_image(
+        json.dumps({"image": base64.b64encode(b"abc").decode(), "top_k": 2}).encode()
+    )
+    assert (data, top_k) == (b"abc", 2)
+
+
+def test_base64_accepts_a_data_url_prefix():
+    assert (
+        decode_base64("data:image/png;base64," + base64.b64encode(b"png bytes").decode())
+        == b"png bytes"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{not json", "invalid_json"),
+        (b"\xff\xfe", "invalid_json"),
+        (b"[1, 2]", "invalid_json"),
+        (b'{"image": "aGk=", "colour": 1}', "invalid_json"),
+        (b'{"url": "http://169.254.169.254/"}', "url_not_supported"),
+        (b'{"top_k": 1}', "missing_image"),
+        (b'{"image": 12}', "missing_image"),
+        (b'{"image": "abcde"}', "invalid_base64"),  # length not a multiple of 4
+        (b'{"image": "ab!?"}', "invalid_base64"),  # not in the alphabet
+    ],
+)
+def test_bad_json_bodies_are_400(body, code):
+    with pytest.raises(ApiError) as refused:
+        parse_json_image(body)
+    assert (refused.value.status, refused.value.code) == (400, code)
+
+
+# --- the real server ----------------------------------------------------------------------------------------------
+
+
+def png(label: str) -> bytes:
+    return encode_png(color_pixels(label)[0])
+
+
+def encoded(format_: str, mode: str, colour, size=(40, 30), **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, colour).save(buffer, format=format_, **save)
+    return buffer.getvalue()
+
+
+def labels(response: httpx.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [p["label"] for p in response.json()["predictions"]]
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["code"] == code and body["error"]
+
+
+@pytest.fixture(scope="module")
+def client(color_service):
+    with httpx.Client(base_url=color_service.url, timeout=30) as client:
+        yield client
+
+
+@pytest.mark.e2e
+def test_health_and_readiness(client):
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.e2e
+def test_classify_multipart(client):
+    response = client.post("/classify", files={"image": ("red.png", png("red"), "image/png")})
+    body = response.json()
+    assert (body["model"], body["version"]) == ("color", "1")
+    assert labels(response) == ["red", "green", "blue"]  # default top_k 5, capped at the 3 classes
+    probabilities = [p["probability"] for p in body["predictions"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert sum(probabilities) == pytest.approx(1, abs=1e-5)
+    assert body["predictions"][0]["index"] == 0
+
+
+@pytest.mark.e2e
+def test_classify_raw_body_with_query_top_k(client):
+    response = client.post(
+        "/classify?top_k=1", content=png("blue"), headers={"content-type": "image/png"}
+    )
+    assert labels(response) == ["blue"]
+    jpeg = encoded("JPEG", "RGB", (0, 255, 0))
+    assert labels(
+        client.post("/classify?top_k=1", content=jpeg, headers={"content-type": "image/jpeg"})
+    ) == ["green"]
+    webp = encoded("WEBP", "RGB", (255, 0, 0), lossless=True)
+    assert labels(
+        client.post("/classify?top_k=1", content=webp, headers={"content-type": "image/webp"})
+    ) == ["red"]
+
+
+@pytest.mark.e2e
+def test_classify_json_base64_and_form_top_k(client):
+    image = base64.b64encode(png("green")).decode()
+    assert labels(client.post("/classify", json={"image": image, "top_k": 2}))[:1] == ["green"]
+    assert len(labels(client.post("/classify", json={"image": image, "top_k": 2}))) == 2
+    form = client.post("/classify", files={"image": ("g.png", png("green"))}, data={"top_k": "1"})
+    assert labels(form) == ["green"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("image", "label"),
+    [
+        (encoded("PNG", "RGBA", (255, 0, 0, 255)), "red"),  # RGBA, opaque: its own colour
+        (encoded("PNG", "RGBA", (0, 0, 255, 0)), None),  # fully transparent: composited onto white
+        (encoded("PNG", "L", 128), None),  # grayscale -> three equal channels
+        (encoded("JPEG", "CMYK", (0, 255, 255, 0)), "red"),  # CMYK red
+        (encoded("PNG", "I;16", 65535), None),  # 16-bit grayscale
+        (encoded("PNG", "RGB", (0, 0, 255), size=(500, 7)), "blue"),  # any size: resized to 32x32
+    ],
+)
+def test_image_modes_and_sizes_are_converted_by_one_policy(client, image, label):
+    response = client.post("/classify?top_k=1", files={"image": ("x.png", image)})
+    assert response.status_code == 200, response.text
+    if label is not None:
+        assert labels(response) == [label]
+
+
+@pytest.mark.e2e
+def test_classify_batch_keeps_order_and_isolates_bad_images(client):
+    files = [
+        ("images", ("a.png", png("blue"))),
+        ("images", ("b.png", b"not an image at all")),
+        ("images", ("c.png", png("red"))),
+        ("images", ("d.png", b"")),
+        ("images", ("e.png", png("green")[:70])),
+    ]
+    response = client.post("/classify_batch?top_k=1", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["model"], body["version"]) == ("color", "1")
+    results = body["results"]
+    assert [r["index"] for r in results] == [0, 1, 2, 3, 4]
+    assert [r["filename"] for r in results] == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    assert results[0]["predictions"][0]["label"] == "blue" and len(results[0]["predictions"]) == 1
+    assert results[2]["predictions"][0]["label"] == "red"
+    assert [results[i]["error"]["code"] for i in (1, 3, 4)] == [
+        "unsupported_format",
+        "empty",
+        "corrupt",
+    ]
+    assert all("predictions" not in results[i] for i in (1, 3, 4))
+
+
+@pytest.mark.e2e
+def test_concurrent_requests_never_get_each_others_results(color_service):
+    expected = [COLOR_CLASSES[i % 3] for i in range(60)]
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=color_service.url, timeout=30) as client:
+            singles = [
+                client.post(
+                    "/classify?top_k=1", content=png(label), headers={"content-type": "image/png"}
+                )
+                for label in expected
+            ]
+            batches = [
+                client.post(
+                    "/classify_batch?top_k=1",
+                    files=[
+                        ("images", (f"{j}.png", png(COLOR_CLASSES[(i + j) % 3]))) for j in range(5)
+                    ],
+                )
+                for i in range(6)
+            ]
+            return await asyncio.gather(*singles), await_results(await asyncio.gather(*batches))
+
+    def await_results(responses):
+        return [
+            [r["predictions"][0]["label"] for r in response.json()["results"]]
+            for response in responses
+        ]
+
+    singles, batches = asyncio.run(send_all())
+    assert [labels(r)[0] for r in singles] == expected
+    assert batches == [[COLOR_CLASSES[(i + j) % 3] for j in range(5)] for i in range(6)]
+
+
+@pytest.mark.e2e
+def test_open_inference_protocol_routes_are_mounted(client):
+    pytest.importorskip("service.oip")
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.get("/v2/models/color").json()["name"] == "color"
+    pixels = color_pixels("blue", batch=2)
+    request = {
+        "inputs": [
+            {
+                "name": "pixels",
+                "shape": list(pixels.shape),
+                "datatype": "UINT8",
+                "data": pixels.ravel().tolist(),
+            }
+        ]
+    }
+    response = client.post("/v2/models/color/infer", json=request)
+    assert response.status_code == 200, response.text
+    [output] = response.json()["outputs"]
+    assert output["datatype"] == "FP32" and output["shape"] == [2, 3]
+    assert output["data"][2] > 0.99 and output["data"][5] > 0.99  # both rows: blue
+
+
+@pytest.mark.e2e
+def test_metadata_reports_the_runtime_and_the_cpu_fallback(client):
+    metadata = client.get("/metadata").json()
+    assert metadata["name"] == "color" and metadata["classes"] == list(COLOR_CLASSES)
+    assert (metadata["input"]["height"], metadata["input"]["width"]) == (32, 32)
+    assert len(metadata["sha256"]) == 64 and metadata["backend"] == "onnx"
+    if metadata["device"] == "cuda":
+        pytest.skip("a GPU is present: no fallback to observe")
+    assert metadata["execution_provider"] == "CPUExecutionProvider"
+    assert (
+        metadata["requested_device"] == "auto"
+        and "CUDAExecutionProvider" in metadata["fallback_reason"]
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("path", "content", "content_type", "status", "code"),
+    [
+        ("/classify", b"", "image/png", 400, "empty"),
+        ("/classify", b"plain text, not pixels", "image/png", 415, "unsupported_format"),
+        ("/classify", None, "image/png", 400, "corrupt"),  # a truncated PNG
+        ("/classify", encoded("GIF", "L", 0), "image/png", 415, "unsupported_format"),
+        ("/classify", encoded("PNG", "L", 0, size=(1001, 1000)), "image/png", 413, "too_large"),
+        ("/classify", b"\x80\x04K\x01.", "application/python-pickle", 415, "pickle_refused"),
+        ("/classify", b"abc", "application/octet-stream", 415, "unsupported_media_type"),
+        ("/classify", b"{oops", "application/json", 400, "invalid_json"),
+        ("/classify", b'{"image": "abc"}', "application/json", 400, "invalid_base64"),
+        ("/classify", b'{"image": "a@c="}', "application/json", 400, "invalid_base64"),
+        (
+            "/classify",
+            b'{"url": "http://127.0.0.1/x.png"}',
+            "application/json",
+            400,
+            "url_not_supported",
+        ),
+        ("/classify?top_k=0", None, "image/png", 400, "invalid_top_k"),
+        ("/classify?top_k=4", None, "image/png", 400, "invalid_top_k"),
+        ("/classify?top_k=two", None, "image/png", 400, "invalid_top_k"),
+        ("/classify_batch", b"abc", "image/png", 415, "unsupported_media_type"),
+    ],
+)
+def test_bad_requests_get_json_errors_never_500(client, path, content, content_type, status, code):
+    if content is None:
+        content = png("red")[:60]
+    assert_error(
+        client.post(path, content=content, headers={"content-type": content_type}), status, code
+    )
+
+
+@pytest.mark.e2e
+def test_multipart_problems_are_400(client):
+    assert_error(
+        client.post("/classify", files={"picture": ("r.png", png("red"))}), 400, "missing_image"
+    )
+    assert_error(
+        client.post("/classify_batch", files={"other": ("r.png", png("red"))}), 400, "no_images"
+    )
+    too_many = [("images", (f"{i}.png", png("red"))) for i in range(9)]  # the test server allows 8
+    assert_error(client.post("/classify_batch", files=too_many), 400, "too_many_images")
+    broken = b"--xyz\r\nContent-Disposition: form-data; name=image\r\n\r\nabc"  # no final boundary
+    response = client.post(
+        "/classify", content=broken, headers={"content-type": "multipart/form-data; boundary=xyz"}
+    )
+    assert response.status_code == 400, response.text
+
+
+def raw_http(url: str, request: bytes, body_chunks=(), pause_s: float = 0.0) -> tuple[int, bytes]:
+    """Send `request` (head + maybe some body) and then `body_chunks` over a socket; return (status, all read)."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+        s.sendall(request)
+        try:
+            for chunk in body_chunks:
+                s.sendall(chunk)
+        except OSError:  # the server may answer and close before the client has sent everything
+            pass
+        time.sleep(pause_s)
+        received = b""
+        while not complete_response(received):
+            data = s.recv(65536)
+            if not data:
+                break
+            received += data
+    status = int(received.split(b" ", 2)[1])
+    return status, received
+
+
+def complete_response(received: bytes) -> bool:
+    """Whether `received` holds a whole response head and as much body as its Content-Length says."""
+    if b"\r\n\r\n" not in received:
+        return False
+    head, body = received.split(b"\r\n\r\n", 1)
+    for line in head.lower().split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":", 1)[1])
+    return True
+
+
+@pytest.mark.e2e
+def test_a_declared_body_over_the_limit_is_413_without_reading_it(color_service):
+    # Content-Length says 1 GB; only the head is ever sent, so an answer proves the body was not awaited.
+    head = (
+        b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 1000000000\r\n\r\n"
+    )
+    status, received = raw_http(color_service.url, head)
+    assert status == 413 and b"body_too_large" in received
+
+
+@pytest.mark.e2e
+def test_a_chunked_body_over_the_limit_is_413_once_it_passes_the_limit(color_service):
+    head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n%s\r\n" % (100_000, b"\0" * 100_000)
+    # 6 x 100 kB passes the 500 kB limit; the body never ends (no terminating chunk).
+    status, received = raw_http(color_service.url, head, [chunk] * 6)
+    assert status == 413 and b"body_too_large" in received
+
+
+@pytest.mark.e2e
+def test_metrics_show_batching_runtime_and_rejections(client):
+    client.post("/classify", content=png("red"), headers={"content-type": "image/png"})
+    client.post("/classify", content=b"", headers={"content-type": "image/png"})
+    text = client.get("/metrics").text
+    for series in (
+        "visionserve_queue_wait_seconds_bucket",
+        "visionserve_batch_size_bucket",
+        "visionserve_inference_seconds_bucket",
+        'visionserve_rejected_requests_total{reason="empty"}',
+        "visionserve_runtime_info{",
+        "bentoml_service_request_duration_seconds",  # BentoML's own series are still there
+    ):
+        assert series in text, series
+    assert 'provider="CPUExecutionProvider"' in text or 'provider="CUDAExecutionProvider"' in text
+
+
+# --- a slow model: warm-up and overload, seen from outside ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_service(tmp_path_factory):
+    """One model call takes one to two seconds here; one image per batch; one image may wait."""
+    work_dir = tmp_path_factory.mktemp("slow-service")
+    package = make_slow_color_package(work_dir / "slow")
+    settings = {
+        "VISIONSERVE_DEVICE": "cpu",
+        "VISIONSERVE_THREADS": "1",  # one core: about as slow on a big machine as on a small one
+        "VISIONSERVE_MAX_BATCH_SIZE": "1",
+        "VISIONSERVE_MAX_QUEUE": "1",
+        "VISIONSERVE_MAX_BATCH_IMAGES": "1",
+        "VISIONSERVE_REQUEST_TIMEOUT_S": "60",
+    }
+    server = start_server(package, work_dir, settings, wait_ready=False)
+    yield server
+    stop_server(server)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_ready_only_after_warm_up_then_overload_is_refused_fast_and_recovers(slow_service):
+    url = slow_service.url
+    # Alive at once, but not ready while the warm-up batch runs (about a second).
+    assert httpx.get(url + "/livez").status_code == 200
+    assert httpx.get(url + "/readyz").status_code == 503
+    not_ready = httpx.post(
+        url + "/classify", content=png("red"), headers={"content-type": "image/png"}
+    )
+    assert_error(not_ready, 503, "not_ready")
+    wait_for(slow_service, "/readyz", timeout_s=60)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+
+            async def one(label):
+                started = time.monotonic()
+                response = await client.post(
+                    "/classify?top_k=1", content=png(label), headers={"content-type": "image/png"}
+                )
+                return response, time.monotonic() - started
+
+            return await asyncio.gather(*(one(COLOR_CLASSES[i % 3]) for i in range(8)))
+
+    outcomes = asyncio.run(burst())
+    refused = [(r, seconds) for r, seconds in outcomes if r.status_code == 503]
+    answered = [(r, i, seconds) for i, (r, seconds) in enumerate(outcomes) if r.status_code == 200]
+    # One running, one waiting at most: the rest are turned away.
+    assert len(refused) >= 5 and answered
+    assert len(refused) + len(answered) == 8
+    for response, _ in refused:
+        assert_error(response, 503, "queue_full")
+        assert int(response.headers["retry-after"]) >= 1
+    for response, i, _ in answered:
+        assert labels(response) == [COLOR_CLASSES[i % 3]]
+    # Refused at once: every refusal came back before the first answer (a model call of about a second).
+    assert max(seconds for _, seconds in refused) < min(seconds for *_, seconds in answered)
+    # After the burst the service answers normally.
+    after = httpx.post(
+        url + "/classify?top_k=1",
+        content=png("blue"),
+        headers={"content-type": "image/png"},
+        timeout=60,
+    )
+    assert labels(after) == ["blue"]
