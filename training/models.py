@@ -162,3 +162,55 @@ def resnet18_transfer(num_classes: int, input_size=(64, 64)) -> nn.Module:
 )
 def resnet50_transfer(num_classes: int, input_size=(64, 64)) -> nn.Module:
     return _transfer_resnet(torchvision.models.resnet50, num_classes)
+
+
+class AirbenchNet(nn.Module):
+    """A fast CIFAR net after Keller Jordan's airbench (2024): a frozen 2x2 patch-whitening stem, three
+    conv-pool-BN-GELU groups and a linear head on max-pooled features, logits scaled down.
+
+    The stem is set from the training data by `init_from_data` (the engine calls it before training): its
+    filters are the eigenvectors of the 2x2 patch covariance scaled by 1/sqrt(eigenvalue), and their
+    negatives, so its output is decorrelated with unit variance. It stays frozen; its bias trains.
+    """
+
+    def __init__(self, num_classes: int = 10, input_size=(32, 32), widths=(64, 256, 256)):
+        super().__init__()
+        patch_dims = 3 * 2 * 2
+        self.whiten = nn.Conv2d(3, 2 * patch_dims, kernel_size=2, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        layers: list[nn.Module] = [nn.GELU()]
+        channels = 2 * patch_dims
+        for width in widths:
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(width), nn.GELU(),
+                nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.GELU(),
+            ]  # fmt: skip
+            channels = width
+        self.features = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.head = nn.Linear(channels, num_classes, bias=False)
+        # airbench's: small initial logits, which suits label smoothing 0.2
+        self.logit_scale = 1 / 9
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the whitening filters from normalised training images, float (N, 3, H, W)."""
+        patches = nn.functional.unfold(images.float(), kernel_size=2)  # (N, 12, L)
+        patches = patches.transpose(1, 2).reshape(-1, 12)
+        patches = patches - patches.mean(dim=0)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+        # One filter per eigenvector, scaled by 1/sqrt(eigenvalue): unit variance along each direction.
+        filters = eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]
+        filters = filters.float().reshape(12, 3, 2, 2)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(self.whiten(x))) * self.logit_scale
+
+
+@register_model(
+    "airbench",
+    "Fast net after airbench: frozen patch-whitening stem, 3 conv-pool-BN-GELU groups (arch kwarg widths)",
+)
+def airbench(num_classes: int, input_size=(32, 32), widths=(64, 256, 256)) -> nn.Module:
+    return AirbenchNet(num_classes, input_size, tuple(widths))
