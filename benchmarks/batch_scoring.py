@@ -1,0 +1,361 @@
+"""Batch scoring throughput on the 10,000 CIFAR-10 test images: local engine vs its limits, Ray's overhead, accuracy.
+
+    python -m benchmarks.batch_scoring [--resnet PACKAGE] [--cnn PACKAGE] [--workers 2] [--no-ray]
+
+Side by side in one run (these machines are shared and noisy: compare the ratios):
+- ResNet-18 (compute-bound): the local engine's images/s (folder and archive) against the raw engine
+  (Predictor.predict on already-decoded arrays) at its best batch size;
+- the small CNN (decode-bound): the local engine against min(decode-only images/s with the same worker count,
+  engine-only images/s); process and thread decoding pools;
+- the Ray engine against the local engine on the same input;
+- the top-1 accuracy computed from each output file (labels from the folder names) against the package's
+  offline evaluation (the manifest's metrics.onnx.test_accuracy, written by `python -m export`).
+
+Without --resnet/--cnn, random-weight packages are built once with `python -m export` (full test split for
+the offline accuracy) under .cache/batch_bench/. Results: benchmarks/results/batch_scoring.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from benchmarks.raw_engine import best, measure_engine
+from inference.imaging import decode_image
+from inference.runtime import Predictor, cpu_threads
+from service.batch_engines import batched, decode_pool, ordered_map
+from service.batch_inputs import open_input
+from service.batch_job import BatchJob, BatchSummary, run_job
+from service.batch_scoring import decode_chunk
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache" / "batch_bench"
+RESULTS = REPO / "benchmarks" / "results" / "batch_scoring.md"
+DEFAULT_ARCHIVE = Path("/work/shared/data/cifar10-jpeg.tar.gz")
+BATCH_SIZES = (16, 32, 64, 128, 256)
+
+
+# ---- data and packages -----------------------------------------------------------------------------------------
+
+
+def test_split(archive: Path) -> tuple[Path, Path]:
+    """(folder, archive) of the 10,000 test images as <class>/<file>.jpg, extracted once under CACHE."""
+    folder, test_archive = CACHE / "cifar10-test", CACHE / "cifar10-test.tar.gz"
+    if test_archive.is_file() and folder.is_dir():
+        return folder, test_archive
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = CACHE / "cifar10-test.tar.gz.tmp"
+    with tarfile.open(archive, "r|*") as source, tarfile.open(partial, "w:gz") as target:
+        for member in source:
+            parts = Path(member.name).parts
+            if member.isfile() and "test" in parts[:-2]:
+                relative = "/".join(parts[parts.index("test") + 1 :])
+                data = source.extractfile(member).read()  # a stream: each member is read once
+                (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+                (folder / relative).write_bytes(data)
+                member.name = relative
+                target.addfile(member, io.BytesIO(data))
+    os.replace(partial, test_archive)
+    return folder, test_archive
+
+
+def random_weight_package(arch: str, archive: Path) -> Path:
+    """A random-weight CIFAR-10 package of `arch`, exported once with the whole test split evaluated."""
+    run, package = CACHE / "runs" / arch, CACHE / "packages" / arch
+    if (package / "manifest.json").is_file():
+        return package
+    import torch
+
+    from inference.spec import ModelSpec
+    from training.checkpoint import Checkpoint, save_checkpoint
+    from training.models import build_model, get_model_info
+
+    torch.manual_seed(0)
+    classes = tuple(sorted(p.name for p in test_split(archive)[0].iterdir()))
+    spec = ModelSpec(arch=arch, class_names=classes, input_size=get_model_info(arch).input_size)
+    model = build_model(arch, spec.num_classes, spec.input_size)
+    config = {
+        "data": str(archive),
+        "note": "random weights for the batch scoring benchmark; never trained",
+    }
+    save_checkpoint(
+        run / "checkpoint.pt", Checkpoint(spec, model.state_dict(), config=config, epoch=0)
+    )
+    command = [
+        sys.executable, "-m", "export", "--run", str(run), "--out", str(package), "--formats", "onnx",
+        "--name", f"random-{arch.replace('_', '-')}", "--version", "1", "--no-bentoml", "--overwrite",
+    ]  # fmt: skip
+    print(f"building a random-weight {arch} package: {' '.join(command)}", flush=True)
+    subprocess.run(command, cwd=REPO, check=True)
+    return package
+
+
+def describe(package: Path) -> dict:
+    manifest = json.loads((package / "manifest.json").read_text())
+    trained = (
+        manifest.get("source", {}).get("training_metrics", {}).get("test_accuracy") is not None
+    )
+    return {
+        "path": str(package),
+        "name": f"{manifest['name']} {manifest['version']}",
+        "arch": manifest["spec"]["arch"],
+        "weights": "trained" if trained else "random (untrained)",
+        "offline_accuracy": manifest.get("metrics", {}).get("onnx", {}).get("test_accuracy"),
+        "offline_images": manifest.get("gate", {}).get("eval_images"),
+    }
+
+
+# ---- measurements ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobResult:
+    label: str
+    kind: str  # folder | archive: which decode-only rate bounds the job
+    summary: BatchSummary
+    accuracy: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.summary.images_per_second
+
+    @property
+    def end_to_end(self) -> float:
+        """Images/s including setup (model load, worker or Ray start)."""
+        return self.summary.new_rows / (self.summary.setup_seconds + self.summary.scoring_seconds)
+
+
+def output_accuracy(output: Path) -> float:
+    """Top-1 accuracy from the output file; the label is the folder name above each image."""
+    table = pq.read_table(output, columns=["id", "label_1", "error"]).to_pylist()
+    assert all(row["error"] is None for row in table), "some test images failed to score"
+    return sum(row["id"].split("/")[-2] == row["label_1"] for row in table) / len(table)
+
+
+def score(label: str, package: Path, source: Path, kind: str, tag: str, **options) -> JobResult:
+    output = CACHE / "outputs" / f"{tag}.parquet"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.unlink(missing_ok=True)
+    summary = run_job(
+        BatchJob(input=str(source), output=output, model=str(package), top_k=1, **options)
+    )
+    result = JobResult(label, kind, summary, output_accuracy(output))
+    print(
+        f"  {label}: {result.images_per_second:.0f} images/s scoring, {result.end_to_end:.0f} with setup "
+        f"({summary.setup_seconds:.1f} s); accuracy {result.accuracy:.4f}",
+        flush=True,
+    )
+    return result
+
+
+def decode_only(source: Path, size: tuple[int, int], workers: int, batch_size: int) -> float:
+    """Images/s of the local engine's reading and decoding stages alone (no model): the same source reading,
+    chunks, process pool and ordering as a job (an archive is read inside the timing, as in a job)."""
+    decode = functools.partial(decode_chunk, size=size)
+    with decode_pool("process", workers) as executor:
+        for future in [executor.submit(decode, []) for _ in range(workers)]:
+            future.result()  # workers started, as in LocalEngine's setup
+        start = time.perf_counter()
+        chunks = batched(open_input(source).records(), batch_size)
+        decoded = sum(
+            len(chunk.ids) for chunk in ordered_map(executor, decode, chunks, 2 * workers + 1)
+        )
+        return decoded / (time.perf_counter() - start)
+
+
+def raw_engine(package: Path, pixels: np.ndarray, seconds: float, batch_sizes=BATCH_SIZES):
+    predictor = Predictor.from_path(package, device="cpu")
+    results = measure_engine(predictor, pixels, batch_sizes, seconds)
+    for r in results:
+        print(f"  raw engine batch {r.batch_size}: {r.images_per_second:.0f} images/s", flush=True)
+    return best(results)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resnet", type=Path, help="ResNet-18 package (default: random weights)")
+    parser.add_argument(
+        "--cnn", type=Path, help="small CNN package (default: random-weight cnn_bn)"
+    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE, help="CIFAR-10 JPEG archive")
+    parser.add_argument("--workers", type=int, default=cpu_threads(), help="decoding workers")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="raw engine: time per batch size"
+    )
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray engine")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown results file")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+
+    folder, archive = test_split(args.data)
+    packages = {
+        "resnet": args.resnet or random_weight_package("resnet18", args.data),
+        "cnn": args.cnn or random_weight_package("cnn_bn", args.data),
+    }
+    size = (32, 32)  # both packages' input size
+    records = list(open_input(folder).records())
+    pixels = np.stack([decode_image(Path(r.path).read_bytes(), size) for r in records])
+    print(f"{len(records)} test images; {args.workers} workers; {cpu_threads()} cores", flush=True)
+    sources = {"folder": folder, "archive": archive}
+
+    report: dict = {
+        "packages": {key: describe(package) for key, package in packages.items()},
+        "workers": args.workers,
+    }
+    for key, package in packages.items():
+        print(f"{key}: {package}", flush=True)
+        raw = raw_engine(package, pixels, args.seconds)
+        # Measured next to each model's jobs rather than once per run: the machine's load drifts.
+        decode = {
+            kind: decode_only(path, size, args.workers, raw.batch_size)
+            for kind, path in sources.items()
+        }
+        print(
+            f"  decode only: {', '.join(f'{k} {v:.0f}' for k, v in decode.items())} images/s",
+            flush=True,
+        )
+        local = {"batch_size": raw.batch_size, "workers": args.workers}
+        jobs = [
+            score(f"local, {kind}", package, path, kind, f"{key}-{kind}", **local)
+            for kind, path in sources.items()
+        ]
+        if key == "cnn":
+            jobs += [
+                score(
+                    "local, folder, thread pool",
+                    package,
+                    folder,
+                    "folder",
+                    "cnn-thr",
+                    pool="thread",
+                    **local,
+                ),
+                score(
+                    "local, folder, 1 ORT thread",
+                    package,
+                    folder,
+                    "folder",
+                    "cnn-t1",
+                    threads=1,
+                    **local,
+                ),
+            ]
+            if not args.no_ray:
+                jobs.append(
+                    score(
+                        "ray, folder", package, folder, "folder", "cnn-ray", engine="ray", **local
+                    )
+                )
+        after = raw_engine(package, pixels, args.seconds, (raw.batch_size,))
+        report[key] = {"raw": raw, "raw_after": after, "decode": decode, "jobs": jobs}
+    markdown = render(report, time.perf_counter() - started)
+    args.out.write_text(markdown)
+    print(markdown)
+    return 0
+
+
+def render(report: dict, seconds: float) -> str:
+    cpu_lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpu_lines if line.startswith("model name")), "?"
+    )
+    lines = [
+        "# Batch scoring: the 10,000 CIFAR-10 test images (JPEG q75)",
+        "",
+        f"Command: `python -m benchmarks.batch_scoring {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {cpu_threads()} cores ({cpu}), no GPU: ONNX Runtime on its CPU provider; shared with other "
+        f"jobs. {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; the whole run took {seconds:.0f} s.  ",
+        f"Decoding workers: {report['workers']} processes unless said otherwise. Images/s count scoring time (first "
+        'record to the assembled output file); "with setup" adds model load, worker start and, for Ray, ray.init.  ',
+        "",
+        "| role | package | arch | weights | offline accuracy (export, onnx) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, info in report["packages"].items():
+        offline = info["offline_accuracy"]
+        accuracy = "n/a" if offline is None else f"{offline:.4f} on {info['offline_images']} images"
+        lines.append(
+            f"| {key} | {info['name']} | {info['arch']} | {info['weights']} | {accuracy} |"
+        )
+    for key, title in (
+        ("resnet", "ResNet-18 (compute-bound)"),
+        ("cnn", "small CNN (decode-bound)"),
+    ):
+        entry = report[key]
+        raw, jobs, decode = entry["raw"], entry["jobs"], entry["decode"]
+        engine = raw.images_per_second
+        offline = report["packages"][key]["offline_accuracy"]
+        target = "the raw engine" if key == "resnet" else "min(decode only, raw engine)"
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            f"Raw engine on decoded arrays: {engine:.0f} images/s at its best batch size, {raw.batch_size} "
+            f"(used by the jobs); {entry['raw_after'].images_per_second:.0f} images/s when measured again after "
+            f"the jobs (the machine's load drifts). Decode only ({report['workers']} process workers, no model): "
+            + ", ".join(f"{kind} {rate:.0f}" for kind, rate in decode.items())
+            + f" images/s. Target limit: {target}.",
+            "",
+            "| job | images/s | with setup | target limit | vs target | shared-CPU bound | vs bound "
+            "| accuracy from output | = offline |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for job in jobs:
+            limit = engine if key == "resnet" else min(decode[job.kind], engine)
+            # Decoding and inference share the same CPU cores here: together they cannot beat this rate.
+            bound = 1 / (1 / decode[job.kind] + 1 / engine)
+            same = (
+                "n/a"
+                if offline is None
+                else ("yes" if round(job.accuracy, 4) == round(offline, 4) else "no")
+            )
+            lines.append(
+                f"| {job.label} | {job.images_per_second:.0f} | {job.end_to_end:.0f} | {limit:.0f} | "
+                f"{job.images_per_second / limit:.0%} | {bound:.0f} | {job.images_per_second / bound:.0%} | "
+                f"{job.accuracy:.4f} | {same} |"
+            )
+        ray = next((job for job in jobs if job.label.startswith("ray")), None)
+        if ray is not None:
+            local = jobs[0]
+            lines += [
+                "",
+                f"Ray engine on one machine vs the local engine (same folder and batch size, {report['workers']} "
+                f"actors of 1 thread): {ray.images_per_second / local.images_per_second:.0%} of its images/s "
+                f"while scoring (actor start included), {ray.end_to_end / local.end_to_end:.0%} with setup "
+                f"({ray.summary.setup_seconds:.1f} s vs {local.summary.setup_seconds:.1f} s).",
+            ]
+    lines += [
+        "",
+        "## Reading these numbers",
+        "",
+        "- The targets of issue 5 (90% of the raw engine for ResNet-18, 80% of min(decode, engine) for the small "
+        "CNN) assume that decoding and inference use different resources (CPU decoding feeding a GPU). On this "
+        "CPU-only machine both run on the same cores, so with a steady load a job's images/s cannot exceed the "
+        "shared-CPU bound 1/(1/decode + 1/engine); the column against that bound shows what the pipeline itself "
+        "loses. The machine is shared with other engineers' jobs and its load changes within a run (see the raw "
+        "engine measured before and after): ratios above 100% mean a job ran at a quieter moment than its limits.",
+        "- Accuracy from output: top-1 of the output file's label_1 against the folder name of each image; "
+        "offline: `python -m export`'s evaluation of the same ONNX file on the same 10,000 images (manifest "
+        "metrics.onnx.test_accuracy). Random-weight packages give about 10%; the check is that the two agree.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

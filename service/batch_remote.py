@@ -1,0 +1,175 @@
+"""The --url engine: send images in batches to a running service's POST /classify_batch, with retries.
+
+- 429, 502, 503, 504, timeouts and connection errors are retried with exponential backoff and jitter;
+  a Retry-After header (seconds) is honoured. When the retries run out the job stops with an error (the
+  parts written so far stay; `--resume` continues once the service is back).
+- Other 4xx/5xx answers concern the whole request (too many images, body too large, one image that
+  breaks the server): the batch is split in halves until the answer concerns one image, which then
+  becomes an error row with the service's code.
+- Per-image errors in a 200 answer become error rows with the service's code and message.
+- Files the client cannot read (missing, outside the input folder) are error rows and are not sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import httpx
+
+from service.batch_engines import EngineSettings, batched, ordered_map
+from service.batch_inputs import Record, RecordError, read_bytes
+from service.batch_scoring import ScoreRow
+
+log = logging.getLogger(__name__)
+
+ENDPOINT = "/classify_batch"
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+class RemoteError(Exception):
+    """The service stayed unreachable or overloaded through every retry."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 8  # tries per request, the first included
+    base_delay_s: float = 0.5  # doubled after every failed try
+    max_delay_s: float = 30.0  # also the cap on a Retry-After the service asks for
+    timeout_s: float = 120.0  # per request
+
+
+class RemoteEngine:
+    def __init__(self, settings: EngineSettings, retry: RetryPolicy = RetryPolicy()) -> None:
+        assert settings.url is not None
+        self.settings = settings
+        self.retry = retry
+        url = settings.url.rstrip("/")
+        self.endpoint = url if url.endswith(ENDPOINT) else url + ENDPOINT
+
+    def __enter__(self) -> RemoteEngine:
+        workers = max(1, self.settings.workers)
+        self.client = httpx.Client(
+            timeout=self.retry.timeout_s, limits=httpx.Limits(max_connections=workers)
+        )
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="request")
+        log.info(
+            "url engine: %s, %d concurrent requests of up to %d images",
+            self.endpoint,
+            workers,
+            self.settings.batch_size,
+        )
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.pool.shutdown(cancel_futures=True)
+        self.client.close()
+
+    def score(self, records: Iterable[Record]) -> Iterator[list[ScoreRow]]:
+        window = 2 * max(1, self.settings.workers)
+        yield from ordered_map(
+            self.pool, self._score_chunk, batched(records, self.settings.batch_size), window
+        )
+
+    def _score_chunk(self, records: list[Record]) -> list[ScoreRow]:
+        rows: list[ScoreRow | None] = [None] * len(records)
+        readable: list[tuple[int, Record, bytes]] = []
+        for position, record in enumerate(records):
+            try:
+                readable.append((position, record, read_bytes(record)))
+            except RecordError as exc:
+                rows[position] = ScoreRow(record.id, (), (), exc.reason, str(exc))
+        for (position, _, _), row in zip(readable, self._classify(readable), strict=True):
+            rows[position] = row
+        return rows  # type: ignore[return-value]  # every position is set above
+
+    def _classify(self, items: list[tuple[int, Record, bytes]]) -> list[ScoreRow]:
+        if not items:
+            return []
+        files = [
+            ("images", (PurePosixPath(r.id).name or "image", data, "application/octet-stream"))
+            for _, r, data in items
+        ]
+        response = self._post(files)
+        if response.status_code == 200:
+            return [
+                _result_row(r.id, result, self.settings.top_k)
+                for (_, r, _), result in zip(items, _results(response, len(items)), strict=True)
+            ]
+        if len(items) > 1:  # a whole-request refusal: find the image (or the size) it is about
+            half = len(items) // 2
+            return self._classify(items[:half]) + self._classify(items[half:])
+        code, message = _error_of(response)
+        return [ScoreRow(items[0][1].id, (), (), code, message)]
+
+    def _post(self, files: list[Any]) -> httpx.Response:
+        policy = self.retry
+        for attempt in range(policy.attempts):
+            backoff = min(policy.max_delay_s, policy.base_delay_s * 2**attempt) * random.uniform(
+                0.5, 1.0
+            )
+            try:
+                response = self.client.post(
+                    self.endpoint, params={"top_k": self.settings.top_k}, files=files
+                )
+            except httpx.TransportError as exc:  # refused, reset, timed out
+                problem = f"{type(exc).__name__}: {exc}"
+                delay = backoff
+            else:
+                if response.status_code not in RETRY_STATUSES:
+                    return response
+                problem = f"HTTP {response.status_code}"
+                asked = _retry_after(response, policy.max_delay_s)
+                delay = backoff if asked is None else asked
+            if attempt + 1 < policy.attempts:
+                log.warning("%s from %s; retrying in %.1f s", problem, self.endpoint, delay)
+                time.sleep(delay)
+        raise RemoteError(f"{self.endpoint} failed {policy.attempts} times, last with {problem}")
+
+
+def _results(response: httpx.Response, expected: int) -> list[dict[str, Any]]:
+    try:
+        results = sorted(response.json()["results"], key=lambda r: r["index"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RemoteError(f"the service's answer is not a /classify_batch result: {exc}") from None
+    if [r["index"] for r in results] != list(range(expected)):
+        raise RemoteError(f"the service answered {len(results)} results for {expected} images")
+    return results
+
+
+def _result_row(row_id: str, result: dict[str, Any], k: int) -> ScoreRow:
+    if result.get("error"):
+        error = result["error"]
+        return ScoreRow(
+            row_id, (), (), str(error.get("code", "error")), str(error.get("message", ""))
+        )
+    predictions = result["predictions"][:k]
+    return ScoreRow(
+        row_id,
+        tuple(p["label"] for p in predictions),
+        tuple(float(p["probability"]) for p in predictions),
+    )
+
+
+def _error_of(response: httpx.Response) -> tuple[str, str]:
+    try:
+        body = response.json()
+        return str(body.get("code") or f"http_{response.status_code}"), str(
+            body.get("error", response.text)
+        )
+    except (ValueError, AttributeError):
+        return f"http_{response.status_code}", response.text[:200]
+
+
+def _retry_after(response: httpx.Response, cap_s: float) -> float | None:
+    """Retry-After in seconds (the HTTP-date form is rare from services and is treated as absent)."""
+    try:
+        return min(cap_s, max(0.0, float(response.headers["retry-after"])))
+    except (KeyError, ValueError):
+        return None
