@@ -30,7 +30,7 @@ train: setup
 	$(PY) -m training train --recipe quick --data $(DATA) --out $(RUN)
 
 export: train
-	$(PY) -m export --run $(RUN) --out $(PACKAGE) --int8 --force
+	$(PY) -m export --run $(RUN) --out $(PACKAGE) --overwrite --name visionserve-classifier
 
 serve: setup
 	VISIONSERVE_MODEL=$(PACKAGE) $(VENV)/bin/bentoml serve --port $(PORT)
