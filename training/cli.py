@@ -32,6 +32,8 @@ DEFAULTS = {
 
 TRAIN_EXAMPLES = """examples:
   python -m training train --model cnn_bn --data cifar10-jpeg.tar.gz --epochs 10 --out runs/cnn_bn
+  python -m training train --recipe quick --data cifar10-jpeg.tar.gz --out runs/quick  # see `recipes`
+  python -m training train --recipe lesson --model cnn_plain --data cifar10-jpeg.tar.gz --out runs/plain
   python -m training train --out runs/cnn_bn --resume            # after a crash or kill
   python -m training train --out runs/cnn_bn --resume --epochs 20  # extend a finished run
   python -m training train --model resnet18_transfer --pretrained imagenet --mode frozen \\
@@ -94,6 +96,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(*names, help=help + shown, default=argparse.SUPPRESS, **kwargs)
 
     toggle = argparse.BooleanOptionalAction
+    flag(
+        "--recipe",
+        help="start from a named preset of these flags (`python -m training recipes`); flags given override it",
+    )
     flag("--model", help="architecture name from `python -m training models`")
     flag(
         "--data",
@@ -123,6 +129,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         action=toggle,
         help="random flips, rotation, shifts, crops, brightness and contrast",
     )
+    flag("--flip", action=toggle, help="augmentation: random horizontal flips")
+    flag("--rotate-degrees", type=float, help="augmentation: random rotation in +-degrees (0: off)")
+    flag("--translate", type=float, help="augmentation: random shift, fraction of size (0: off)")
+    flag("--crop-padding", type=int, help="augmentation: padded random crop, pixels (0: off)")
+    flag("--brightness", type=float, help="augmentation: brightness factor in 1 +- this (0: off)")
+    flag("--contrast", type=float, help="augmentation: contrast factor in 1 +- this (0: off)")
     flag("--seed", type=int, help="seed of the initial weights, data order and augmentation")
     flag("--device", choices=DEVICES, help="auto: CUDA when available, else CPU")
     flag(
@@ -228,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
 
     commands.add_parser("models", help="list the registered architectures")
+    commands.add_parser("recipes", help="list the named training recipes and their settings")
 
     compare = commands.add_parser(
         "compare", help="compare finished runs: markdown table and overlay plot"
@@ -245,6 +258,10 @@ def run_train(args: argparse.Namespace) -> None:
     given = {k: v for k, v in vars(args).items() if k not in ("command", "report")}
     if "arch_kwargs" in given:
         given["arch_kwargs"] = dict(given["arch_kwargs"])
+    if "recipe" in given:
+        from training.recipes import apply_recipe
+
+        given = apply_recipe(given.pop("recipe"), given)
     if given.get("resume"):
         if "out" not in given:
             raise TrainingError("--resume needs --out RUN_DIR")
@@ -322,6 +339,15 @@ def run_models(args: argparse.Namespace) -> None:
     print("(parameters with a 10-class head)")
 
 
+def run_recipes(args: argparse.Namespace) -> None:
+    from training.recipes import RECIPES
+
+    for recipe in RECIPES.values():
+        print(f"{recipe.name}: {recipe.description}")
+        settings = (f"{key}={json.dumps(value)}" for key, value in recipe.settings.items())
+        print("  " + " ".join(settings))
+
+
 def run_compare(args: argparse.Namespace) -> None:
     from training.reports import compare_runs
 
@@ -335,6 +361,7 @@ COMMANDS = {
     "train": run_train,
     "evaluate": run_evaluate,
     "models": run_models,
+    "recipes": run_recipes,
     "compare": run_compare,
 }
 

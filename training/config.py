@@ -44,6 +44,13 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     augment: bool = True
+    # Augmentation strengths (training.augment.Augmenter's); 0 (or --no-flip) turns one transform off.
+    flip: bool = True
+    rotate_degrees: float = 10.0
+    translate: float = 0.1  # fraction of the width / height
+    crop_padding: int = 4  # pixels
+    brightness: float = 0.2
+    contrast: float = 0.2
     seed: int = 0
     device: str = "auto"
     amp: bool = False  # bfloat16 autocast, CUDA only
@@ -66,6 +73,7 @@ class TrainConfig:
     cache_dir: str = ".cache/datasets"
     resume: bool = False
     progress: bool = True  # tqdm bars on stderr
+    recipe: str | None = None  # the training.recipes preset the run started from, for the record
 
     def __post_init__(self) -> None:
         validate(self)
@@ -122,6 +130,12 @@ def validate(config: TrainConfig) -> None:
         0 <= config.label_smoothing < 1,
         f"label smoothing must be in [0, 1), got {config.label_smoothing}",
     )
+    for name in ("rotate_degrees", "translate", "crop_padding", "brightness", "contrast"):
+        value = getattr(config, name)
+        _require(value >= 0, f"{name.replace('_', ' ')} must be >= 0, got {value}")
+    _require(config.translate < 1, f"translate must be < 1 (of the size), got {config.translate}")
+    _require(config.brightness < 1, f"brightness must be < 1, got {config.brightness}")
+    _require(config.contrast < 1, f"contrast must be < 1, got {config.contrast}")
     _require(0 < config.ema_decay < 1, f"EMA decay must be in (0, 1), got {config.ema_decay}")
     _require(config.bn_bias_lr_scale > 0, "BN bias lr scale must be > 0")
     _require(config.backbone_lr_scale > 0, "backbone lr scale must be > 0")

@@ -307,7 +307,13 @@ def train(
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     generator = torch.Generator().manual_seed(config.seed)  # data order and augmentation
-    augmenter = Augmenter(spec.mean, spec.std) if config.augment else None
+    augmenter = None
+    if config.augment:
+        augmenter = Augmenter(
+            spec.mean, spec.std, flip=config.flip, rotate_degrees=config.rotate_degrees,
+            brightness=config.brightness, contrast=config.contrast, translate=config.translate,
+            crop_padding=config.crop_padding,
+        )  # fmt: skip
 
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
