@@ -6,15 +6,14 @@ Reading and verifying it is inference.package's job (the service and batch scori
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from inference.files import atomic_write
 from inference.package import (
     INPUT_NAME,
     MANIFEST_NAME,
@@ -147,14 +146,7 @@ def build_manifest(
 def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     """Write root/manifest.json atomically (temporary file + rename)."""
     path = Path(root) / MANIFEST_NAME
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=False)
+        f.write("\n")
     return path

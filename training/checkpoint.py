@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from inference.files import atomic_write
 from inference.spec import ModelSpec
 from training.models import build_model
 
@@ -54,7 +53,7 @@ def raw_module(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
-    """Write atomically: a temporary file in the same folder, fsynced, then renamed over `path`."""
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     path = Path(path)
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -67,17 +66,8 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
         "metrics": checkpoint.metrics,
         "training_state": checkpoint.training_state,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +30,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
+from inference.files import atomic_write
 from inference.imaging import ImageDecodeError, decode_image, resize_to
 
 log = logging.getLogger(__name__)
@@ -441,17 +441,5 @@ def _short_hash(data: bytes) -> str:
 
 
 def _write_atomically(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(
-            tmp_name, 0o644
-        )  # mkstemp makes it private; the cache is shared by everyone's runs
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        write(f)

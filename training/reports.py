@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
+from inference.files import atomic_write
 from inference.spec import ModelSpec
 
 PLOTS_DIR = "plots"  # inside a run folder
@@ -277,17 +276,8 @@ def _save_png(figure: Figure, path: Path) -> Path:
 
 
 def _write_atomically(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then os.replace: readers never see half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        write(f)
 
 
 # ---------------------------------------------------------------------------------------------
