@@ -1,0 +1,710 @@
+"""Service load benchmark: closed-loop HTTP clients against real `bentoml serve` processes, side by side in one run.
+
+    python -m benchmarks.load_test [--small-package PKG] [--resnet-package PKG --resnet-run RUN] [--duration 10]
+
+Each server is started here on a free loopback port, timed from process start to /readyz = 200, loaded and
+stopped. Requests are single CIFAR-10 test JPEGs (multipart field `image`) sent to POST /classify by `c`
+workers that each send the next request as soon as the last one is answered (concurrency 1, 8, 32, 128).
+Compared in the same run:
+- the small CNN's /classify vs a no-op BentoML endpoint taking the same upload (benchmarks/noop_service.py);
+- the ResNet-18's /classify vs its raw ONNX Runtime session in-process at its best batch size
+  (benchmarks/raw_engine.py), and vs a naive eager-PyTorch service without batching (benchmarks/naive_service.py);
+- an open-loop phase at 80% of the ResNet service's saturation rate (no errors expected);
+- overload: a server with a small queue driven far above saturation (fast 503s with Retry-After expected), then
+  light load again (the p99 should recover).
+Without --small-package/--resnet-package, random-weight packages are built first (training.models +
+training.checkpoint + `python -m export`) under .cache/bench/. Results: benchmarks/results/service_load.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ARCHIVE = Path("/work/shared/data/cifar10-jpeg.tar.gz")
+CACHE = REPO / ".cache" / "bench"
+RESULTS = REPO / "benchmarks" / "results"
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+SERVICE = "service.service:ImageClassifier"
+NOOP_SERVICE = "benchmarks.noop_service:NoopClassifier"
+NAIVE_SERVICE = "benchmarks.naive_service:NaiveClassifier"
+READY_TIMEOUT_S = 180.0
+REQUEST_TIMEOUT_S = 30.0  # client side; a request still unanswered by then counts as "timeout"
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+
+def read_test_jpegs(archive: Path, count: int, seed: int = 0) -> list[bytes]:
+    """`count` encoded JPEGs drawn at random (seeded) from the archive's test/<class>/ members."""
+    blobs = []
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if "test" not in parts or not member.isfile() or not member.name.endswith(".jpg"):
+                continue
+            blobs.append(tar.extractfile(member).read())
+    if not blobs:
+        raise ValueError(f"{archive} has no test/<class>/*.jpg members")
+    order = np.random.default_rng(seed).permutation(len(blobs))[:count]
+    return [blobs[i] for i in order]
+
+
+def decode_all(blobs: list[bytes], size: tuple[int, int]) -> np.ndarray:
+    from inference.imaging import decode_image
+
+    return np.stack([decode_image(blob, size) for blob in blobs])
+
+
+# ---- packages --------------------------------------------------------------------------------------------------
+
+
+def random_weight_package(arch: str, archive: Path) -> tuple[Path, Path]:
+    """(package, run) of a random-weight `arch` for CIFAR-10, built once under .cache/bench/ (reused after)."""
+    run = CACHE / "runs" / arch
+    package = CACHE / "packages" / arch
+    if (package / "manifest.json").is_file() and (run / "checkpoint.pt").is_file():
+        return package, run
+    import torch
+
+    from inference.spec import ModelSpec
+    from training.checkpoint import Checkpoint, save_checkpoint
+    from training.models import build_model, get_model_info
+
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        arch=arch, class_names=CIFAR10_CLASSES, input_size=get_model_info(arch).input_size
+    )
+    model = build_model(arch, spec.num_classes, spec.input_size)
+    config = {"data": str(archive), "note": "random weights for the load benchmark; never trained"}
+    save_checkpoint(
+        run / "checkpoint.pt", Checkpoint(spec, model.state_dict(), config=config, epoch=0)
+    )
+    command = [
+        sys.executable, "-m", "export", "--run", str(run), "--out", str(package), "--formats", "onnx",
+        "--eval-limit", "500", "--name", f"random-{arch}", "--version", "1", "--no-bentoml", "--overwrite",
+    ]  # fmt: skip
+    print(f"building a random-weight {arch} package: {' '.join(command)}", flush=True)
+    subprocess.run(command, cwd=REPO, check=True)
+    return package, run
+
+
+def describe_spec(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())["spec"]
+
+
+def describe_package(root: Path) -> dict:
+    manifest = json.loads((root / "manifest.json").read_text())
+    source = manifest.get("source", {})
+    accuracy = source.get("training_metrics", {}).get("test_accuracy")
+    return {
+        "path": str(root),
+        "name": manifest["name"],
+        "version": manifest["version"],
+        "arch": manifest["spec"]["arch"],
+        "weights": "trained" if accuracy is not None else "random (untrained)",
+        "training_test_accuracy": accuracy,
+    }
+
+
+# ---- servers ---------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`bentoml serve TARGET` on 127.0.0.1 in its own process group; started, timed to ready, stopped."""
+
+    def __init__(self, name: str, target: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.target = target
+        self.env = env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = CACHE / "logs" / f"{name}.log"
+        self.process: subprocess.Popen | None = None
+        self.ready_seconds: float | None = None
+
+    def __enter__(self) -> Server:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        bentoml = Path(sys.executable).parent / "bentoml"
+        command = [
+            str(bentoml),
+            "serve",
+            self.target,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        started = time.perf_counter()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stopped as a whole, and only it
+            )
+        try:
+            self._wait_ready(started)
+        except BaseException:
+            self.stop()
+            raise
+        print(f"[{self.name}] ready in {self.ready_seconds:.1f} s at {self.url}", flush=True)
+        return self
+
+    def _wait_ready(self, started: float) -> None:
+        while time.perf_counter() - started < READY_TIMEOUT_S:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode}; see {self.log_path}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        self.ready_seconds = time.perf_counter() - started
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"{self.name} not ready after {READY_TIMEOUT_S:.0f} s; see {self.log_path}"
+        )
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+# ---- load ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """One load phase's figures; latencies in milliseconds.
+
+    Closed loop: the answers completed inside the measured window. Open loop: the answers to every request
+    scheduled inside the window.
+    """
+
+    server: str
+    kind: str  # closed (c workers) | open (fixed arrival rate)
+    concurrency: int  # workers (closed) or the most requests in flight allowed (open)
+    seconds: float  # the measured window (after the warm-up)
+    requests: int  # answered in the window, any status
+    ok: int
+    statuses: dict[str, int] = field(
+        default_factory=dict
+    )  # status code (or timeout/connection_error) -> count
+    requests_per_second: float = 0.0  # OK answers per second
+    p50_ms: float | None = None  # of OK answers
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    rejected_p50_ms: float | None = None  # of 503/429 answers: rejection should be fast
+    rejected_p99_ms: float | None = None
+    rejected_with_retry_after: int = 0
+    target_rate: float | None = None  # open loop: requests/s sent
+
+
+def summarise(server: str, kind: str, concurrency: int, seconds: float, samples: list) -> Phase:
+    """samples: (latency_s, status, has_retry_after) of the phase's measured answers."""
+    statuses = collections.Counter(status for _, status, _ in samples)
+    ok = [latency for latency, status, _ in samples if status == "200"]
+    rejected = [(latency, retry) for latency, status, retry in samples if status in ("503", "429")]
+    phase = Phase(
+        server,
+        kind,
+        concurrency,
+        round(seconds, 2),
+        len(samples),
+        len(ok),
+        dict(sorted(statuses.items())),
+    )
+    phase.requests_per_second = round(len(ok) / seconds, 1)
+    if ok:
+        phase.p50_ms, phase.p95_ms, phase.p99_ms = (
+            round(1000 * v, 1) for v in np.percentile(ok, [50, 95, 99])
+        )
+    if rejected:
+        latencies = [latency for latency, _ in rejected]
+        phase.rejected_p50_ms, phase.rejected_p99_ms = (
+            round(1000 * v, 1) for v in np.percentile(latencies, [50, 99])
+        )
+        phase.rejected_with_retry_after = sum(retry for _, retry in rejected)
+    return phase
+
+
+async def send(session, url: str, image: bytes) -> tuple[str, bool]:
+    import aiohttp
+
+    form = aiohttp.FormData()
+    form.add_field("image", image, filename="image.jpg", content_type="image/jpeg")
+    try:
+        async with session.post(url, data=form) as response:
+            await response.read()
+            return str(response.status), "Retry-After" in response.headers
+    except asyncio.TimeoutError:
+        return "timeout", False
+    except aiohttp.ClientError:
+        return "connection_error", False
+
+
+def client_session():
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            limit=0
+        ),  # no client-side cap: concurrency is set by the workers
+        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+    )
+
+
+async def closed_loop(
+    server: str, url: str, images: list[bytes], concurrency: int, duration: float, warmup: float
+) -> Phase:
+    """`concurrency` workers, each sending its next request when the last is answered, for warmup + duration s."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    window_start, window_end = start + warmup, start + warmup + duration
+    samples: list = []
+
+    async def worker(offset: int) -> None:
+        index = offset
+        while loop.time() < window_end:
+            sent = loop.time()
+            status, retry = await send(session, url, images[index % len(images)])
+            answered = loop.time()
+            # Throughput = answers completed inside the window, wherever the request started (a full pipeline).
+            if window_start <= answered <= window_end:
+                samples.append((answered - sent, status, retry))
+            index += concurrency
+
+    async with client_session() as session:
+        tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
+        # Bounded: workers stop sending at window_end; stragglers are cancelled after the client timeout.
+        _, pending = await asyncio.wait(tasks, timeout=warmup + duration + REQUEST_TIMEOUT_S)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return summarise(server, "closed", concurrency, duration, samples)
+
+
+async def open_loop(
+    server: str,
+    url: str,
+    images: list[bytes],
+    rate: float,
+    duration: float,
+    warmup: float,
+    max_in_flight: int = 1024,
+) -> Phase:
+    """Requests sent at a fixed rate whatever the answers; latency counted from the scheduled send time."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    window_start = start + warmup
+    samples: list = []
+    in_flight: set[asyncio.Task] = set()
+    skipped = 0
+
+    async def one(scheduled: float, image: bytes) -> None:
+        status, retry = await send(session, url, image)
+        answered = loop.time()
+        # Every request scheduled in the window counts, however late its answer (no coordinated omission).
+        if window_start <= scheduled:
+            samples.append((answered - scheduled, status, retry))
+
+    async with client_session() as session:
+        for k in range(int(rate * (warmup + duration))):
+            scheduled = start + k / rate
+            await asyncio.sleep(max(0.0, scheduled - loop.time()))
+            if len(in_flight) >= max_in_flight:
+                skipped += scheduled >= window_start
+                continue
+            task = asyncio.create_task(one(scheduled, images[k % len(images)]))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        if in_flight:
+            _, pending = await asyncio.wait(set(in_flight), timeout=REQUEST_TIMEOUT_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+    phase = summarise(server, "open", max_in_flight, duration, samples)
+    phase.target_rate = round(rate, 1)
+    if skipped:
+        phase.statuses["client_backlog_skipped"] = skipped
+    return phase
+
+
+def sweep(
+    server: Server, images: list[bytes], concurrencies: list[int], duration: float, warmup: float
+) -> list[Phase]:
+    phases = []
+    for concurrency in concurrencies:
+        phase = asyncio.run(
+            closed_loop(
+                server.name, f"{server.url}/classify", images, concurrency, duration, warmup
+            )
+        )
+        print(
+            f"[{server.name}] c={concurrency:4d}: {phase.requests_per_second:7.1f} req/s  p50 {phase.p50_ms} ms  "
+            f"p99 {phase.p99_ms} ms  statuses {phase.statuses}",
+            flush=True,
+        )
+        phases.append(phase)
+    return phases
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu_model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "python": platform.python_version(),
+        "load_average_at_start": [
+            round(v, 2) for v in os.getloadavg()
+        ],  # 1, 5, 15 min: other users' work
+    }
+
+
+def best_rate(phases: list[Phase]) -> float:
+    return max(p.requests_per_second for p in phases)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from benchmarks.raw_engine import best, measure_engine
+    from inference.runtime import Predictor
+
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    small_package = args.small_package or random_weight_package(args.small_arch, args.data)[0]
+    if args.resnet_package:
+        resnet_package, resnet_run = args.resnet_package, args.resnet_run
+    else:
+        resnet_package, resnet_run = random_weight_package("resnet18", args.data)
+    images = read_test_jpegs(args.data, args.images)
+    print(f"{len(images)} CIFAR-10 test JPEGs loaded from {args.data}", flush=True)
+    results: dict = {
+        "command": " ".join(["python -m benchmarks.load_test", *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {
+            "concurrency": concurrencies,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "images": len(images),
+            "overload_queue": args.overload_queue,
+            "overload_concurrency": args.overload_concurrency,
+        },  # fmt: skip
+        "packages": {
+            "small": describe_package(small_package),
+            "resnet": describe_package(resnet_package),
+        },
+        "ready_seconds": {},
+        "phases": [],
+    }
+
+    # The raw engine with no server running, right before and right after the ResNet's server: the machine's
+    # limit for the ResNet, measured twice because the shared machine's load drifts; the better run counts.
+    engine_pixels = decode_all(images[:512], tuple(describe_spec(resnet_package)["input_size"]))
+    engine_runs: list[list] = []
+
+    def measure_raw_engine() -> None:
+        predictor = Predictor.from_path(resnet_package, device="cpu")
+        run = measure_engine(predictor, engine_pixels, seconds=args.engine_seconds)
+        engine_runs.append(run)
+        figures = [
+            {"batch_size": r.batch_size, "images_per_second": round(r.images_per_second, 1)}
+            for r in run
+        ]
+        results["raw_engine"].append(figures)
+        print(f"[raw-engine] {figures}", flush=True)
+
+    results["raw_engine"] = []
+
+    def model_env(package: Path, **extra: str) -> dict[str, str]:
+        return {"VISIONSERVE_MODEL": str(package), "VISIONSERVE_DEVICE": "cpu", **extra}
+
+    servers = [
+        ("noop", NOOP_SERVICE, {}),
+        ("small-cnn", SERVICE, model_env(small_package)),
+        ("resnet18", SERVICE, model_env(resnet_package)),
+    ]
+    if resnet_run:
+        servers.append(
+            ("resnet18-naive", NAIVE_SERVICE, {"VISIONSERVE_NAIVE_RUN": str(resnet_run)})
+        )
+    sweeps: dict[str, list[Phase]] = {}
+    for name, target, env in servers:
+        if name == "resnet18":
+            measure_raw_engine()
+        with Server(name, target, env) as server:
+            results["ready_seconds"][name] = round(server.ready_seconds, 2)
+            sweeps[name] = sweep(server, images, concurrencies, args.duration, args.warmup)
+            if name == "resnet18":
+                rate = 0.8 * best_rate(sweeps[name])
+                phase = asyncio.run(
+                    open_loop(
+                        name, f"{server.url}/classify", images, rate, args.duration, args.warmup
+                    )
+                )
+                print(
+                    f"[{name}] open loop at {rate:.0f} req/s: statuses {phase.statuses} p99 {phase.p99_ms} ms"
+                )
+                sweeps[name].append(phase)
+        if name == "resnet18":
+            measure_raw_engine()
+    for phases in sweeps.values():
+        results["phases"].extend(asdict(p) for p in phases)
+
+    # Overload: a small queue, far more clients than it holds, then light load again.
+    name = "resnet18-overload"
+    queue = str(args.overload_queue)  # a request may hold no more images than the queue
+    env = model_env(resnet_package, VISIONSERVE_MAX_QUEUE=queue, VISIONSERVE_MAX_BATCH_IMAGES=queue)
+    with Server(name, target=SERVICE, env=env) as server:
+        results["ready_seconds"][name] = round(server.ready_seconds, 2)
+        url = f"{server.url}/classify"
+        overload = []
+        for label, concurrency in (
+            ("before", 1),
+            ("overload", args.overload_concurrency),
+            ("after", 1),
+        ):
+            phase = asyncio.run(
+                closed_loop(f"{name}:{label}", url, images, concurrency, args.duration, args.warmup)
+            )
+            print(
+                f"[{name}:{label}] c={concurrency}: {phase.requests_per_second} req/s p99 {phase.p99_ms} ms "
+                f"rejected p99 {phase.rejected_p99_ms} ms statuses {phase.statuses}",
+                flush=True,
+            )
+            overload.append(phase)
+        results["phases"].extend(asdict(p) for p in overload)
+
+    noop, small, resnet = (
+        best_rate(sweeps["noop"]),
+        best_rate(sweeps["small-cnn"]),
+        best_rate(sweeps["resnet18"][:-1]),
+    )
+    raw = best([result for run in engine_runs for result in run])
+    results["comparisons"] = {
+        "small_cnn_vs_noop": round(small / noop, 3),
+        "resnet18_vs_raw_engine": round(resnet / raw.images_per_second, 3),
+        "raw_engine_best_batch": raw.batch_size,
+    }
+    if "resnet18-naive" in sweeps:
+        results["comparisons"]["resnet18_vs_naive"] = round(
+            resnet / best_rate(sweeps["resnet18-naive"]), 2
+        )
+    results["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    return results
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def markdown(results: dict) -> str:
+    m, s, c = results["machine"], results["settings"], results["comparisons"]
+    lines = [
+        "# Service load benchmark",
+        "",
+        f"- Command: `{results['command']}`",
+        f"- Date: {results['date']}",
+        f"- Machine: {m['nproc']} CPU cores ({m['cpu_model']}), no GPU; Python {m['python']}. The load generator "
+        "runs on the same cores as the server (shared machine: compare ratios within this run). Load average "
+        f"(1/5/15 min) {m['load_average_at_start']} at the start, {m['load_average_at_end']} at the end.",
+        f"- Load: closed-loop workers at concurrency {s['concurrency']}, {s['duration_s']} s measured after "
+        f"{s['warmup_s']} s of warm-up per phase; single-image multipart uploads drawn from {s['images']} "
+        "CIFAR-10 test JPEGs (32x32, q75).",
+    ]
+    for role, p in results["packages"].items():
+        accuracy = (
+            f", training test accuracy {p['training_test_accuracy']:.4f}"
+            if p["training_test_accuracy"]
+            else ""
+        )
+        lines.append(
+            f"- {role} package: {p['name']} {p['version']} ({p['arch']}, {p['weights']} weights{accuracy}), `{p['path']}`"
+        )
+    lines += [
+        "",
+        "## Comparisons",
+        "",
+        f"- small CNN /classify vs the no-op endpoint (best requests/s each): **{c['small_cnn_vs_noop']:.1%}** (target >= 90%)",
+        f"- ResNet-18 /classify vs the raw ONNX Runtime session at its best batch size ({c['raw_engine_best_batch']}): "
+        f"**{c['resnet18_vs_raw_engine']:.1%}** of its images/s (target >= 80%)",
+    ]
+    if "resnet18_vs_naive" in c:
+        lines.append(
+            f"- ResNet-18 /classify vs the naive eager-PyTorch service (no batching): **{c['resnet18_vs_naive']}x**"
+        )
+    lines += [
+        "",
+        "## Time from process start to /readyz = 200",
+        "",
+        "| server | seconds |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {seconds} |" for name, seconds in results["ready_seconds"].items()]
+    before, after = results["raw_engine"]
+    lines += [
+        "",
+        "## Raw ONNX Runtime session (ResNet-18, in-process, no HTTP, no decoding)",
+        "",
+        "Measured right before and right after the ResNet-18 server ran; the best figure of both is the reference.",
+        "",
+        "| batch | images/s before | images/s after |",
+        "|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {b['batch_size']} | {b['images_per_second']} | {a['images_per_second']} |"
+        for b, a in zip(before, after, strict=True)
+    ]
+    lines += [
+        "",
+        "## Phases",
+        "",
+        "Latencies of OK answers in ms; `open` = fixed arrival rate (80% of the best closed-loop rate), latency from the "
+        "scheduled send time. Rejected = 503/429 answers (their latency, and how many carried Retry-After).",
+        "",
+        "| server | kind | c | req/s (OK) | p50 | p95 | p99 | statuses | rejected p50/p99 | with Retry-After |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---:|",
+    ]
+    for p in results["phases"]:
+        kind = p["kind"] if p["target_rate"] is None else f"open @ {p['target_rate']}/s"
+        rejected = (
+            f"{p['rejected_p50_ms']} / {p['rejected_p99_ms']}"
+            if p["rejected_p50_ms"] is not None
+            else ""
+        )
+        statuses = ", ".join(f"{k}: {v}" for k, v in p["statuses"].items())
+        lines.append(
+            f"| {p['server']} | {kind} | {p['concurrency']} | {p['requests_per_second']} | {p['p50_ms']} | "
+            f"{p['p95_ms']} | {p['p99_ms']} | {statuses} | {rejected} | {p['rejected_with_retry_after']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--small-package", type=Path, help="package of the small CNN (default: random weights)"
+    )
+    parser.add_argument(
+        "--small-arch",
+        default="cnn_bn",
+        help="registry name of the small CNN built when no package is given",
+    )
+    parser.add_argument(
+        "--resnet-package",
+        type=Path,
+        help="package of the CIFAR ResNet-18 (default: random weights)",
+    )
+    parser.add_argument(
+        "--resnet-run",
+        type=Path,
+        help="training run of --resnet-package, for the naive eager baseline",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_ARCHIVE,
+        help="CIFAR-10 JPEG archive (test/ members are sent)",
+    )
+    parser.add_argument(
+        "--images", type=int, default=2000, help="distinct test JPEGs to cycle through"
+    )
+    parser.add_argument(
+        "--concurrency", default="1,8,32,128", help="comma-separated closed-loop concurrencies"
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per phase")
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="unmeasured seconds before each phase's window"
+    )
+    parser.add_argument(
+        "--engine-seconds", type=float, default=3.0, help="raw engine measuring time per batch size"
+    )
+    parser.add_argument(
+        "--overload-queue",
+        type=int,
+        default=32,
+        help="VISIONSERVE_MAX_QUEUE of the overload server",
+    )
+    parser.add_argument(
+        "--overload-concurrency", type=int, default=256, help="clients in the overload phase"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "service_load.md",
+        help="results markdown (JSON beside it)",
+    )
+    args = parser.parse_args(argv)
+    if args.resnet_package and not args.resnet_run:
+        print("note: no --resnet-run given: the naive eager baseline is skipped", file=sys.stderr)
+    try:
+        results = run(args)
+    except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    write_atomic(args.out, markdown(results))
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""A no-op BentoML service taking the same upload as /classify: the framework's floor for the load benchmark.
+
+`bentoml serve benchmarks.noop_service:NoopClassifier`: the same server settings and Starlette mount as
+service.service (one worker), the multipart body read and parsed, no decode and no model; it answers a fixed
+prediction of the same shape as /classify's.
+"""
+
+from __future__ import annotations
+
+import bentoml
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+FIXED_ANSWER = {
+    "model": "noop",
+    "version": "0",
+    "predictions": [{"label": "noop", "index": 0, "probability": 1.0}],
+}
+
+
+async def classify(request: Request) -> JSONResponse:
+    form = await request.form(max_files=1, max_fields=8)
+    upload = form.get("image")
+    if not isinstance(upload, UploadFile):
+        return JSONResponse(
+            {"error": "send the image in the multipart field 'image'"}, status_code=400
+        )
+    await upload.read()
+    return JSONResponse(FIXED_ANSWER)
+
+
+app = Starlette(routes=[Route("/classify", classify, methods=["POST"])])
+
+
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(name="visionserve-noop", workers=1)
+class NoopClassifier:
+    pass
