@@ -87,6 +87,7 @@ def classifier_of(request: Request) -> Classifier:
         raise ApiError(
             503, "not_ready", "the model is still loading or warming up", {"Retry-After": "1"}
         )
+    classifier.batcher.admit()  # refuse at once under overload, before reading the body
     return classifier
 
 

@@ -438,6 +438,7 @@ def routes(classifier) -> list[Route]:
         check_model(request)
         if not classifier.ready:
             raise ApiError(503, "not_ready", "the model is not ready yet", {"Retry-After": "1"})
+        classifier.batcher.admit()  # refuse at once under overload, before reading the body
         media_type_of(
             request
         )  # refuses a pickle content type (415); JSON or the binary extension's body follow

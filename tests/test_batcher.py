@@ -135,14 +135,18 @@ def test_full_queue_is_refused_at_once_with_retry_after_and_service_recovers():
         await asyncio.sleep(0)
         with pytest.raises(ApiError) as refused:
             await batcher.submit(tagged(4), deadline)
+        with pytest.raises(ApiError) as refused_early:  # what routes ask before reading a body
+            batcher.admit()
         gate.set()
         answered = await asyncio.gather(running, *queued)
         after = await batcher.submit(tagged(5), await deadline_in(10))
         await batcher.stop()
-        return refused.value, answered, after
+        batcher.admit()  # room again
+        return refused.value, refused_early.value, answered, after
 
-    refused, answered, after = run(scenario)
+    refused, refused_early, answered, after = run(scenario)
     assert (refused.status, refused.code) == (503, "queue_full")
+    assert (refused_early.status, refused_early.code) == (503, "queue_full")
     assert int(refused.headers["Retry-After"]) >= 1
     assert [a.tolist() for a in answered] == [[[1.0]], [[2.0]], [[3.0]]]
     assert after.tolist() == [[5.0]]
