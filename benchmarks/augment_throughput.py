@@ -57,9 +57,7 @@ def augmentation_rate(batch_size: int, repeats: int, threads: int) -> float:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return images_per_second(
-            lambda: augment(images, generator), batch_size, steps=10, repeats=repeats
-        )
+        return images_per_second(lambda: augment(images, generator), batch_size, steps=10, repeats=repeats)
     finally:
         torch.set_num_threads(previous)
 
@@ -107,9 +105,7 @@ def training_step_rate(arch: str, batch_size: int, steps: int, repeats: int) -> 
         optimizer.step()
 
     # Warm up on a small batch: resnet18's full step takes tens of seconds on a busy 2-core machine.
-    return images_per_second(
-        step, batch_size, steps=steps, repeats=repeats, warm_up=lambda: step(x[:16], y[:16])
-    )
+    return images_per_second(step, batch_size, steps=steps, repeats=repeats, warm_up=lambda: step(x[:16], y[:16]))
 
 
 def cpu_model() -> str:
@@ -124,9 +120,7 @@ def cpu_model() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="timed repeats per measurement (the median is kept)"
-    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (the median is kept)")
     parser.add_argument(
         "--out",
         type=Path,
@@ -143,12 +137,8 @@ def main() -> None:
     for batch_size in (256, 512):
         rows.append((f"Augmenter (flip, rotate, translate, crop, jitter), batch {batch_size}",
                      augmentation_rate(batch_size, args.repeats, threads)))  # fmt: skip
-    rows.append(
-        ("Augmenter, batch 256, torch.set_num_threads(1)", augmentation_rate(256, args.repeats, 1))
-    )
-    rows.append(
-        ("to_model_input only (no augmentation), batch 256", normalise_only_rate(256, args.repeats))
-    )
+    rows.append(("Augmenter, batch 256, torch.set_num_threads(1)", augmentation_rate(256, args.repeats, 1)))
+    rows.append(("to_model_input only (no augmentation), batch 256", normalise_only_rate(256, args.repeats)))
     iterator = iterator_rate(256, args.repeats)
     rows.append(
         (

@@ -91,9 +91,7 @@ def random_weight_package(arch: str, archive: Path) -> Path:
         "data": str(archive),
         "note": "random weights for the batch scoring benchmark; never trained",
     }
-    save_checkpoint(
-        run / "checkpoint.pt", Checkpoint(spec, model.state_dict(), config=config, epoch=0)
-    )
+    save_checkpoint(run / "checkpoint.pt", Checkpoint(spec, model.state_dict(), config=config, epoch=0))
     command = [
         sys.executable, "-m", "export", "--run", str(run), "--out", str(package), "--formats", "onnx",
         "--name", f"random-{arch.replace('_', '-')}", "--version", "1", "--no-bentoml", "--overwrite",
@@ -105,9 +103,7 @@ def random_weight_package(arch: str, archive: Path) -> Path:
 
 def describe(package: Path) -> dict:
     manifest = json.loads((package / "manifest.json").read_text())
-    trained = (
-        manifest.get("source", {}).get("training_metrics", {}).get("test_accuracy") is not None
-    )
+    trained = manifest.get("source", {}).get("training_metrics", {}).get("test_accuracy") is not None
     return {
         "path": str(package),
         "name": f"{manifest['name']} {manifest['version']}",
@@ -149,9 +145,7 @@ def score(label: str, package: Path, source: Path, kind: str, tag: str, **option
     output = CACHE / "outputs" / f"{tag}.parquet"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.unlink(missing_ok=True)
-    summary = run_job(
-        BatchJob(input=str(source), output=output, model=str(package), top_k=1, **options)
-    )
+    summary = run_job(BatchJob(input=str(source), output=output, model=str(package), top_k=1, **options))
     result = JobResult(label, kind, summary, output_accuracy(output))
     print(
         f"  {label}: {result.images_per_second:.0f} images/s scoring, {result.end_to_end:.0f} with setup "
@@ -170,9 +164,7 @@ def decode_only(source: Path, size: tuple[int, int], workers: int, batch_size: i
             future.result()  # workers started, as in LocalEngine's setup
         start = time.perf_counter()
         chunks = batched(open_input(source).records(), batch_size)
-        decoded = sum(
-            len(chunk.ids) for chunk in ordered_map(executor, decode, chunks, 2 * workers + 1)
-        )
+        decoded = sum(len(chunk.ids) for chunk in ordered_map(executor, decode, chunks, 2 * workers + 1))
         return decoded / (time.perf_counter() - start)
 
 
@@ -190,14 +182,10 @@ def raw_engine(package: Path, pixels: np.ndarray, seconds: float, batch_sizes=BA
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resnet", type=Path, help="ResNet-18 package (default: random weights)")
-    parser.add_argument(
-        "--cnn", type=Path, help="small CNN package (default: random-weight cnn_bn)"
-    )
+    parser.add_argument("--cnn", type=Path, help="small CNN package (default: random-weight cnn_bn)")
     parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE, help="CIFAR-10 JPEG archive")
     parser.add_argument("--workers", type=int, default=cpu_threads(), help="decoding workers")
-    parser.add_argument(
-        "--seconds", type=float, default=3.0, help="raw engine: time per batch size"
-    )
+    parser.add_argument("--seconds", type=float, default=3.0, help="raw engine: time per batch size")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray engine")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown results file")
     args = parser.parse_args(argv)
@@ -222,18 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key}: {package}", flush=True)
         raw = raw_engine(package, pixels, args.seconds)
         # Measured next to each model's jobs rather than once per run: the machine's load drifts.
-        decode = {
-            kind: decode_only(path, size, args.workers, raw.batch_size)
-            for kind, path in sources.items()
-        }
+        decode = {kind: decode_only(path, size, args.workers, raw.batch_size) for kind, path in sources.items()}
         print(
             f"  decode only: {', '.join(f'{k} {v:.0f}' for k, v in decode.items())} images/s",
             flush=True,
         )
         local = {"batch_size": raw.batch_size, "workers": args.workers}
         jobs = [
-            score(f"local, {kind}", package, path, kind, f"{key}-{kind}", **local)
-            for kind, path in sources.items()
+            score(f"local, {kind}", package, path, kind, f"{key}-{kind}", **local) for kind, path in sources.items()
         ]
         if key == "cnn":
             jobs += [
@@ -257,11 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             ]
             if not args.no_ray:
-                jobs.append(
-                    score(
-                        "ray, folder", package, folder, "folder", "cnn-ray", engine="ray", **local
-                    )
-                )
+                jobs.append(score("ray, folder", package, folder, "folder", "cnn-ray", engine="ray", **local))
         after = raw_engine(package, pixels, args.seconds, (raw.batch_size,))
         report[key] = {"raw": raw, "raw_after": after, "decode": decode, "jobs": jobs}
     markdown = render(report, time.perf_counter() - started)
@@ -272,9 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(report: dict, seconds: float) -> str:
     cpu_lines = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in cpu_lines if line.startswith("model name")), "?"
-    )
+    cpu = next((line.split(":", 1)[1].strip() for line in cpu_lines if line.startswith("model name")), "?")
     lines = [
         "# Batch scoring: the 10,000 CIFAR-10 test images (JPEG q75)",
         "",
@@ -290,9 +268,7 @@ def render(report: dict, seconds: float) -> str:
     for key, info in report["packages"].items():
         offline = info["offline_accuracy"]
         accuracy = "n/a" if offline is None else f"{offline:.4f} on {info['offline_images']} images"
-        lines.append(
-            f"| {key} | {info['name']} | {info['arch']} | {info['weights']} | {accuracy} |"
-        )
+        lines.append(f"| {key} | {info['name']} | {info['arch']} | {info['weights']} | {accuracy} |")
     for key, title in (
         ("resnet", "ResNet-18 (compute-bound)"),
         ("cnn", "small CNN (decode-bound)"),
@@ -320,11 +296,7 @@ def render(report: dict, seconds: float) -> str:
             limit = engine if key == "resnet" else min(decode[job.kind], engine)
             # Decoding and inference share the same CPU cores here: together they cannot beat this rate.
             bound = 1 / (1 / decode[job.kind] + 1 / engine)
-            same = (
-                "n/a"
-                if offline is None
-                else ("yes" if round(job.accuracy, 4) == round(offline, 4) else "no")
-            )
+            same = "n/a" if offline is None else ("yes" if round(job.accuracy, 4) == round(offline, 4) else "no")
             lines.append(
                 f"| {job.label} | {job.images_per_second:.0f} | {job.end_to_end:.0f} | {limit:.0f} | "
                 f"{job.images_per_second / limit:.0%} | {bound:.0f} | {job.images_per_second / bound:.0%} | "

@@ -82,28 +82,14 @@ def parse_args() -> argparse.Namespace:
         metavar="MODEL=RUN_DIR",
         help="a training run per model (repeatable); models without one use random weights",
     )
-    parser.add_argument(
-        "--models", default=",".join(DEFAULT_MODELS), help="comma-separated architectures"
-    )
-    parser.add_argument(
-        "--data", default=DEFAULT_DATA, help="data source for accuracy, parity and calibration"
-    )
-    parser.add_argument(
-        "--eval-limit", type=int, default=1000, help="test images for the accuracy figures"
-    )
-    parser.add_argument(
-        "--parity-images", type=int, default=256, help="test images for the parity figures"
-    )
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated architectures")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="data source for accuracy, parity and calibration")
+    parser.add_argument("--eval-limit", type=int, default=1000, help="test images for the accuracy figures")
+    parser.add_argument("--parity-images", type=int, default=256, help="test images for the parity figures")
     parser.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes to time")
-    parser.add_argument(
-        "--seconds", type=float, default=0.6, help="timed seconds per format, batch size and round"
-    )
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="interleaved timing rounds; the best is reported"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads per runtime"
-    )
+    parser.add_argument("--seconds", type=float, default=0.6, help="timed seconds per format, batch size and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best is reported")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads per runtime")
     parser.add_argument("--out", type=Path, help="write the results as markdown here")
     return parser.parse_args()
 
@@ -111,13 +97,9 @@ def parse_args() -> argparse.Namespace:
 def random_run(folder: Path, arch: str) -> Path:
     """A run folder holding a random-weight checkpoint, for models without a trained run."""
     torch.manual_seed(0)
-    spec = ModelSpec(
-        arch=arch, class_names=CIFAR10_CLASSES, input_size=get_model_info(arch).input_size
-    )
+    spec = ModelSpec(arch=arch, class_names=CIFAR10_CLASSES, input_size=get_model_info(arch).input_size)
     model = build_model(arch, spec.num_classes, spec.input_size)
-    save_checkpoint(
-        folder / "checkpoint.pt", Checkpoint(spec, model.state_dict(), {"data": DEFAULT_DATA}, 0)
-    )
+    save_checkpoint(folder / "checkpoint.pt", Checkpoint(spec, model.state_dict(), {"data": DEFAULT_DATA}, 0))
     return folder
 
 
@@ -130,9 +112,7 @@ def images_per_second(predict: Predict, pixels: np.ndarray, seconds: float) -> f
     return calls * len(pixels) / elapsed
 
 
-def benchmark_model(
-    name: str, run: Path | None, args: argparse.Namespace, scratch: Path
-) -> ModelResult:
+def benchmark_model(name: str, run: Path | None, args: argparse.Namespace, scratch: Path) -> ModelResult:
     if run is None:
         run = random_run(scratch / f"{name}-run", name)
         weights = "random weights (no trained run given)"
@@ -140,9 +120,7 @@ def benchmark_model(
     if checkpoint.epoch:
         accuracy = checkpoint.metrics.get("test_accuracy")
         accuracy = f"{accuracy:.4f}" if isinstance(accuracy, float) else accuracy
-        weights = (
-            f"trained run {run} ({checkpoint.epoch} epochs; training's test accuracy {accuracy})"
-        )
+        weights = f"trained run {run} ({checkpoint.epoch} epochs; training's test accuracy {accuracy})"
     spec, model = checkpoint.spec, checkpoint.build_model()
     config = ExportConfig(
         run_dir=run,
@@ -157,9 +135,7 @@ def benchmark_model(
     folder = scratch / f"{name}-package"
     folder.mkdir()
     print(f"{name}: exporting ({weights})", file=sys.stderr)
-    files = write_formats(
-        model, spec, folder, config, name, default_version(), images.calibration, lambda m: None
-    )
+    files = write_formats(model, spec, folder, config, name, default_version(), images.calibration, lambda m: None)
     print(
         f"{name}: parity gate and accuracy on {len(images.eval_images)} test images",
         file=sys.stderr,
@@ -170,15 +146,11 @@ def benchmark_model(
         "pytorch": eager_predictor(model, spec),
         "torchscript": torchscript_predictor(folder / BACKEND_FILES["torchscript"]),
         "onnx": onnx_predictor(folder / BACKEND_FILES["onnx"], CPU_PROVIDER, args.threads),
-        "onnx-int8": onnx_predictor(
-            folder / BACKEND_FILES["onnx-int8"], CPU_PROVIDER, args.threads
-        ),
+        "onnx-int8": onnx_predictor(folder / BACKEND_FILES["onnx-int8"], CPU_PROVIDER, args.threads),
     }
     if cuda_available():
         for backend in ("onnx", "onnx-int8"):
-            predictors[f"{backend} cuda"] = onnx_predictor(
-                folder / BACKEND_FILES[backend], CUDA_PROVIDER
-            )
+            predictors[f"{backend} cuda"] = onnx_predictor(folder / BACKEND_FILES[backend], CUDA_PROVIDER)
     batches = [int(b) for b in args.batches.split(",")]
     pixels = {b: np.ascontiguousarray(images.eval_images[:b]) for b in batches}
     throughput: dict[str, dict[int, float]] = {f: {} for f in predictors}
@@ -210,27 +182,17 @@ def markdown(results: list[ModelResult], args: argparse.Namespace, seconds: floa
     ]
     for result in results:
         report = result.report
-        accuracies = {"pytorch": report.reference_accuracy} | {
-            f.backend: f.test_accuracy for f in report.formats
-        }
+        accuracies = {"pytorch": report.reference_accuracy} | {f.backend: f.test_accuracy for f in report.formats}
         parity = {f.backend: f for f in report.formats}
         header = "| format | test acc | " + " | ".join(f"img/s @{b}" for b in batches)
-        header += (
-            " | x eager @"
-            + ", @".join(map(str, batches))
-            + " | max abs dp (cpu) | top-1 agree | gate |"
-        )
+        header += " | x eager @" + ", @".join(map(str, batches)) + " | max abs dp (cpu) | top-1 agree | gate |"
         lines += [f"## {result.name}", "", f"Weights: {result.weights}.", "", header]
         lines.append("|" + "---|" * (header.count("|") - 1))
         for label, rates in result.throughput.items():
             backend = label.split(" ")[0]
             name = FORMAT_LABELS[backend] + (" CUDA" if label.endswith("cuda") else "")
-            ratios = ", ".join(
-                f"{rates[b] / result.throughput['pytorch'][b]:.1f}x" for b in batches
-            )
-            row = f"| {name} | {accuracies[backend]:.4f} | " + " | ".join(
-                _rate(rates[b]) for b in batches
-            )
+            ratios = ", ".join(f"{rates[b] / result.throughput['pytorch'][b]:.1f}x" for b in batches)
+            row = f"| {name} | {accuracies[backend]:.4f} | " + " | ".join(_rate(rates[b]) for b in batches)
             if backend in parity and not label.endswith("cuda"):
                 figures = [p for p in parity[backend].parity if p.device == "cpu"]
                 worst_dp = max(p.max_abs_diff for p in figures)
@@ -238,11 +200,7 @@ def markdown(results: list[ModelResult], args: argparse.Namespace, seconds: floa
                 verdict = "pass" if parity[backend].passed else "FAIL"
                 row += f" | {ratios} | {worst_dp:.1e} | {agreement:.1%} | {verdict} |"
             else:
-                row += (
-                    f" | {ratios} | reference | | |"
-                    if backend == "pytorch"
-                    else f" | {ratios} | | | |"
-                )
+                row += f" | {ratios} | reference | | |" if backend == "pytorch" else f" | {ratios} | | | |"
             lines.append(row)
         int8, fp32 = result.throughput["onnx-int8"], result.throughput["onnx"]
         drop = (report.reference_accuracy - accuracies["onnx-int8"]) * 100
@@ -277,15 +235,10 @@ def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
     runs = dict(item.split("=", 1) for item in args.run)
-    models = [m for m in args.models.split(",") if m] + [
-        m for m in runs if m not in args.models.split(",")
-    ]
+    models = [m for m in args.models.split(",") if m] + [m for m in runs if m not in args.models.split(",")]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="export-bench-") as scratch:
-        results = [
-            benchmark_model(m, Path(runs[m]) if m in runs else None, args, Path(scratch))
-            for m in models
-        ]
+        results = [benchmark_model(m, Path(runs[m]) if m in runs else None, args, Path(scratch)) for m in models]
     text = markdown(results, args, time.perf_counter() - start)
     print(text)
     if args.out:

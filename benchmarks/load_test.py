@@ -93,14 +93,10 @@ def random_weight_package(arch: str, archive: Path) -> tuple[Path, Path]:
     from training.models import build_model, get_model_info
 
     torch.manual_seed(0)
-    spec = ModelSpec(
-        arch=arch, class_names=CIFAR10_CLASSES, input_size=get_model_info(arch).input_size
-    )
+    spec = ModelSpec(arch=arch, class_names=CIFAR10_CLASSES, input_size=get_model_info(arch).input_size)
     model = build_model(arch, spec.num_classes, spec.input_size)
     config = {"data": str(archive), "note": "random weights for the load benchmark; never trained"}
-    save_checkpoint(
-        run / "checkpoint.pt", Checkpoint(spec, model.state_dict(), config=config, epoch=0)
-    )
+    save_checkpoint(run / "checkpoint.pt", Checkpoint(spec, model.state_dict(), config=config, epoch=0))
     command = [
         sys.executable, "-m", "export", "--run", str(run), "--out", str(package), "--formats", "onnx",
         "--eval-limit", "500", "--name", f"random-{arch}", "--version", "1", "--no-bentoml", "--overwrite",
@@ -183,9 +179,7 @@ class Server:
     def _wait_ready(self, started: float) -> None:
         while time.perf_counter() - started < READY_TIMEOUT_S:
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.process.returncode}; see {self.log_path}"
-                )
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
                     if response.status == 200:
@@ -194,9 +188,7 @@ class Server:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.1)
-        raise RuntimeError(
-            f"{self.name} not ready after {READY_TIMEOUT_S:.0f} s; see {self.log_path}"
-        )
+        raise RuntimeError(f"{self.name} not ready after {READY_TIMEOUT_S:.0f} s; see {self.log_path}")
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -229,9 +221,7 @@ class Phase:
     seconds: float  # the measured window (after the warm-up)
     requests: int  # answered in the window, any status
     ok: int
-    statuses: dict[str, int] = field(
-        default_factory=dict
-    )  # status code (or timeout/connection_error) -> count
+    statuses: dict[str, int] = field(default_factory=dict)  # status code (or timeout/connection_error) -> count
     requests_per_second: float = 0.0  # OK answers per second
     p50_ms: float | None = None  # of OK answers
     p95_ms: float | None = None
@@ -258,14 +248,10 @@ def summarise(server: str, kind: str, concurrency: int, seconds: float, samples:
     )
     phase.requests_per_second = round(len(ok) / seconds, 1)
     if ok:
-        phase.p50_ms, phase.p95_ms, phase.p99_ms = (
-            round(1000 * v, 1) for v in np.percentile(ok, [50, 95, 99])
-        )
+        phase.p50_ms, phase.p95_ms, phase.p99_ms = (round(1000 * v, 1) for v in np.percentile(ok, [50, 95, 99]))
     if rejected:
         latencies = [latency for latency, _ in rejected]
-        phase.rejected_p50_ms, phase.rejected_p99_ms = (
-            round(1000 * v, 1) for v in np.percentile(latencies, [50, 99])
-        )
+        phase.rejected_p50_ms, phase.rejected_p99_ms = (round(1000 * v, 1) for v in np.percentile(latencies, [50, 99]))
         phase.rejected_with_retry_after = sum(retry for _, retry in rejected)
     return phase
 
@@ -289,9 +275,7 @@ def client_session():
     import aiohttp
 
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(
-            limit=0
-        ),  # no client-side cap: concurrency is set by the workers
+        connector=aiohttp.TCPConnector(limit=0),  # no client-side cap: concurrency is set by the workers
         timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
     )
 
@@ -372,16 +356,10 @@ async def open_loop(
     return phase
 
 
-def sweep(
-    server: Server, images: list[bytes], concurrencies: list[int], duration: float, warmup: float
-) -> list[Phase]:
+def sweep(server: Server, images: list[bytes], concurrencies: list[int], duration: float, warmup: float) -> list[Phase]:
     phases = []
     for concurrency in concurrencies:
-        phase = asyncio.run(
-            closed_loop(
-                server.name, f"{server.url}/classify", images, concurrency, duration, warmup
-            )
-        )
+        phase = asyncio.run(closed_loop(server.name, f"{server.url}/classify", images, concurrency, duration, warmup))
         print(
             f"[{server.name}] c={concurrency:4d}: {phase.requests_per_second:7.1f} req/s  p50 {phase.p50_ms} ms  "
             f"p99 {phase.p99_ms} ms  statuses {phase.statuses}",
@@ -407,9 +385,7 @@ def machine() -> dict:
         "nproc": len(os.sched_getaffinity(0)),
         "cpu_model": cpu_model,
         "python": platform.python_version(),
-        "load_average_at_start": [
-            round(v, 2) for v in os.getloadavg()
-        ],  # 1, 5, 15 min: other users' work
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],  # 1, 5, 15 min: other users' work
     }
 
 
@@ -458,10 +434,7 @@ def run(args: argparse.Namespace) -> dict:
         predictor = Predictor.from_path(resnet_package, device="cpu")
         run = measure_engine(predictor, engine_pixels, seconds=args.engine_seconds)
         engine_runs.append(run)
-        figures = [
-            {"batch_size": r.batch_size, "images_per_second": round(r.images_per_second, 1)}
-            for r in run
-        ]
+        figures = [{"batch_size": r.batch_size, "images_per_second": round(r.images_per_second, 1)} for r in run]
         results["raw_engine"].append(figures)
         print(f"[raw-engine] {figures}", flush=True)
 
@@ -476,9 +449,7 @@ def run(args: argparse.Namespace) -> dict:
         ("resnet18", SERVICE, model_env(resnet_package)),
     ]
     if resnet_run:
-        servers.append(
-            ("resnet18-naive", NAIVE_SERVICE, {"VISIONSERVE_NAIVE_RUN": str(resnet_run)})
-        )
+        servers.append(("resnet18-naive", NAIVE_SERVICE, {"VISIONSERVE_NAIVE_RUN": str(resnet_run)}))
     sweeps: dict[str, list[Phase]] = {}
     for name, target, env in servers:
         if name == "resnet18":
@@ -488,14 +459,8 @@ def run(args: argparse.Namespace) -> dict:
             sweeps[name] = sweep(server, images, concurrencies, args.duration, args.warmup)
             if name == "resnet18":
                 rate = 0.8 * best_rate(sweeps[name])
-                phase = asyncio.run(
-                    open_loop(
-                        name, f"{server.url}/classify", images, rate, args.duration, args.warmup
-                    )
-                )
-                print(
-                    f"[{name}] open loop at {rate:.0f} req/s: statuses {phase.statuses} p99 {phase.p99_ms} ms"
-                )
+                phase = asyncio.run(open_loop(name, f"{server.url}/classify", images, rate, args.duration, args.warmup))
+                print(f"[{name}] open loop at {rate:.0f} req/s: statuses {phase.statuses} p99 {phase.p99_ms} ms")
                 sweeps[name].append(phase)
         if name == "resnet18":
             measure_raw_engine()
@@ -515,9 +480,7 @@ def run(args: argparse.Namespace) -> dict:
             ("overload", args.overload_concurrency),
             ("after", 1),
         ):
-            phase = asyncio.run(
-                closed_loop(f"{name}:{label}", url, images, concurrency, args.duration, args.warmup)
-            )
+            phase = asyncio.run(closed_loop(f"{name}:{label}", url, images, concurrency, args.duration, args.warmup))
             print(
                 f"[{name}:{label}] c={concurrency}: {phase.requests_per_second} req/s p99 {phase.p99_ms} ms "
                 f"rejected p99 {phase.rejected_p99_ms} ms statuses {phase.statuses}",
@@ -538,9 +501,7 @@ def run(args: argparse.Namespace) -> dict:
         "raw_engine_best_batch": raw.batch_size,
     }
     if "resnet18-naive" in sweeps:
-        results["comparisons"]["resnet18_vs_naive"] = round(
-            resnet / best_rate(sweeps["resnet18-naive"]), 2
-        )
+        results["comparisons"]["resnet18_vs_naive"] = round(resnet / best_rate(sweeps["resnet18-naive"]), 2)
     results["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     return results
 
@@ -571,11 +532,7 @@ def markdown(results: dict) -> str:
         "CIFAR-10 test JPEGs (32x32, q75).",
     ]
     for role, p in results["packages"].items():
-        accuracy = (
-            f", training test accuracy {p['training_test_accuracy']:.4f}"
-            if p["training_test_accuracy"]
-            else ""
-        )
+        accuracy = f", training test accuracy {p['training_test_accuracy']:.4f}" if p["training_test_accuracy"] else ""
         lines.append(
             f"- {role} package: {p['name']} {p['version']} ({p['arch']}, {p['weights']} weights{accuracy}), `{p['path']}`"
         )
@@ -625,11 +582,7 @@ def markdown(results: dict) -> str:
     ]
     for p in results["phases"]:
         kind = p["kind"] if p["target_rate"] is None else f"open @ {p['target_rate']}/s"
-        rejected = (
-            f"{p['rejected_p50_ms']} / {p['rejected_p99_ms']}"
-            if p["rejected_p50_ms"] is not None
-            else ""
-        )
+        rejected = f"{p['rejected_p50_ms']} / {p['rejected_p99_ms']}" if p["rejected_p50_ms"] is not None else ""
         statuses = ", ".join(f"{k}: {v}" for k, v in p["statuses"].items())
         lines.append(
             f"| {p['server']} | {kind} | {p['concurrency']} | {p['requests_per_second']} | {p['p50_ms']} | "
@@ -640,9 +593,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--small-package", type=Path, help="package of the small CNN (default: random weights)"
-    )
+    parser.add_argument("--small-package", type=Path, help="package of the small CNN (default: random weights)")
     parser.add_argument(
         "--small-arch",
         default="cnn_bn",
@@ -664,28 +615,18 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_ARCHIVE,
         help="CIFAR-10 JPEG archive (test/ members are sent)",
     )
-    parser.add_argument(
-        "--images", type=int, default=2000, help="distinct test JPEGs to cycle through"
-    )
-    parser.add_argument(
-        "--concurrency", default="1,8,32,128", help="comma-separated closed-loop concurrencies"
-    )
+    parser.add_argument("--images", type=int, default=2000, help="distinct test JPEGs to cycle through")
+    parser.add_argument("--concurrency", default="1,8,32,128", help="comma-separated closed-loop concurrencies")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per phase")
-    parser.add_argument(
-        "--warmup", type=float, default=2.0, help="unmeasured seconds before each phase's window"
-    )
-    parser.add_argument(
-        "--engine-seconds", type=float, default=3.0, help="raw engine measuring time per batch size"
-    )
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each phase's window")
+    parser.add_argument("--engine-seconds", type=float, default=3.0, help="raw engine measuring time per batch size")
     parser.add_argument(
         "--overload-queue",
         type=int,
         default=32,
         help="VISIONSERVE_MAX_QUEUE of the overload server",
     )
-    parser.add_argument(
-        "--overload-concurrency", type=int, default=256, help="clients in the overload phase"
-    )
+    parser.add_argument("--overload-concurrency", type=int, default=256, help="clients in the overload phase")
     parser.add_argument(
         "--out",
         type=Path,

@@ -47,9 +47,7 @@ def create_app(model: EagerModel) -> Starlette:
         form = await request.form(max_files=1, max_fields=8)
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
-            return JSONResponse(
-                {"error": "send the image in the multipart field 'image'"}, status_code=400
-            )
+            return JSONResponse({"error": "send the image in the multipart field 'image'"}, status_code=400)
         data = await upload.read()
         try:
             pixels = await run_in_threadpool(decode_image, data, model.spec.input_size)
@@ -65,9 +63,7 @@ def create_app(model: EagerModel) -> Starlette:
             }
             for i in order
         ]
-        return JSONResponse(
-            {"model": model.spec.arch, "version": "naive", "predictions": predictions}
-        )
+        return JSONResponse({"model": model.spec.arch, "version": "naive", "predictions": predictions})
 
     return Starlette(routes=[Route("/classify", classify, methods=["POST"])])
 

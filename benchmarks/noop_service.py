@@ -25,9 +25,7 @@ async def classify(request: Request) -> JSONResponse:
     form = await request.form(max_files=1, max_fields=8)
     upload = form.get("image")
     if not isinstance(upload, UploadFile):
-        return JSONResponse(
-            {"error": "send the image in the multipart field 'image'"}, status_code=400
-        )
+        return JSONResponse({"error": "send the image in the multipart field 'image'"}, status_code=400)
     await upload.read()
     return JSONResponse(FIXED_ANSWER)
 

@@ -42,9 +42,7 @@ def measure_engine(
     results = []
     for batch_size in batch_sizes:
         index = np.arange(batch_size)
-        predictor.predict(
-            pixels[index % len(pixels)]
-        )  # warm-up: first-call allocations at this shape
+        predictor.predict(pixels[index % len(pixels)])  # warm-up: first-call allocations at this shape
         images, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds:
             predictor.predict(pixels[(index + images) % len(pixels)])
@@ -62,16 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--package", type=Path, required=True, help="model package folder")
-    parser.add_argument(
-        "--backend", default="onnx", help="package backend: onnx, onnx-int8 or torchscript"
-    )
-    parser.add_argument(
-        "--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), help="comma-separated"
-    )
+    parser.add_argument("--backend", default="onnx", help="package backend: onnx, onnx-int8 or torchscript")
+    parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), help="comma-separated")
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per batch size")
-    parser.add_argument(
-        "--data", type=Path, default=DEFAULT_ARCHIVE, help="CIFAR-10 JPEG archive (test/ members)"
-    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE, help="CIFAR-10 JPEG archive (test/ members)")
     args = parser.parse_args(argv)
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

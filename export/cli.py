@@ -18,18 +18,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m export",
         description="Export a training run to a verified model package (ONNX, optional int8 ONNX, TorchScript).",
     )
-    parser.add_argument(
-        "--run", type=Path, required=True, help="training run folder (holds checkpoint.pt)"
-    )
+    parser.add_argument("--run", type=Path, required=True, help="training run folder (holds checkpoint.pt)")
     parser.add_argument("--out", type=Path, required=True, help="package folder to create")
     parser.add_argument(
         "--formats",
         default=",".join(FORMATS),
         help=f"comma-separated fp32 formats from {', '.join(FORMATS)} (onnx is required; default: all)",
     )
-    parser.add_argument(
-        "--int8", action="store_true", help="also write model.int8.onnx (static int8, QDQ)"
-    )
+    parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static int8, QDQ)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
     parser.add_argument(
         "--calibration-size",
@@ -37,17 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="training images to calibrate the int8 ranges on",
     )
-    parser.add_argument(
-        "--data", help="data source for parity, calibration and accuracy (default: the run's)"
-    )
+    parser.add_argument("--data", help="data source for parity, calibration and accuracy (default: the run's)")
     parser.add_argument(
         "--eval-limit",
         type=int,
         help="test images for the accuracy figures (default: the whole test split)",
     )
-    parser.add_argument(
-        "--parity-images", type=int, default=1000, help="test images compared with eager PyTorch"
-    )
+    parser.add_argument("--parity-images", type=int, default=1000, help="test images compared with eager PyTorch")
     parser.add_argument(
         "--parity-batch",
         type=int,
@@ -56,15 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--name", help="package name (default: the run folder's name, lowercased)")
     parser.add_argument("--version", help="package version (default: a UTC timestamp)")
-    parser.add_argument(
-        "--no-bentoml", action="store_true", help="do not register in the BentoML model store"
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing package folder"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the evaluation/parity/calibration samples"
-    )
+    parser.add_argument("--no-bentoml", action="store_true", help="do not register in the BentoML model store")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation/parity/calibration samples")
     return parser
 
 
@@ -88,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     try:
-        result = export_package(
-            config, progress=lambda message: print(f"export: {message}", file=sys.stderr)
-        )
+        result = export_package(config, progress=lambda message: print(f"export: {message}", file=sys.stderr))
     except GateFailed as failure:
         print(failure.report.table(), file=sys.stderr)
         print(f"error: parity gate failed; nothing was published at {args.out}", file=sys.stderr)

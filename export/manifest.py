@@ -83,13 +83,9 @@ def default_version(now: datetime | None = None) -> str:
 
 def check_name_and_version(name: str, version: str) -> None:
     if not NAME_PATTERN.match(name):
-        raise ValueError(
-            f"invalid package name {name!r}: use up to 63 lowercase letters, digits, '.', '_' or '-'"
-        )
+        raise ValueError(f"invalid package name {name!r}: use up to 63 lowercase letters, digits, '.', '_' or '-'")
     if not VERSION_PATTERN.match(version):
-        raise ValueError(
-            f"invalid package version {version!r}: use lowercase letters, digits, '.', '_' or '-'"
-        )
+        raise ValueError(f"invalid package version {version!r}: use lowercase letters, digits, '.', '_' or '-'")
 
 
 def file_entry(path: Path, backend: str, precision: str) -> dict[str, Any]:

@@ -49,9 +49,7 @@ def check_tag_free(name: str, version: str) -> None:
         bentoml.models.get(f"{name}:{version}")
     except bentoml.exceptions.NotFound:
         return
-    raise ModelStoreError(
-        f"the BentoML model store already has {name}:{version}; choose another --version"
-    )
+    raise ModelStoreError(f"the BentoML model store already has {name}:{version}; choose another --version")
 
 
 def remove_from_store(tag: str) -> None:

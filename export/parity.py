@@ -142,9 +142,7 @@ def onnx_predictor(path: Path, provider: str = CPU_PROVIDER, threads: int | None
     if threads:
         options.intra_op_num_threads = threads
     if provider == CUDA_PROVIDER:
-        ort.preload_dlls(
-            msvc=False
-        )  # CUDA/cuDNN from the nvidia-* wheels beside torch, when installed
+        ort.preload_dlls(msvc=False)  # CUDA/cuDNN from the nvidia-* wheels beside torch, when installed
     providers = [provider] if provider == CPU_PROVIDER else [provider, CPU_PROVIDER]
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     if session.get_providers()[0] != provider:
@@ -176,20 +174,13 @@ def cuda_available() -> bool:
 
 def predict_in_batches(predict: Predict, images: np.ndarray, batch_size: int) -> np.ndarray:
     """(N, C) probabilities of uint8 (N, H, W, 3) images, run `batch_size` at a time (the last batch may be smaller)."""
-    chunks = [
-        predict(np.ascontiguousarray(images[i : i + batch_size]))
-        for i in range(0, len(images), batch_size)
-    ]
+    chunks = [predict(np.ascontiguousarray(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def compare(
-    reference: np.ndarray, candidate: np.ndarray, device: str, batch_size: int
-) -> ParityFigures:
+def compare(reference: np.ndarray, candidate: np.ndarray, device: str, batch_size: int) -> ParityFigures:
     if candidate.shape != reference.shape:
-        raise ValueError(
-            f"{device} batch {batch_size}: output shape {candidate.shape}, expected {reference.shape}"
-        )
+        raise ValueError(f"{device} batch {batch_size}: output shape {candidate.shape}, expected {reference.shape}")
     return ParityFigures(
         device=device,
         batch_size=batch_size,
@@ -221,17 +212,13 @@ def check_format(
         for device, predict in predictors.items()
         for b in batch_sizes
     )
-    test_accuracy = accuracy(
-        predict_in_batches(predictors["cpu"], eval_images, EVAL_BATCH), eval_labels
-    )
+    test_accuracy = accuracy(predict_in_batches(predictors["cpu"], eval_images, EVAL_BATCH), eval_labels)
     failures = []
     for p in parity:
         where = f"{backend} on {p.device} at batch {p.batch_size}"
         if precision == "fp32":
             if p.max_abs_diff > thresholds.fp32_max_abs_diff:
-                failures.append(
-                    f"{where}: max |dp| {p.max_abs_diff:.2e} > {thresholds.fp32_max_abs_diff:.0e}"
-                )
+                failures.append(f"{where}: max |dp| {p.max_abs_diff:.2e} > {thresholds.fp32_max_abs_diff:.0e}")
             if p.top1_agreement < thresholds.fp32_min_top1_agreement:
                 failures.append(
                     f"{where}: top-1 agreement {p.top1_agreement:.2%} < {thresholds.fp32_min_top1_agreement:.2%}"
@@ -241,10 +228,7 @@ def check_format(
                 f"{where}: top-1 agreement {p.top1_agreement:.2%} < {thresholds.int8_min_top1_agreement:.2%}"
             )
     # Rounded so that exactly one point (e.g. 1.0 - 0.99 = 0.010000000000000009) counts as one point.
-    if (
-        precision == "int8"
-        and round(reference_accuracy - test_accuracy, 9) > thresholds.int8_max_accuracy_drop
-    ):
+    if precision == "int8" and round(reference_accuracy - test_accuracy, 9) > thresholds.int8_max_accuracy_drop:
         failures.append(
             f"{backend}: test accuracy {test_accuracy:.4f} is more than {thresholds.int8_max_accuracy_drop:.2f} "
             f"below eager PyTorch's {reference_accuracy:.4f}"

@@ -62,9 +62,7 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET
     calibration_size: int = 512  # training images the int8 ranges are calibrated on
     data: str | None = None  # None -> the data source recorded in the run's config
-    eval_limit: int | None = (
-        None  # test images for the accuracy figures; None -> the whole test split
-    )
+    eval_limit: int | None = None  # test images for the accuracy figures; None -> the whole test split
     parity_images: int = 1000  # test images compared with eager PyTorch (int8's 99% needs hundreds)
     parity_batch: int = 33  # the larger (odd) batch size of the parity check, beside batch 1
     name: str | None = None  # None -> the run folder's name
@@ -94,9 +92,7 @@ class ExportResult:
     bentoml_tag: str | None
 
 
-def export_package(
-    config: ExportConfig, *, progress: Callable[[str], None] = lambda message: None
-) -> ExportResult:
+def export_package(config: ExportConfig, *, progress: Callable[[str], None] = lambda message: None) -> ExportResult:
     """Export `config.run_dir` to `config.out_dir`: write every format into a temporary folder beside it, gate
     them against eager PyTorch, write the manifest, register in BentoML, and only then rename the folder into place."""
     from training.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -105,15 +101,11 @@ def export_package(
     out_dir = Path(config.out_dir).resolve()
     checkpoint_path = Path(config.run_dir) / CHECKPOINT_NAME
     if not Path(config.run_dir).is_dir():
-        raise ExportError(
-            f"{config.run_dir} is not a run folder (it should hold {CHECKPOINT_NAME})"
-        )
+        raise ExportError(f"{config.run_dir} is not a run folder (it should hold {CHECKPOINT_NAME})")
     checkpoint_sha256 = sha256_file(checkpoint_path) if checkpoint_path.is_file() else None
     checkpoint = load_checkpoint(checkpoint_path)
     if sha256_file(checkpoint_path) != checkpoint_sha256:
-        raise ExportError(
-            f"{checkpoint_path} changed while it was being read; export again once training stops"
-        )
+        raise ExportError(f"{checkpoint_path} changed while it was being read; export again once training stops")
     spec = checkpoint.spec
     name = config.name or manifest_lib.default_name(config.run_dir)
     version = config.version or manifest_lib.default_version()
@@ -133,9 +125,7 @@ def export_package(
     staging.chmod(0o755)
     tag = None
     try:
-        files = write_formats(
-            model, spec, staging, config, name, version, images.calibration, progress
-        )
+        files = write_formats(model, spec, staging, config, name, version, images.calibration, progress)
         progress("parity gate: comparing every format with eager PyTorch")
         report = run_gate(model, spec, staging, files, images, config)
         if not report.passed:
@@ -170,9 +160,7 @@ def export_package(
     return ExportResult(out_dir, manifest, report, tag)
 
 
-def load_evaluation_images(
-    config: ExportConfig, spec: ModelSpec, run_config: dict[str, Any]
-) -> EvaluationImages:
+def load_evaluation_images(config: ExportConfig, spec: ModelSpec, run_config: dict[str, Any]) -> EvaluationImages:
     """Test images for parity and accuracy, training images for calibration, in the spec's class order."""
     from training.data import load_dataset
 
@@ -220,9 +208,7 @@ def write_formats(
     onnx_path = folder / BACKEND_FILES["onnx"]
     progress(f"ONNX (opset {config.opset})")
     export_onnx(module, onnx_path, opset=config.opset)
-    if (
-        opset_of(onnx_path) != config.opset
-    ):  # torch.onnx falls back to its own opset when it cannot convert
+    if opset_of(onnx_path) != config.opset:  # torch.onnx falls back to its own opset when it cannot convert
         raise ExportError(
             f"torch.onnx could not write opset {config.opset} (it wrote {opset_of(onnx_path)}); ask for a later one"
         )
@@ -257,9 +243,7 @@ def run_gate(
     """Every written format against eager PyTorch: parity at batch 1 and `parity_batch`, and test accuracy."""
     eager = eager_predictor(model, spec)
     reference = predict_in_batches(eager, images.parity, EVAL_BATCH)
-    reference_accuracy = accuracy(
-        predict_in_batches(eager, images.eval_images, EVAL_BATCH), images.eval_labels
-    )
+    reference_accuracy = accuracy(predict_in_batches(eager, images.eval_images, EVAL_BATCH), images.eval_labels)
     batch_sizes = (1, config.parity_batch)
     with_cuda = cuda_available()
     reports: list[FormatReport] = []
@@ -301,17 +285,11 @@ def run_gate(
 def _check_config(config: ExportConfig) -> None:
     unknown = [f for f in config.formats if f not in FORMATS]
     if unknown:
-        raise ExportError(
-            f"unknown format(s) {unknown}; valid: {', '.join(FORMATS)} (int8 is the --int8 option)"
-        )
+        raise ExportError(f"unknown format(s) {unknown}; valid: {', '.join(FORMATS)} (int8 is the --int8 option)")
     if REQUIRED_FORMAT not in config.formats:
-        raise ExportError(
-            f"every package needs the {REQUIRED_FORMAT} format; add it to the formats"
-        )
+        raise ExportError(f"every package needs the {REQUIRED_FORMAT} format; add it to the formats")
     if config.parity_batch < 2 or config.parity_batch % 2 == 0:
-        raise ExportError(
-            f"the parity batch must be an odd number above 1, got {config.parity_batch}"
-        )
+        raise ExportError(f"the parity batch must be an odd number above 1, got {config.parity_batch}")
     for label, value in (
         ("parity images", config.parity_images),
         ("calibration size", config.calibration_size),

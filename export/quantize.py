@@ -39,9 +39,7 @@ class PixelBatches(CalibrationDataReader):
     """Feeds uint8 (B, H, W, 3) batches of calibration images to the quantiser."""
 
     def __init__(self, images: np.ndarray, batch_size: int = CALIBRATION_BATCH) -> None:
-        self._batches = iter(
-            [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-        )
+        self._batches = iter([images[i : i + batch_size] for i in range(0, len(images), batch_size)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)

@@ -24,9 +24,7 @@ def export_torchscript(module: ServingModule, path: Path, metadata: dict[str, An
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(module, (example,), check_trace=False)
-        torch.jit.save(
-            traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata, sort_keys=True)}
-        )
+        torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata, sort_keys=True)})
 
 
 def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:

@@ -84,7 +84,9 @@ class Predictor:
         if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
             raise ValueError(f"pixels must be a uint8 array, got {getattr(pixels, 'dtype', type(pixels).__name__)}")
         if pixels.ndim != 4 or pixels.shape[1:] != self.input_shape or pixels.shape[0] < 1:
-            raise ValueError(f"pixels must have shape (N>=1, {', '.join(map(str, self.input_shape))}), got {pixels.shape}")
+            raise ValueError(
+                f"pixels must have shape (N>=1, {', '.join(map(str, self.input_shape))}), got {pixels.shape}"
+            )
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         self.check_input(pixels)

@@ -44,12 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("local", "ray"),
         help="local process pool or Ray Data (default local)",
     )
-    p.add_argument(
-        "--url", help="score through a running service's /classify_batch instead of a local model"
-    )
-    p.add_argument(
-        "--top-k", type=int, help="labels per row (default: 5, or the class count if smaller)"
-    )
+    p.add_argument("--url", help="score through a running service's /classify_batch instead of a local model")
+    p.add_argument("--top-k", type=int, help="labels per row (default: 5, or the class count if smaller)")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -100,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 0 even when some inputs became error rows",
     )
-    p.add_argument(
-        "--ray-address", help="Ray cluster address (default: start a local Ray instance)"
-    )
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray instance)")
     p.add_argument("--id-column", default="id", help="Parquet input: the id column (default id)")
     p.add_argument(
         "--image-column",

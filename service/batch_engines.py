@@ -58,9 +58,7 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def ordered_map(
-    executor: Executor, fn: Callable[[T], R], items: Iterable[T], window: int
-) -> Iterator[R]:
+def ordered_map(executor: Executor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
     """executor.map that keeps at most `window` tasks in flight (bounded memory on endless inputs), in order."""
     pending: deque[Future[R]] = deque()
     for item in items:
@@ -85,9 +83,7 @@ def decode_pool(pool: str, workers: int) -> Executor:
         return InlineExecutor()
     pools: dict[str, Callable[[], Executor]] = {
         # spawn, not fork: the parent holds ONNX Runtime's and tqdm's threads, which fork does not copy safely.
-        "process": lambda: ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn")
-        ),
+        "process": lambda: ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")),
         "thread": lambda: ThreadPoolExecutor(workers, thread_name_prefix="decode"),
     }
     if pool not in pools:
@@ -105,9 +101,7 @@ class LocalEngine:
 
     def __enter__(self) -> LocalEngine:
         s = self.settings
-        self.predictor = Predictor(
-            self.package, backend=s.backend, device=s.device, intra_op_threads=s.threads
-        )
+        self.predictor = Predictor(self.package, backend=s.backend, device=s.device, intra_op_threads=s.threads)
         self.predictor.warm_up(s.batch_size)
         info = self.predictor.info
         log.info(

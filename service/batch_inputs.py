@@ -83,22 +83,16 @@ def read_bytes(record: Record) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise RecordError(NOT_A_FILE, f"{record.path} is not a regular file")
         if info.st_size > MAX_FILE_BYTES:
-            raise RecordError(
-                TOO_LARGE, f"{record.path} has {info.st_size} bytes, more than {MAX_FILE_BYTES}"
-            )
+            raise RecordError(TOO_LARGE, f"{record.path} has {info.st_size} bytes, more than {MAX_FILE_BYTES}")
         with open(real, "rb") as f:
             return f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise RecordError(NOT_FOUND, f"{record.path} does not exist") from None
     except OSError as exc:
-        raise RecordError(
-            UNREADABLE, f"{record.path} cannot be read: {exc.strerror or exc}"
-        ) from None
+        raise RecordError(UNREADABLE, f"{record.path} cannot be read: {exc.strerror or exc}") from None
 
 
-def open_input(
-    location: str | Path, *, id_column: str = "id", image_column: str = "image"
-) -> InputSource:
+def open_input(location: str | Path, *, id_column: str = "id", image_column: str = "image") -> InputSource:
     """The source for a folder, a .tar/.tar.gz/.tgz, a .parquet or a .txt list of paths; raises InputError."""
     path = Path(location)
     if not path.exists():
@@ -195,29 +189,21 @@ def _parquet_source(path: Path, id_column: str, image_column: str) -> InputSourc
     schema = parquet.schema_arrow
     for column in (id_column, image_column):
         if column not in schema.names:
-            raise InputError(
-                f"Parquet input {path} has no column {column!r}; its columns: {', '.join(schema.names)}"
-            )
+            raise InputError(f"Parquet input {path} has no column {column!r}; its columns: {', '.join(schema.names)}")
     image_type = schema.field(image_column).type
     if pa.types.is_struct(image_type):  # Hugging Face datasets' Image feature: {"bytes", "path"}
         if image_type.get_field_index("bytes") < 0:
             raise InputError(f"Parquet column {image_column!r} is a struct without a 'bytes' field")
     elif not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
-        raise InputError(
-            f"Parquet column {image_column!r} must hold image bytes (binary), not {image_type}"
-        )
+        raise InputError(f"Parquet column {image_column!r} must hold image bytes (binary), not {image_type}")
     count = parquet.metadata.num_rows
-    return InputSource(
-        "parquet", str(path), count, lambda: _parquet_records(path, id_column, image_column)
-    )
+    return InputSource("parquet", str(path), count, lambda: _parquet_records(path, id_column, image_column))
 
 
 def _parquet_records(path: Path, id_column: str, image_column: str) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(
-        batch_size=1024, columns=[id_column, image_column]
-    ):
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=[id_column, image_column]):
         ids = batch.column(id_column).to_pylist()
         images = batch.column(image_column).to_pylist()
         for row_id, image in zip(ids, images, strict=True):

@@ -111,31 +111,23 @@ def run_job(job: BatchJob, *, progress: bool = False) -> BatchSummary:
     new_rows = 0
     with ENGINES[engine_name](settings) as engine:
         scoring_started = time.perf_counter()
-        with tqdm(
-            total=remaining, unit="img", disable=not progress, desc="scoring", smoothing=0.1
-        ) as bar:
+        with tqdm(total=remaining, unit="img", disable=not progress, desc="scoring", smoothing=0.1) as bar:
             for rows in engine.score(output.remaining(source.records())):
                 output.add(rows)
                 new_rows += len(rows)
                 bar.update(len(rows))
     scored, failed = output.finish()
     finished = time.perf_counter()
-    return BatchSummary(
-        job.output, scored, failed, new_rows, scoring_started - started, finished - scoring_started
-    )
+    return BatchSummary(job.output, scored, failed, new_rows, scoring_started - started, finished - scoring_started)
 
 
 def _check(job: BatchJob) -> str:
     """The engine name, once the job's options are consistent."""
     if job.url is not None:
         if job.model is not None:
-            raise JobError(
-                "--model and --url exclude each other: with --url the service's model scores the images"
-            )
+            raise JobError("--model and --url exclude each other: with --url the service's model scores the images")
         if job.engine != "local":
-            raise JobError(
-                f"--url sends the images to a service; it cannot run with --engine {job.engine}"
-            )
+            raise JobError(f"--url sends the images to a service; it cannot run with --engine {job.engine}")
         engine = "url"
     else:
         if job.model is None:
@@ -167,9 +159,7 @@ def _top_k(job: BatchJob, package: ModelPackage | None) -> int:
     if job.top_k is None:
         return min(DEFAULT_TOP_K, classes or DEFAULT_TOP_K)
     if job.top_k < 1 or (classes is not None and job.top_k > classes):
-        raise JobError(
-            f"top-k must be between 1 and the model's {classes or 'number of'} classes, got {job.top_k}"
-        )
+        raise JobError(f"top-k must be between 1 and the model's {classes or 'number of'} classes, got {job.top_k}")
     return job.top_k
 
 

@@ -63,9 +63,7 @@ def check_output_path(output: Path) -> None:
 class ChunkedOutput:
     """Buffers rows, writes them as atomic parts of `rows_per_part` rows, and assembles OUTPUT in `finish`."""
 
-    def __init__(
-        self, output: Path, job: dict[str, Any], *, top_k: int, rows_per_part: int, resume: bool
-    ) -> None:
+    def __init__(self, output: Path, job: dict[str, Any], *, top_k: int, rows_per_part: int, resume: bool) -> None:
         check_output_path(output)
         self.output = output
         self.parts_dir = output.with_name(output.name + ".parts")
@@ -88,25 +86,17 @@ class ChunkedOutput:
             if state_path.is_file():
                 started = json.loads(state_path.read_text(encoding="utf-8"))
                 if started != job:
-                    changed = sorted(
-                        key for key in set(started) | set(job) if started.get(key) != job.get(key)
-                    )
+                    changed = sorted(key for key in set(started) | set(job) if started.get(key) != job.get(key))
                     raise OutputError(
                         f"{self.parts_dir} was started by a different job ({', '.join(changed)} differ); "
                         "run it with the same arguments or delete that folder"
                     )
                 for leftover in self.parts_dir.glob("*.tmp"):  # a write the kill interrupted
                     leftover.unlink()
-                return [
-                    i
-                    for part in self._parts()
-                    for i in pq.read_table(part, columns=["id"])["id"].to_pylist()
-                ]
+                return [i for part in self._parts() for i in pq.read_table(part, columns=["id"])["id"].to_pylist()]
             shutil.rmtree(self.parts_dir)  # killed before the state was written: nothing to keep
         self.parts_dir.mkdir()
-        _write_atomic(
-            state_path, lambda tmp: tmp.write_text(json.dumps(job, indent=2), encoding="utf-8")
-        )
+        _write_atomic(state_path, lambda tmp: tmp.write_text(json.dumps(job, indent=2), encoding="utf-8"))
         return []
 
     def _parts(self) -> list[Path]:
@@ -138,9 +128,7 @@ class ChunkedOutput:
             self._buffer = []
         failed = total = 0
         final_tmp = self.parts_dir / ("final" + self.output.suffix.lower() + ".tmp")
-        writer_class = (
-            pq.ParquetWriter if self.output.suffix.lower() == ".parquet" else pa_csv.CSVWriter
-        )
+        writer_class = pq.ParquetWriter if self.output.suffix.lower() == ".parquet" else pa_csv.CSVWriter
         with writer_class(str(final_tmp), self.schema) as writer:
             for part in self._parts():
                 table = pq.read_table(part, schema=self.schema)
@@ -166,9 +154,7 @@ def rows_to_table(rows: list[ScoreRow], schema: pa.Schema, k: int) -> pa.Table:
     for i in range(k):
         columns[f"label_{i + 1}"] = [r.labels[i] if i < len(r.labels) else None for r in rows]
     for i in range(k):
-        columns[f"probability_{i + 1}"] = [
-            r.probabilities[i] if i < len(r.probabilities) else None for r in rows
-        ]
+        columns[f"probability_{i + 1}"] = [r.probabilities[i] if i < len(r.probabilities) else None for r in rows]
     columns["error"] = [r.error for r in rows]
     columns["error_message"] = [r.message for r in rows]
     return pa.table(columns, schema=schema)

@@ -44,9 +44,7 @@ class ScoringActor:
     ) -> None:
         package = load_package(package_root)
         self.spec = package.spec
-        self.predictor = Predictor(
-            package, backend=backend, device=device, intra_op_threads=threads
-        )
+        self.predictor = Predictor(package, backend=backend, device=device, intra_op_threads=threads)
         self.top_k = top_k
         self.max_pixels = max_pixels
         self.schema = output_schema(top_k)
@@ -54,9 +52,7 @@ class ScoringActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         records = [_record(item) for item in batch.to_pylist()]
         chunk = decode_chunk(records, self.spec.input_size, self.max_pixels)
-        return rows_to_table(
-            score_chunk(self.predictor, chunk, self.top_k), self.schema, self.top_k
-        )
+        return rows_to_table(score_chunk(self.predictor, chunk, self.top_k), self.schema, self.top_k)
 
 
 class RayEngine:
@@ -137,15 +133,11 @@ def _item(record: Record) -> dict[str, Any]:
 
 
 def _record(item: dict[str, Any]) -> Record:
-    error = (
-        (item["error_reason"], item["error_message"]) if item["error_reason"] is not None else None
-    )
+    error = (item["error_reason"], item["error_message"]) if item["error_reason"] is not None else None
     return Record(item["id"], data=item["data"], path=item["path"], root=item["root"], error=error)
 
 
 def _row(item: dict[str, Any], k: int) -> ScoreRow:
     labels = tuple(item[f"label_{i}"] for i in range(1, k + 1) if item[f"label_{i}"] is not None)
-    probabilities = tuple(
-        item[f"probability_{i}"] for i in range(1, k + 1) if item[f"probability_{i}"] is not None
-    )
+    probabilities = tuple(item[f"probability_{i}"] for i in range(1, k + 1) if item[f"probability_{i}"] is not None)
     return ScoreRow(item["id"], labels, probabilities, item["error"], item["error_message"])

@@ -55,9 +55,7 @@ class RemoteEngine:
 
     def __enter__(self) -> RemoteEngine:
         workers = max(1, self.settings.workers)
-        self.client = httpx.Client(
-            timeout=self.retry.timeout_s, limits=httpx.Limits(max_connections=workers)
-        )
+        self.client = httpx.Client(timeout=self.retry.timeout_s, limits=httpx.Limits(max_connections=workers))
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="request")
         log.info(
             "url engine: %s, %d concurrent requests of up to %d images",
@@ -73,9 +71,7 @@ class RemoteEngine:
 
     def score(self, records: Iterable[Record]) -> Iterator[list[ScoreRow]]:
         window = 2 * max(1, self.settings.workers)
-        yield from ordered_map(
-            self.pool, self._score_chunk, batched(records, self.settings.batch_size), window
-        )
+        yield from ordered_map(self.pool, self._score_chunk, batched(records, self.settings.batch_size), window)
 
     def _score_chunk(self, records: list[Record]) -> list[ScoreRow]:
         rows: list[ScoreRow | None] = [None] * len(records)
@@ -93,8 +89,7 @@ class RemoteEngine:
         if not items:
             return []
         files = [
-            ("images", (PurePosixPath(r.id).name or "image", data, "application/octet-stream"))
-            for _, r, data in items
+            ("images", (PurePosixPath(r.id).name or "image", data, "application/octet-stream")) for _, r, data in items
         ]
         response = self._post(files)
         if response.status_code == 200:
@@ -111,13 +106,9 @@ class RemoteEngine:
     def _post(self, files: list[Any]) -> httpx.Response:
         policy = self.retry
         for attempt in range(policy.attempts):
-            backoff = min(policy.max_delay_s, policy.base_delay_s * 2**attempt) * random.uniform(
-                0.5, 1.0
-            )
+            backoff = min(policy.max_delay_s, policy.base_delay_s * 2**attempt) * random.uniform(0.5, 1.0)
             try:
-                response = self.client.post(
-                    self.endpoint, params={"top_k": self.settings.top_k}, files=files
-                )
+                response = self.client.post(self.endpoint, params={"top_k": self.settings.top_k}, files=files)
             except httpx.TransportError as exc:  # refused, reset, timed out
                 problem = f"{type(exc).__name__}: {exc}"
                 delay = backoff
@@ -146,9 +137,7 @@ def _results(response: httpx.Response, expected: int) -> list[dict[str, Any]]:
 def _result_row(row_id: str, result: dict[str, Any], k: int) -> ScoreRow:
     if result.get("error"):
         error = result["error"]
-        return ScoreRow(
-            row_id, (), (), str(error.get("code", "error")), str(error.get("message", ""))
-        )
+        return ScoreRow(row_id, (), (), str(error.get("code", "error")), str(error.get("message", "")))
     predictions = result["predictions"][:k]
     return ScoreRow(
         row_id,
@@ -160,9 +149,7 @@ def _result_row(row_id: str, result: dict[str, Any], k: int) -> ScoreRow:
 def _error_of(response: httpx.Response) -> tuple[str, str]:
     try:
         body = response.json()
-        return str(body.get("code") or f"http_{response.status_code}"), str(
-            body.get("error", response.text)
-        )
+        return str(body.get("code") or f"http_{response.status_code}"), str(body.get("error", response.text))
     except (ValueError, AttributeError):
         return f"http_{response.status_code}", response.text[:200]
 

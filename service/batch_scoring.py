@@ -34,9 +34,7 @@ class DecodedChunk:
 
     ids: list[str]
     pixels: np.ndarray  # (n_decoded, H, W, 3) uint8, in record order, skipping failed records
-    errors: list[
-        tuple[str, str] | None
-    ]  # per record: None if its pixels are in `pixels`, else (reason, message)
+    errors: list[tuple[str, str] | None]  # per record: None if its pixels are in `pixels`, else (reason, message)
 
 
 def decode_chunk(
@@ -57,9 +55,7 @@ def decode_chunk(
     return DecodedChunk([r.id for r in records], pixels, errors)
 
 
-def top_k_rows(
-    chunk: DecodedChunk, probabilities: np.ndarray, class_names: Sequence[str], k: int
-) -> list[ScoreRow]:
+def top_k_rows(chunk: DecodedChunk, probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[ScoreRow]:
     """Rows in record order; `probabilities` (n_decoded, C) float32 belongs to chunk.pixels row by row."""
     # Stable argsort of the negated probabilities: tied classes keep their class order.
     best = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
@@ -69,9 +65,7 @@ def top_k_rows(
         if error is None:
             indices = best[scored]
             labels = tuple(class_names[i] for i in indices)
-            rows.append(
-                ScoreRow(row_id, labels, tuple(float(p) for p in probabilities[scored, indices]))
-            )
+            rows.append(ScoreRow(row_id, labels, tuple(float(p) for p in probabilities[scored, indices])))
             scored += 1
         else:
             rows.append(ScoreRow(row_id, (), (), *error))

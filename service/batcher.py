@@ -79,9 +79,7 @@ class Batcher:
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():
-                item.future.set_exception(
-                    ApiError(503, "shutting_down", "the service is shutting down")
-                )
+                item.future.set_exception(ApiError(503, "shutting_down", "the service is shutting down"))
         self.queued_images = 0
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -107,9 +105,7 @@ class Batcher:
         self.queued_images += count
         self._changed.set()
         try:
-            parts = await asyncio.wait_for(
-                asyncio.gather(*(i.future for i in items)), timeout=deadline - now
-            )
+            parts = await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), timeout=deadline - now)
         except asyncio.TimeoutError:
             raise self._deadline_error() from None
         finally:
@@ -137,9 +133,7 @@ class Batcher:
         return max(1, math.ceil(self.queued_images * self._seconds_per_image))
 
     def _deadline_error(self) -> ApiError:
-        return ApiError(
-            504, "deadline_exceeded", "the request was not answered within its deadline"
-        )
+        return ApiError(504, "deadline_exceeded", "the request was not answered within its deadline")
 
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
@@ -178,9 +172,7 @@ class Batcher:
                 await asyncio.wait_for(self._changed.wait(), timeout=remaining)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
-        pixels = (
-            batch[0].pixels if len(batch) == 1 else np.concatenate([item.pixels for item in batch])
-        )
+        pixels = batch[0].pixels if len(batch) == 1 else np.concatenate([item.pixels for item in batch])
         started = loop.time()
         try:
             probabilities = await loop.run_in_executor(self._executor, self.predict, pixels)

@@ -134,17 +134,13 @@ class Classifier:
     def _pool(self) -> ThreadPoolExecutor:
         # Decoding runs off the event loop; one thread per core (Pillow releases the GIL while decoding).
         if self._decode_pool is None:
-            self._decode_pool = ThreadPoolExecutor(
-                max_workers=cpu_threads(), thread_name_prefix="decode"
-            )
+            self._decode_pool = ThreadPoolExecutor(max_workers=cpu_threads(), thread_name_prefix="decode")
         return self._decode_pool
 
     def decode(self, data: bytes) -> np.ndarray:
         """Encoded image -> (H, W, 3) uint8 at the model's input size; bad input -> ApiError (400/413/415)."""
         try:
-            return decode_image(
-                data, self.spec.input_size, max_pixels=self.settings.max_image_pixels
-            )
+            return decode_image(data, self.spec.input_size, max_pixels=self.settings.max_image_pixels)
         except ImageDecodeError as exc:
             raise ApiError.from_decode_error(exc) from None
 
@@ -161,10 +157,7 @@ class Classifier:
         with self.batcher.incoming():
             return list(
                 await asyncio.gather(
-                    *(
-                        loop.run_in_executor(self._pool(), self._decode_or_error, data)
-                        for data in images
-                    )
+                    *(loop.run_in_executor(self._pool(), self._decode_or_error, data) for data in images)
                 )
             )
 
@@ -220,13 +213,9 @@ class Classifier:
             if isinstance(value, float) or str(value).strip() != str(k):
                 raise ValueError
         except (TypeError, ValueError):
-            raise ApiError(
-                400, "invalid_top_k", f"top_k must be an integer, got {value!r}"
-            ) from None
+            raise ApiError(400, "invalid_top_k", f"top_k must be an integer, got {value!r}") from None
         if not 1 <= k <= self.num_classes:
-            raise ApiError(
-                400, "invalid_top_k", f"top_k must be between 1 and {self.num_classes}, got {k}"
-            )
+            raise ApiError(400, "invalid_top_k", f"top_k must be between 1 and {self.num_classes}, got {k}")
         return k
 
     @property

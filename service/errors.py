@@ -20,9 +20,7 @@ class ApiError(Exception):
     (also the `reason` label of the rejected-requests metric).
     """
 
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code

@@ -37,9 +37,7 @@ RAW_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
 MULTIPART = "multipart/form-data"
 JSON_TYPE = "application/json"
 JSON_FIELDS = frozenset({"image", "top_k"})
-INLINE_PARSE_MAX_BYTES = (
-    64 * 1024
-)  # smaller JSON bodies are parsed on the event loop (microseconds)
+INLINE_PARSE_MAX_BYTES = 64 * 1024  # smaller JSON bodies are parsed on the event loop (microseconds)
 MAX_FORM_FIELDS = 8  # non-file fields (top_k); more is not a real client
 DATA_URL_PREFIX = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 
@@ -63,9 +61,7 @@ def attach(app: Starlette, classifier: Classifier) -> None:
     except ModuleNotFoundError as exc:
         if exc.name != "service.oip":
             raise
-        log.warning(
-            "service/oip.py is missing: the Open Inference Protocol (/v2) routes are not served"
-        )
+        log.warning("service/oip.py is missing: the Open Inference Protocol (/v2) routes are not served")
         return
     app.router.routes.extend(oip.routes(classifier))
 
@@ -84,9 +80,7 @@ async def render_internal_error(request: Request, exc: Exception) -> JSONRespons
 def classifier_of(request: Request) -> Classifier:
     classifier: Classifier | None = getattr(request.app.state, "classifier", None)
     if classifier is None or not classifier.ready:
-        raise ApiError(
-            503, "not_ready", "the model is still loading or warming up", {"Retry-After": "1"}
-        )
+        raise ApiError(503, "not_ready", "the model is still loading or warming up", {"Retry-After": "1"})
     classifier.batcher.admit()  # refuse at once under overload, before reading the body
     return classifier
 
@@ -143,19 +137,13 @@ async def classify_batch(request: Request) -> JSONResponse:
     if not uploads:
         raise ApiError(400, "no_images", "send at least one image in the multipart field 'images'")
     if not all(isinstance(u, UploadFile) for u in uploads):
-        raise ApiError(
-            400, "invalid_multipart", "every 'images' part must be a file upload (with a filename)"
-        )
+        raise ApiError(400, "invalid_multipart", "every 'images' part must be a file upload (with a filename)")
     top_k = pick_top_k(classifier, form.get("top_k"), query_top_k)
     decoded = await classifier.decode_many([await u.read() for u in uploads])
     good = [i for i, pixels in enumerate(decoded) if not isinstance(pixels, ApiError)]
-    results: list[dict[str, Any]] = [
-        {"index": i, "filename": u.filename} for i, u in enumerate(uploads)
-    ]
+    results: list[dict[str, Any]] = [{"index": i, "filename": u.filename} for i, u in enumerate(uploads)]
     if good:
-        probabilities = await classifier.infer(
-            np.stack([decoded[i] for i in good]), deadline=deadline
-        )
+        probabilities = await classifier.infer(np.stack([decoded[i] for i in good]), deadline=deadline)
         for row, i in zip(probabilities, good, strict=True):
             results[i]["predictions"] = classifier.top_k(row, top_k)
     for i, outcome in enumerate(decoded):
@@ -180,9 +168,7 @@ async def metadata(request: Request) -> JSONResponse:
 def media_type_of(request: Request) -> str:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if "pickle" in media_type:
-        raise ApiError(
-            415, "pickle_refused", "pickled bodies are never accepted (unpickling runs code)"
-        )
+        raise ApiError(415, "pickle_refused", "pickled bodies are never accepted (unpickling runs code)")
     return media_type
 
 
@@ -199,9 +185,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
-            raise ApiError(
-                400, "invalid_content_length", f"Content-Length {declared!r} is not a number"
-            )
+            raise ApiError(400, "invalid_content_length", f"Content-Length {declared!r} is not a number")
         if int(declared) > max_bytes:
             raise body_too_large(max_bytes)
     chunks = []
@@ -213,16 +197,12 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
                 raise body_too_large(max_bytes)
             chunks.append(chunk)
     except ClientDisconnect:
-        raise ApiError(
-            400, "client_disconnected", "the client closed the connection mid-body"
-        ) from None
+        raise ApiError(400, "client_disconnected", "the client closed the connection mid-body") from None
     return b"".join(chunks)
 
 
 def body_too_large(max_bytes: int) -> ApiError:
-    return ApiError(
-        413, "body_too_large", f"the request body is larger than the limit of {max_bytes} bytes"
-    )
+    return ApiError(413, "body_too_large", f"the request body is larger than the limit of {max_bytes} bytes")
 
 
 async def read_form(request: Request, classifier: Classifier, max_files: int) -> FormData:
@@ -231,9 +211,7 @@ async def read_form(request: Request, classifier: Classifier, max_files: int) ->
     async def chunks():
         yield body
 
-    parser = MultiPartParser(
-        request.headers, chunks(), max_files=max_files, max_fields=MAX_FORM_FIELDS
-    )
+    parser = MultiPartParser(request.headers, chunks(), max_files=max_files, max_fields=MAX_FORM_FIELDS)
     try:
         return await parser.parse()
     except MultiPartException as exc:
@@ -241,21 +219,15 @@ async def read_form(request: Request, classifier: Classifier, max_files: int) ->
             raise ApiError(
                 400, "too_many_images", f"too many images in one request; the limit is {max_files}"
             ) from None
-        raise ApiError(
-            400, "invalid_multipart", f"malformed multipart body: {exc.message}"
-        ) from None
+        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.message}") from None
 
 
 async def form_image(form: FormData, field: str) -> bytes:
     upload = form.get(field)
     if upload is None:
-        raise ApiError(
-            400, "missing_image", f"send the image as a file in the multipart field {field!r}"
-        )
+        raise ApiError(400, "missing_image", f"send the image as a file in the multipart field {field!r}")
     if not isinstance(upload, UploadFile):
-        raise ApiError(
-            400, "invalid_multipart", f"the multipart field {field!r} must be a file upload"
-        )
+        raise ApiError(400, "invalid_multipart", f"the multipart field {field!r} must be a file upload")
     return await upload.read()
 
 
@@ -272,9 +244,7 @@ def parse_json_image(body: bytes) -> tuple[bytes, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
-        raise ApiError(
-            400, "invalid_json", 'the body must be a JSON object: {"image": "<base64>", "top_k": 5}'
-        )
+        raise ApiError(400, "invalid_json", 'the body must be a JSON object: {"image": "<base64>", "top_k": 5}')
     if "url" in document:
         raise ApiError(
             400,

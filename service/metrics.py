@@ -38,9 +38,7 @@ class ServiceMetrics:
     rejected_requests: object  # Counter, label reason = ApiError.code
     runtime: object  # Gauge = 1, labels say the backend, provider and device in use and whether CUDA fell back
 
-    def set_runtime(
-        self, backend: str, provider: str, device: str, requested_device: str, fallback: bool
-    ) -> None:
+    def set_runtime(self, backend: str, provider: str, device: str, requested_device: str, fallback: bool) -> None:
         self.runtime.labels(
             backend=backend,
             provider=provider,

@@ -38,9 +38,7 @@ from service.http_api import media_type_of, read_body
 SERVER_NAME = "visionserve"
 EXTENSIONS = ["binary_tensor_data"]
 BYTES_INPUT_NAME = "images"  # the alternative input: encoded images, one per batch element
-BYTES_CONTENT_TYPES = (
-    "base64",
-)  # accepted values of a JSON BYTES input's `content_type` parameter
+BYTES_CONTENT_TYPES = ("base64",)  # accepted values of a JSON BYTES input's `content_type` parameter
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary extension's header: bytes of JSON before the data
 BINARY_MEDIA_TYPE = "application/octet-stream"
 
@@ -80,9 +78,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
     if not header_length.strip().isdigit() or not 0 < int(header_length) <= len(body):
-        raise bad_request(
-            f"{HEADER_LENGTH} must be a length between 1 and the body's {len(body)} bytes"
-        )
+        raise bad_request(f"{HEADER_LENGTH} must be a length between 1 and the body's {len(body)} bytes")
     return body[: int(header_length)], body[int(header_length) :]
 
 
@@ -98,9 +94,7 @@ def parse_infer_request(body: bytes, limits: InputLimits, binary: bytes = b"") -
     if request_id is not None and not isinstance(request_id, str):
         raise bad_request('"id" must be a string')
     parameters = _parameters(request, "the request")
-    binary_output = _binary_output(
-        request.get("outputs"), parameters.get("binary_data_output", False)
-    )
+    binary_output = _binary_output(request.get("outputs"), parameters.get("binary_data_output", False))
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise bad_request('"inputs" must be a non-empty list of input tensors')
@@ -119,9 +113,7 @@ def parse_infer_request(body: bytes, limits: InputLimits, binary: bytes = b"") -
         if "data" not in tensor:
             raise bad_request(f"input {name!r} has no data (and no binary_data_size)")
         if binary:
-            raise bad_request(
-                f"the body has {len(binary)} bytes of binary data but no input declares binary_data_size"
-            )
+            raise bad_request(f"the body has {len(binary)} bytes of binary data but no input declares binary_data_size")
     else:
         if "data" in tensor:
             raise bad_request(f"input {name!r} has both data and binary_data_size")
@@ -134,9 +126,7 @@ def parse_infer_request(body: bytes, limits: InputLimits, binary: bytes = b"") -
         pixels = _pixels(tensor, shape, limits, binary if binary_size is not None else None)
         return InferRequest(request_id, pixels, None, binary_output)
     if name == BYTES_INPUT_NAME:
-        encoded = _encoded_images(
-            tensor, shape, limits, binary if binary_size is not None else None
-        )
+        encoded = _encoded_images(tensor, shape, limits, binary if binary_size is not None else None)
         return InferRequest(request_id, None, encoded, binary_output)
     height, width = limits.input_size
     raise bad_request(
@@ -164,9 +154,7 @@ def _binary_output(outputs: Any, default: Any) -> bool:
     for output in outputs:
         if not isinstance(output, dict) or output.get("name") != OUTPUT_PROBABILITIES:
             name = output.get("name") if isinstance(output, dict) else output
-            raise bad_request(
-                f"unknown output {name!r}; this model has one output, {OUTPUT_PROBABILITIES!r}"
-            )
+            raise bad_request(f"unknown output {name!r}; this model has one output, {OUTPUT_PROBABILITIES!r}")
         binary = _parameters(output, f"output {OUTPUT_PROBABILITIES!r}").get("binary_data", default)
         if not isinstance(binary, bool):
             raise bad_request('"binary_data" must be true or false')
@@ -175,9 +163,7 @@ def _binary_output(outputs: Any, default: Any) -> bool:
 
 def _shape(shape: Any) -> tuple[int, ...]:
     # bool is an int subclass in Python: refuse [true, 32, ...] explicitly.
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) for d in shape
-    ):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise bad_request(f'"shape" must be a list of integers, got {shape!r}'[:300])
     if any(d < 0 for d in shape):
         raise bad_request(f'"shape" dimensions must be >= 0, got {shape}')
@@ -194,19 +180,13 @@ def _check_batch(n: int, limits: InputLimits) -> None:
         )
 
 
-def _pixels(
-    tensor: dict, shape: tuple[int, ...], limits: InputLimits, binary: bytes | None
-) -> np.ndarray:
+def _pixels(tensor: dict, shape: tuple[int, ...], limits: InputLimits, binary: bytes | None) -> np.ndarray:
     """A UINT8 tensor (JSON data, flat or nested, row-major; or binary data) -> (N, H, W, 3) uint8."""
     height, width = limits.input_size
     if tensor["datatype"] != "UINT8":
-        raise bad_request(
-            f"input {INPUT_NAME!r} must have datatype UINT8, got {tensor['datatype']!r}"
-        )
+        raise bad_request(f"input {INPUT_NAME!r} must have datatype UINT8, got {tensor['datatype']!r}")
     if len(shape) != 4 or shape[1:] != (height, width, 3):
-        raise bad_request(
-            f"input {INPUT_NAME!r} must have shape [N, {height}, {width}, 3], got {list(shape)}"
-        )
+        raise bad_request(f"input {INPUT_NAME!r} must have shape [N, {height}, {width}, 3], got {list(shape)}")
     _check_batch(shape[0], limits)
     expected = math.prod(shape)
     if binary is not None:  # one byte per element
@@ -226,9 +206,7 @@ def _pixels(
     try:
         values = np.array(data)
     except (ValueError, TypeError, RecursionError):  # ragged nesting
-        raise bad_request(
-            f'"data" of input {INPUT_NAME!r} is not a regular array of shape {list(shape)}'
-        ) from None
+        raise bad_request(f'"data" of input {INPUT_NAME!r} is not a regular array of shape {list(shape)}') from None
     if values.shape != shape and values.shape != (expected,):
         raise bad_request(
             f"input {INPUT_NAME!r} has shape {list(shape)} ({expected} elements) but its data has shape "
@@ -249,9 +227,7 @@ def _encoded_images(
 ) -> tuple[bytes, ...]:
     """A BYTES tensor (base64 strings in JSON, or length-prefixed binary data) -> the encoded images' bytes."""
     if tensor["datatype"] != "BYTES":
-        raise bad_request(
-            f"input {BYTES_INPUT_NAME!r} must have datatype BYTES, got {tensor['datatype']!r}"
-        )
+        raise bad_request(f"input {BYTES_INPUT_NAME!r} must have datatype BYTES, got {tensor['datatype']!r}")
     if len(shape) != 1:
         raise bad_request(f"input {BYTES_INPUT_NAME!r} must have shape [N], got {list(shape)}")
     _check_batch(shape[0], limits)
@@ -265,17 +241,13 @@ def _encoded_images(
     data = tensor["data"]
     if not isinstance(data, list) or len(data) != shape[0]:
         count = len(data) if isinstance(data, list) else "no array"
-        raise bad_request(
-            f"input {BYTES_INPUT_NAME!r} has shape {list(shape)} but its data has {count} elements"
-        )
+        raise bad_request(f"input {BYTES_INPUT_NAME!r} has shape {list(shape)} but its data has {count} elements")
     # The base64 length is checked before decoding, so an oversized string costs no decoding work.
     max_chars = 4 * math.ceil(limits.max_image_bytes / 3)
     images = []
     for index, element in enumerate(data):
         if not isinstance(element, str):
-            raise bad_request(
-                f"element {index} of input {BYTES_INPUT_NAME!r} must be a base64 string"
-            )
+            raise bad_request(f"element {index} of input {BYTES_INPUT_NAME!r} must be a base64 string")
         if len(element) > max_chars:
             raise image_too_large(index, limits)
         try:
@@ -299,15 +271,11 @@ def _binary_elements(binary: bytes, count: int, limits: InputLimits) -> tuple[by
         if length > limits.max_image_bytes:
             raise image_too_large(index, limits)
         if offset + length > len(binary):
-            raise bad_request(
-                f"element {index} declares {length} bytes but the binary data ends first"
-            )
+            raise bad_request(f"element {index} declares {length} bytes but the binary data ends first")
         images.append(binary[offset : offset + length])
         offset += length
     if offset != len(binary):
-        raise bad_request(
-            f"{len(binary) - offset} bytes of binary data follow the last of {count} elements"
-        )
+        raise bad_request(f"{len(binary) - offset} bytes of binary data follow the last of {count} elements")
     return tuple(images)
 
 
@@ -342,9 +310,7 @@ def infer_response(
     data = probabilities.astype("<f4").tobytes()  # little-endian, row-major
     output["parameters"] = {"binary_data_size": len(data)}
     header = json.dumps(response).encode()
-    return Response(
-        header + data, media_type=BINARY_MEDIA_TYPE, headers={HEADER_LENGTH: str(len(header))}
-    )
+    return Response(header + data, media_type=BINARY_MEDIA_TYPE, headers={HEADER_LENGTH: str(len(header))})
 
 
 def model_metadata(classifier) -> dict[str, Any]:
@@ -356,9 +322,7 @@ def model_metadata(classifier) -> dict[str, Any]:
         "versions": [package.version],
         "platform": PLATFORMS[info.backend],
         "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, height, width, 3]}],
-        "outputs": [
-            {"name": OUTPUT_PROBABILITIES, "datatype": "FP32", "shape": [-1, spec.num_classes]}
-        ],
+        "outputs": [{"name": OUTPUT_PROBABILITIES, "datatype": "FP32", "shape": [-1, spec.num_classes]}],
         "parameters": {
             "classes": list(spec.class_names),
             "input_height": height,
@@ -388,9 +352,7 @@ def routes(classifier) -> list[Route]:
     """
     settings = classifier.settings
     # One encoded image can be no bigger than the whole body; the per-element check refuses it before decoding.
-    limits = InputLimits(
-        tuple(classifier.spec.input_size), settings.max_batch_images, settings.max_body_bytes
-    )
+    limits = InputLimits(tuple(classifier.spec.input_size), settings.max_batch_images, settings.max_body_bytes)
 
     def check_model(request: Request) -> None:
         name = request.path_params["name"]
@@ -432,16 +394,12 @@ def routes(classifier) -> list[Route]:
         )
 
     async def infer(request: Request) -> Response:
-        deadline = (
-            asyncio.get_running_loop().time() + settings.request_timeout_s
-        )  # counted from arrival
+        deadline = asyncio.get_running_loop().time() + settings.request_timeout_s  # counted from arrival
         check_model(request)
         if not classifier.ready:
             raise ApiError(503, "not_ready", "the model is not ready yet", {"Retry-After": "1"})
         classifier.batcher.admit()  # refuse at once under overload, before reading the body
-        media_type_of(
-            request
-        )  # refuses a pickle content type (415); JSON or the binary extension's body follow
+        media_type_of(request)  # refuses a pickle content type (415); JSON or the binary extension's body follow
         body = await read_body(request, settings.max_body_bytes)
         header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
         # JSON parsing and numpy conversion of a large tensor take milliseconds: keep them off the event loop.
@@ -460,9 +418,7 @@ def routes(classifier) -> list[Route]:
             pixels = np.stack(decoded)
         probabilities = await classifier.infer(pixels, deadline)
         package = classifier.package
-        return infer_response(
-            package.name, package.version, parsed.id, probabilities, parsed.binary_output
-        )
+        return infer_response(package.name, package.version, parsed.id, probabilities, parsed.binary_output)
 
     model = "/v2/models/{name}"
     version = "/v2/models/{name}/versions/{version}"

@@ -16,9 +16,7 @@ from service import http_api
 from service.classifier import Classifier
 from service.settings import ServiceSettings
 
-SETTINGS = (
-    ServiceSettings.from_env()
-)  # read once at import: a bad variable stops the server before it starts
+SETTINGS = ServiceSettings.from_env()  # read once at import: a bad variable stops the server before it starts
 app = http_api.create_app()
 
 

@@ -29,30 +29,20 @@ class ServiceSettings:
     # How long a batch may wait for more images, counted from its first request's arrival; the wait only happens
     # while other requests are being decoded (known to be on their way). 0 = purely greedy.
     max_latency_ms: float = 5.0
-    max_queue: int = (
-        512  # images waiting for the model; past it requests get 503 + Retry-After at once
-    )
+    max_queue: int = 512  # images waiting for the model; past it requests get 503 + Retry-After at once
     request_timeout_s: float = 10.0  # from arrival to answer; past it 504
     max_body_bytes: int = 16 * 1024 * 1024  # a request body over this gets 413 without being read
-    max_image_pixels: int = (
-        DEFAULT_MAX_PIXELS  # width * height from the header; over it 413 before decoding
-    )
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # width * height from the header; over it 413 before decoding
     max_batch_images: int = 64  # images in one /classify_batch (or v2 infer) request
     threads: int = 0  # ONNX Runtime / torch intra-op threads; 0 = every core this process may use
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise SettingsError(
-                f"{ENV_PREFIX}MODEL must name a package folder or a BentoML model tag"
-            )
+            raise SettingsError(f"{ENV_PREFIX}MODEL must name a package folder or a BentoML model tag")
         if self.backend not in BACKEND_FILES:
-            raise SettingsError(
-                f"{ENV_PREFIX}BACKEND={self.backend!r} is unknown; valid: {', '.join(BACKEND_FILES)}"
-            )
+            raise SettingsError(f"{ENV_PREFIX}BACKEND={self.backend!r} is unknown; valid: {', '.join(BACKEND_FILES)}")
         if self.device not in DEVICES:
-            raise SettingsError(
-                f"{ENV_PREFIX}DEVICE={self.device!r} is unknown; valid: {', '.join(DEVICES)}"
-            )
+            raise SettingsError(f"{ENV_PREFIX}DEVICE={self.device!r} is unknown; valid: {', '.join(DEVICES)}")
         for name in (
             "max_batch_size",
             "max_queue",
@@ -61,17 +51,11 @@ class ServiceSettings:
             "max_batch_images",
         ):
             if getattr(self, name) < 1:
-                raise SettingsError(
-                    f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}"
-                )
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
         if self.max_latency_ms < 0:
-            raise SettingsError(
-                f"{ENV_PREFIX}MAX_LATENCY_MS must be >= 0, got {self.max_latency_ms}"
-            )
+            raise SettingsError(f"{ENV_PREFIX}MAX_LATENCY_MS must be >= 0, got {self.max_latency_ms}")
         if self.request_timeout_s <= 0:
-            raise SettingsError(
-                f"{ENV_PREFIX}REQUEST_TIMEOUT_S must be > 0, got {self.request_timeout_s}"
-            )
+            raise SettingsError(f"{ENV_PREFIX}REQUEST_TIMEOUT_S must be > 0, got {self.request_timeout_s}")
         if self.threads < 0:
             raise SettingsError(f"{ENV_PREFIX}THREADS must be >= 0, got {self.threads}")
         if self.max_batch_images > self.max_queue:

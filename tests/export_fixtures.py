@@ -17,9 +17,7 @@ from training.models import build_model, get_model_info
 CLASSES = ("red", "green", "blue")  # each class's images are dominated by that colour channel
 
 
-def write_image_folder(
-    root: Path, classes=CLASSES, size=(32, 32), train=8, test=12, seed=0
-) -> Path:
+def write_image_folder(root: Path, classes=CLASSES, size=(32, 32), train=8, test=12, seed=0) -> Path:
     """root/{train,test}/<class>/NNN.png: noisy images whose class's colour channel is the brightest; returns root."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", train), ("test", test)):
@@ -33,9 +31,7 @@ def write_image_folder(
     return root
 
 
-def write_run(
-    run_dir: Path, arch: str, data: Path, classes=CLASSES, *, fit_steps: int = 0, seed: int = 0
-) -> Path:
+def write_run(run_dir: Path, arch: str, data: Path, classes=CLASSES, *, fit_steps: int = 0, seed: int = 0) -> Path:
     """A run folder as `python -m training train` leaves it, written without the training engine.
 
     fit_steps=0 keeps random weights; more fits the model on data/train with plain SGD, so that its
@@ -63,9 +59,7 @@ def write_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
         run_dir / "checkpoint.pt",
-        Checkpoint(
-            spec=spec, model_state=model.state_dict(), config=config, epoch=1, metrics=metrics
-        ),
+        Checkpoint(spec=spec, model_state=model.state_dict(), config=config, epoch=1, metrics=metrics),
     )
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "metrics.json").write_text(json.dumps(metrics))

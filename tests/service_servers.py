@@ -45,9 +45,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(
-    package: Path, work_dir: Path, settings: dict[str, str], wait_ready: bool = True
-) -> RunningServer:
+def start_server(package: Path, work_dir: Path, settings: dict[str, str], wait_ready: bool = True) -> RunningServer:
     """Start the service on `package` with VISIONSERVE_* `settings`; wait for /readyz (or only /livez)."""
     port = free_port()
     env = {
@@ -90,9 +88,7 @@ def wait_for(server: RunningServer, path: str, timeout_s: float) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if server.process.poll() is not None:
-            raise RuntimeError(
-                f"the server exited with {server.process.returncode}:\n{server.log_tail()}"
-            )
+            raise RuntimeError(f"the server exited with {server.process.returncode}:\n{server.log_tail()}")
         try:
             if httpx.get(server.url + path, timeout=2).status_code == 200:
                 return
@@ -135,10 +131,7 @@ def make_slow_color_package(root: Path, matmuls: int = 200, side: int = 512) -> 
     heavy = [
         helper.make_node("ReduceSum", ["channel_means"], ["total"], keepdims=0),
         helper.make_node("Expand", ["total", "side"], ["product_0"]),
-        *(
-            helper.make_node("MatMul", [f"product_{i}", "eye"], [f"product_{i + 1}"])
-            for i in range(matmuls)
-        ),
+        *(helper.make_node("MatMul", [f"product_{i}", "eye"], [f"product_{i + 1}"]) for i in range(matmuls)),
         helper.make_node("ReduceSum", [f"product_{matmuls}"], ["heavy"], keepdims=0),
         helper.make_node("Mul", ["heavy", "zero"], ["nothing"]),
         helper.make_node("Add", ["fast_logits", "nothing"], [OUTPUT_LOGITS]),

@@ -46,9 +46,7 @@ def test_augmenter_output_is_normalised_channels_last_float32():
     lowest = (0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     highest = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     per_channel = x.transpose(0, 1).reshape(3, -1)
-    assert (per_channel.min(1).values >= lowest - 1e-5).all() and (
-        per_channel.max(1).values <= highest + 1e-5
-    ).all()
+    assert (per_channel.min(1).values >= lowest - 1e-5).all() and (per_channel.max(1).values <= highest + 1e-5).all()
 
 
 def test_everything_off_equals_plain_model_input():
@@ -106,9 +104,7 @@ def test_affine_rotates_about_the_centre_and_shifts_by_pixels():
     assert torch.allclose(rotated, x.rot90(1, (2, 3)), atol=1e-5) or torch.allclose(
         rotated, x.rot90(-1, (2, 3)), atol=1e-5
     )
-    shifted = _affine(
-        x, torch.zeros(2), torch.tensor([2.0, 0.0]), torch.tensor([0.0, -1.0]), NO_FLIP
-    )
+    shifted = _affine(x, torch.zeros(2), torch.tensor([2.0, 0.0]), torch.tensor([0.0, -1.0]), NO_FLIP)
     torch.testing.assert_close(shifted[0, :, :, 2:], x[0, :, :, :-2], atol=1e-5, rtol=0)
     assert shifted[0, :, :, :2].abs().max() < 1e-6  # moved in from outside: black
     torch.testing.assert_close(shifted[1, :, :-1, :], x[1, :, 1:, :], atol=1e-5, rtol=0)
@@ -141,14 +137,11 @@ def test_flip_inside_the_combined_resampling_mirrors_some_samples():
 def test_brightness_only_scales_each_sample_by_its_own_factor():
     images = torch.full((16, 4, 4, 3), 100, dtype=torch.uint8)
     x = _augmenter(brightness=0.2)(images, torch.Generator().manual_seed(0))
-    ratio = (
-        x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    ) / (100 / 255)
+    ratio = (x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / (
+        100 / 255
+    )
     per_sample = ratio.flatten(1)
-    assert torch.allclose(
-        per_sample, per_sample[:, :1].expand_as(per_sample), atol=1e-4
-    )  # one factor per image
+    assert torch.allclose(per_sample, per_sample[:, :1].expand_as(per_sample), atol=1e-4)  # one factor per image
     assert per_sample.min() >= 0.8 - 1e-4 and per_sample.max() <= 1.2 + 1e-4
     assert per_sample[:, 0].unique().numel() == 16
 
@@ -160,11 +153,7 @@ def test_contrast_only_keeps_the_grey_mean_and_scales_deviations():
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     out01 = x * std + mean
     in01 = images.permute(0, 3, 1, 2).float() / 255
-    grey_in = (
-        (in01 * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1))
-        .sum(1, keepdim=True)
-        .mean((2, 3))
-    )
+    grey_in = (in01 * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).mean((2, 3))
     for i in range(8):
         deviation_in = (in01[i] - grey_in[i].view(1, 1, 1)).flatten()
         deviation_out = (out01[i] - grey_in[i].view(1, 1, 1)).flatten()
@@ -197,14 +186,7 @@ def test_same_generator_state_gives_the_same_batch():
 
 def _numbered(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Image i is filled with i % 256 and labelled i, so batches can be traced back."""
-    images = (
-        (np.arange(n) % 256)
-        .astype(np.uint8)
-        .reshape(n, 1, 1, 1)
-        .repeat(4, 1)
-        .repeat(4, 2)
-        .repeat(3, 3)
-    )
+    images = (np.arange(n) % 256).astype(np.uint8).reshape(n, 1, 1, 1).repeat(4, 1).repeat(4, 2).repeat(3, 3)
     return images, np.arange(n, dtype=np.int64)
 
 
@@ -227,9 +209,7 @@ def test_every_sample_once_per_epoch(drop_last):
     assert seen != sorted(seen)  # shuffled
     for x, y in batches:
         assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape[1:] == (3, 4, 4)
-        torch.testing.assert_close(
-            x, to_model_input(torch.as_tensor(images[y.numpy()]), IMAGENET_MEAN, IMAGENET_STD)
-        )
+        torch.testing.assert_close(x, to_model_input(torch.as_tensor(images[y.numpy()]), IMAGENET_MEAN, IMAGENET_STD))
 
 
 def test_without_shuffle_keeps_dataset_order():

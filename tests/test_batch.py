@@ -47,9 +47,7 @@ def _gif() -> bytes:
 
 _noise = np.random.default_rng(0).integers(0, 256, size=(48, 48, 3), dtype=np.uint8)
 # A header claiming 100000 x 100000 pixels and no data: refused from the header, never decoded.
-HUGE_PNG = b"\x89PNG\r\n\x1a\n" + _png_chunk(
-    b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-)
+HUGE_PNG = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
 BAD_FILES = {  # file name -> (bytes, the error reason expected in the output)
     "empty.png": (b"", "empty"),
     "truncated.png": (encode_png(_noise)[:300], "corrupt"),
@@ -67,10 +65,7 @@ def color_png(label: str) -> bytes:
 
 def color_files(labels=LABELS) -> dict[str, bytes]:
     """Relative path -> PNG bytes; the colour package labels each file by the word before the dash."""
-    return {
-        f"{'nested/' if i % 2 else ''}{label}-{i}.png": color_png(label)
-        for i, label in enumerate(labels)
-    }
+    return {f"{'nested/' if i % 2 else ''}{label}-{i}.png": color_png(label) for i, label in enumerate(labels)}
 
 
 def write_folder(root: Path, files: dict[str, bytes]) -> Path:
@@ -98,9 +93,7 @@ def write_parquet(path: Path, files: dict[str, bytes | None]) -> Path:
 def write_list(path: Path, folder: Path, files: dict[str, bytes]) -> Path:
     """Relative entries (to the list's folder), a comment and a blank line."""
     write_folder(folder, files)
-    lines = ["# images to score", ""] + [
-        str((folder / name).relative_to(path.parent)) for name in files
-    ]
+    lines = ["# images to score", ""] + [str((folder / name).relative_to(path.parent)) for name in files]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -124,9 +117,7 @@ def read_output(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         table = pq.read_table(path)
     else:  # the CSV writer leaves nulls empty (and quotes every string), as pandas.read_csv expects
-        table = pa_csv.read_csv(
-            path, convert_options=pa_csv.ConvertOptions(strings_can_be_null=True)
-        )
+        table = pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(strings_can_be_null=True))
     return table.to_pylist()
 
 
@@ -149,9 +140,7 @@ def package(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("output_name", ["scores.parquet", "scores.csv"])
 @pytest.mark.parametrize("kind", ["folder", "tar", "tar.gz", "parquet", "list"])
-def test_every_input_kind_scores_every_image_once_with_its_label(
-    package, tmp_path, kind, output_name
-):
+def test_every_input_kind_scores_every_image_once_with_its_label(package, tmp_path, kind, output_name):
     files = color_files()
     source, ids = make_input(kind, tmp_path, files)
     extra = ["--id-column", "key", "--image-column", "jpeg"] if kind == "parquet" else []
@@ -216,19 +205,14 @@ def test_decoding_pools_give_the_same_rows_as_inline_decoding(package, tmp_path,
     source = write_folder(tmp_path / "images", files)
     common = ["--model", package, "--input", source, "--batch-size", 4, "--allow-failures"]
     assert run_cli(*common, "--output", tmp_path / "inline.parquet", "--workers", 0) == 0
-    assert (
-        run_cli(*common, "--output", tmp_path / "pool.parquet", "--workers", 2, "--pool", pool) == 0
-    )
+    assert run_cli(*common, "--output", tmp_path / "pool.parquet", "--workers", 2, "--pool", pool) == 0
     assert read_output(tmp_path / "pool.parquet") == read_output(tmp_path / "inline.parquet")
 
 
 def test_probabilities_equal_the_services_decode_and_predictor(package, tmp_path):
     """The same decode_image and Predictor as the service: the output holds exactly their numbers."""
     rng = np.random.default_rng(1)
-    images = {
-        f"{i}.jpg": _jpeg(rng.integers(0, 256, size=(40 + i, 50, 3), dtype=np.uint8))
-        for i in range(5)
-    }
+    images = {f"{i}.jpg": _jpeg(rng.integers(0, 256, size=(40 + i, 50, 3), dtype=np.uint8)) for i in range(5)}
     source = write_folder(tmp_path / "images", images)
     run_cli(
         "--model",
@@ -250,18 +234,14 @@ def test_probabilities_equal_the_services_decode_and_predictor(package, tmp_path
     for row, probabilities in zip(rows, expected, strict=True):
         order = np.argsort(-probabilities, kind="stable")
         assert [row[f"label_{i + 1}"] for i in range(3)] == [COLOR_CLASSES[j] for j in order]
-        assert [row[f"probability_{i + 1}"] for i in range(3)] == [
-            float(probabilities[j]) for j in order
-        ]
+        assert [row[f"probability_{i + 1}"] for i in range(3)] == [float(probabilities[j]) for j in order]
 
 
 def test_each_kind_of_bad_file_becomes_its_own_error_row(package, tmp_path, capsys):
     files = {**color_files(), **{name: data for name, (data, _) in BAD_FILES.items()}}
     source = write_folder(tmp_path / "images", files)
     output = tmp_path / "scores.csv"
-    rc = run_cli(
-        "--model", package, "--input", source, "--output", output, "--batch-size", 3, "--workers", 0
-    )
+    rc = run_cli("--model", package, "--input", source, "--output", output, "--batch-size", 3, "--workers", 0)
     assert rc == 1  # some inputs failed
     stderr = capsys.readouterr().err
     assert f"scored {len(LABELS)}, failed {len(BAD_FILES)}" in stderr and "images/s" in stderr
@@ -269,15 +249,9 @@ def test_each_kind_of_bad_file_becomes_its_own_error_row(package, tmp_path, caps
     assert set(rows) == set(files)
     for name, (_, reason) in BAD_FILES.items():
         assert rows[name]["error"] == reason, name
-        assert (
-            rows[name]["error_message"]
-            and rows[name]["label_1"] is None
-            and rows[name]["probability_1"] is None
-        )
+        assert rows[name]["error_message"] and rows[name]["label_1"] is None and rows[name]["probability_1"] is None
     for name in color_files():
-        assert (
-            rows[name]["error"] is None and rows[name]["label_1"] == Path(name).name.split("-")[0]
-        )
+        assert rows[name]["error"] is None and rows[name]["label_1"] == Path(name).name.split("-")[0]
     assert (
         run_cli(
             "--model",
@@ -318,9 +292,7 @@ def test_archive_members_that_are_unsafe_or_links_are_error_rows(package, tmp_pa
 
 
 def test_parquet_null_and_empty_cells_are_error_rows(package, tmp_path):
-    source = write_parquet(
-        tmp_path / "in.parquet", {"a": color_png("green"), "b": None, "c": b"", "d": b"xx"}
-    )
+    source = write_parquet(tmp_path / "in.parquet", {"a": color_png("green"), "b": None, "c": b"", "d": b"xx"})
     output = tmp_path / "s.parquet"
     rc = run_cli(
         "--model",
@@ -346,9 +318,7 @@ def test_parquet_null_and_empty_cells_are_error_rows(package, tmp_path):
 
 
 def test_folder_symlinks_outside_the_root_are_not_followed(package, tmp_path):
-    outside = write_folder(
-        tmp_path / "outside", {"secret.png": color_png("red"), "dir/x.png": color_png("red")}
-    )
+    outside = write_folder(tmp_path / "outside", {"secret.png": color_png("red"), "dir/x.png": color_png("red")})
     root = write_folder(tmp_path / "images", {"real/blue-0.png": color_png("blue")})
     (root / "escape.png").symlink_to(outside / "secret.png")
     (root / "escape_dir").symlink_to(outside / "dir")
@@ -384,12 +354,7 @@ def test_listed_paths_that_are_missing_are_error_rows(package, tmp_path):
 def test_an_empty_folder_gives_an_empty_output(package, tmp_path):
     (tmp_path / "empty").mkdir()
     output = tmp_path / "s.parquet"
-    assert (
-        run_cli(
-            "--model", package, "--input", tmp_path / "empty", "--output", output, "--workers", 0
-        )
-        == 0
-    )
+    assert run_cli("--model", package, "--input", tmp_path / "empty", "--output", output, "--workers", 0) == 0
     assert pq.read_table(output).num_rows == 0
 
 
@@ -434,11 +399,7 @@ def test_bad_cli_input_is_one_line_and_exit_2(package, tmp_path, capsys, args, w
     rc = exit_code("--model", package, *[a.format(tmp=tmp_path) for a in args])
     stderr = capsys.readouterr().err
     assert rc == 2
-    assert (
-        stderr.startswith("visionserve-batch: error:")
-        and words in stderr
-        and stderr.count("\n") == 1
-    ), stderr
+    assert stderr.startswith("visionserve-batch: error:") and words in stderr and stderr.count("\n") == 1, stderr
 
 
 def test_a_missing_or_tampered_package_is_exit_2(package, tmp_path, capsys):
@@ -467,9 +428,7 @@ def test_a_run_imports_no_training_export_or_torch_code(package, tmp_path):
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'training', 'export', 'torch', 'torchvision'})); "
         "sys.exit(rc)"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert len(read_output(tmp_path / "s.csv")) == len(LABELS)
@@ -478,11 +437,6 @@ def test_a_run_imports_no_training_export_or_torch_code(package, tmp_path):
 def test_progress_bar_shows_rate_and_eta(package, tmp_path, capsys):
     source = write_folder(tmp_path / "images", color_files())
     output = tmp_path / "s.csv"
-    assert (
-        run_cli(
-            "--model", package, "--input", source, "--output", output, "--progress", "--workers", 0
-        )
-        == 0
-    )
+    assert run_cli("--model", package, "--input", source, "--output", output, "--progress", "--workers", 0) == 0
     bar = capsys.readouterr().err
     assert "scoring: 100%" in bar and "6/6" in bar and "img/s" in bar and "<00:00" in bar

@@ -27,10 +27,7 @@ def test_ray_engine_gives_the_local_engines_rows(tmp_path):
         5,
         "--allow-failures",
     ]
-    assert (
-        run_cli(*common, "--output", tmp_path / "ray.parquet", "--engine", "ray", "--workers", 1)
-        == 0
-    )
+    assert run_cli(*common, "--output", tmp_path / "ray.parquet", "--engine", "ray", "--workers", 1) == 0
     assert run_cli(*common, "--output", tmp_path / "local.parquet", "--workers", 0) == 0
     ray_rows, local_rows = (
         read_output(tmp_path / "ray.parquet"),
@@ -39,6 +36,4 @@ def test_ray_engine_gives_the_local_engines_rows(tmp_path):
     assert [r["id"] for r in ray_rows] == list(files)
     assert ray_rows == local_rows
     assert sum(r["error"] is not None for r in ray_rows) == len(BAD_FILES)
-    assert all(
-        r["label_1"] == Path(r["id"]).name.split("-")[0] for r in ray_rows if r["error"] is None
-    )
+    assert all(r["label_1"] == Path(r["id"]).name.split("-")[0] for r in ray_rows if r["error"] is None)

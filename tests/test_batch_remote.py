@@ -54,9 +54,7 @@ def serve(app, on_start=None, on_stop=None) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     loop = asyncio.new_event_loop()
-    thread = threading.Thread(
-        target=loop.run_until_complete, args=(server.serve(sockets=[sock]),), daemon=True
-    )
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(sockets=[sock]),), daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
@@ -75,9 +73,7 @@ def serve(app, on_start=None, on_stop=None) -> Iterator[str]:
 class StandIn:
     """/classify_batch as the service contract describes it, with scripted failures."""
 
-    def __init__(
-        self, package: Path, *, busy: int = 0, retry_after: str = "0", max_images: int = 64
-    ) -> None:
+    def __init__(self, package: Path, *, busy: int = 0, retry_after: str = "0", max_images: int = 64) -> None:
         self.predictor = Predictor.from_path(package, device="cpu")
         self.busy = busy  # answer this many requests with 503 first
         self.retry_after = retry_after
@@ -169,9 +165,7 @@ def test_whole_request_refusals_are_split_until_one_image_is_to_blame(package, t
     source = write_folder(tmp_path / "in", files)
     output = tmp_path / "s.csv"
     with serve(stand_in.app()) as url:
-        rc = run_cli(
-            "--url", url, "--input", source, "--output", output, "--batch-size", 8, "--workers", 2
-        )
+        rc = run_cli("--url", url, "--input", source, "--output", output, "--batch-size", 8, "--workers", 2)
     assert rc == 1
     rows = {r["id"]: r for r in read_output(output)}
     assert list(rows) == sorted(files)
@@ -234,9 +228,7 @@ def score_remote_and_local(url: str, package: Path, tmp_path: Path) -> None:
         if offline["error"] is None:
             assert served["error"] is None
             served_p = [served[f"probability_{i}"] for i in top]
-            np.testing.assert_allclose(
-                served_p, [offline[f"probability_{i}"] for i in top], rtol=1e-4
-            )
+            np.testing.assert_allclose(served_p, [offline[f"probability_{i}"] for i in top], rtol=1e-4)
         else:  # the service names the same failures with its own codes
             assert served["error"] is not None and served["error_message"]
 
@@ -254,7 +246,5 @@ def test_url_mode_against_the_service_routes_in_process_matches_local_scoring(pa
 
 
 @pytest.mark.slow
-def test_url_mode_against_the_running_bentoml_service_matches_local_scoring(
-    color_service, tmp_path
-):
+def test_url_mode_against_the_running_bentoml_service_matches_local_scoring(color_service, tmp_path):
     score_remote_and_local(color_service.url, color_service.package, tmp_path)

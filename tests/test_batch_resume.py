@@ -121,9 +121,7 @@ def test_resume_after_sigkill_at_random_moments_lists_every_input_exactly_once(p
     rng = random.Random(0)
     kills_mid_run = 0
     for _ in range(3):
-        process = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         written = len(list(parts.glob("part-*.parquet"))) if parts.is_dir() else 0
         target = written + rng.randint(5, 60)  # parts to wait for before the kill
@@ -144,9 +142,7 @@ def test_resume_after_sigkill_at_random_moments_lists_every_input_exactly_once(p
     assert "from an earlier run" in done.stderr
     result = read_output(output)
     assert [r["id"] for r in result] == sorted(files)  # every input, once, in order
-    assert all(
-        r["label_1"] == Path(r["id"]).name.split("-")[0] and r["error"] is None for r in result
-    )
+    assert all(r["label_1"] == Path(r["id"]).name.split("-")[0] and r["error"] is None for r in result)
     assert not parts.exists()
 
 
@@ -154,10 +150,5 @@ def test_a_finished_job_rerun_with_resume_starts_afresh(package, tmp_path):
     source = write_folder(tmp_path / "in", color_files())
     output = tmp_path / "s.csv"
     assert run_cli("--model", package, "--input", source, "--output", output, "--workers", 0) == 0
-    assert (
-        run_cli(
-            "--model", package, "--input", source, "--output", output, "--workers", 0, "--resume"
-        )
-        == 0
-    )
+    assert run_cli("--model", package, "--input", source, "--output", output, "--workers", 0, "--resume") == 0
     assert len(read_output(output)) == len(LABELS)

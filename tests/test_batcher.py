@@ -16,9 +16,7 @@ SHAPE = (2, 2, 3)
 
 def tagged(value: int, count: int = 1) -> np.ndarray:
     """(count, 2, 2, 3) uint8 images whose every pixel is `value + i`: the stand-in model echoes it back."""
-    return (np.arange(count, dtype=np.uint8)[:, None, None, None] + value) * np.ones(
-        (count, *SHAPE), np.uint8
-    )
+    return (np.arange(count, dtype=np.uint8)[:, None, None, None] + value) * np.ones((count, *SHAPE), np.uint8)
 
 
 class EchoModel:

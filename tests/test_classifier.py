@@ -33,11 +33,7 @@ def color_package(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def classifier(color_package) -> Classifier:
-    return Classifier(
-        ServiceSettings(
-            model=str(color_package), device="cpu", max_batch_size=4, max_batch_images=8
-        )
-    )
+    return Classifier(ServiceSettings(model=str(color_package), device="cpu", max_batch_size=4, max_batch_images=8))
 
 
 # --- settings -----------------------------------------------------------------------------------------------------
@@ -146,9 +142,7 @@ def test_the_torchscript_backend_serves_the_same_answers(tmp_path):
     torch = pytest.importorskip("torch")
 
     class ColorModel(torch.nn.Module):
-        def forward(
-            self, pixels
-        ):  # (N, H, W, 3) uint8 -> (probabilities, logits), as export writes them
+        def forward(self, pixels):  # (N, H, W, 3) uint8 -> (probabilities, logits), as export writes them
             logits = pixels.float().div(255).mean(dim=(1, 2)) * 8
             return torch.softmax(logits, dim=1), logits
 
@@ -162,9 +156,7 @@ def test_the_torchscript_backend_serves_the_same_answers(tmp_path):
     (package / "manifest.json").write_text(json.dumps(manifest))
 
     async def scenario():
-        classifier = Classifier(
-            ServiceSettings(model=str(package), backend="torchscript", device="cpu")
-        )
+        classifier = Classifier(ServiceSettings(model=str(package), backend="torchscript", device="cpu"))
         await classifier.start()
         pixels = np.concatenate([color_pixels(label) for label in ("green", "red", "blue")])
         probabilities = await classifier.infer(pixels)
@@ -198,9 +190,7 @@ def test_ready_only_after_start_and_warm_up(color_package):
 def test_infer_returns_each_images_own_probabilities(classifier):
     async def scenario():
         await classifier.start()
-        pixels = np.concatenate(
-            [color_pixels(label) for label in ("blue", "red", "green", "blue", "red")]
-        )
+        pixels = np.concatenate([color_pixels(label) for label in ("blue", "red", "green", "blue", "red")])
         # 5 images > max_batch_size 4: split and reassembled.
         probabilities = await classifier.infer(pixels)
         await classifier.stop()
@@ -262,9 +252,7 @@ def test_decode_errors_map_to_http_statuses(classifier, data, status, code):
 
 
 def test_an_image_over_the_pixel_limit_is_413_before_decoding(color_package):
-    small_limit = Classifier(
-        ServiceSettings(model=str(color_package), device="cpu", max_image_pixels=100)
-    )
+    small_limit = Classifier(ServiceSettings(model=str(color_package), device="cpu", max_image_pixels=100))
     with pytest.raises(ApiError) as refused:
         small_limit.decode(_encoded("PNG", size=(11, 10)))
     assert (refused.value.status, refused.value.code) == (413, "too_large")

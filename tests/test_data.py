@@ -101,9 +101,7 @@ class _FakeCIFAR10:
         with open(os.path.join(root, self.filename), "wb") as f:
             f.write(b"downloaded bytes")
         n = 4 if train else 2
-        self.data = (
-            np.arange(n * 32 * 32 * 3, dtype=np.int64).reshape(n, 32, 32, 3).astype(np.uint8)
-        )
+        self.data = np.arange(n * 32 * 32 * 3, dtype=np.int64).reshape(n, 32, 32, 3).astype(np.uint8)
         self.targets = [i % 2 for i in range(n)]
 
 
@@ -142,9 +140,7 @@ def test_cifar10_download_failure_is_a_one_line_error_suggesting_a_folder(tmp_pa
 # ---- the cache ---------------------------------------------------------------------------------
 
 
-def test_second_load_uses_the_cache_without_decoding(
-    tmp_path, image_tree_factory, tar_archive_factory, monkeypatch
-):
+def test_second_load_uses_the_cache_without_decoding(tmp_path, image_tree_factory, tar_archive_factory, monkeypatch):
     root = image_tree_factory(tmp_path / "tree")
     archive = tar_archive_factory(root, tmp_path / "tree.tar.gz")
     first_folder = load_dataset(root, cache_dir=tmp_path / "cache", image_size=(8, 8))
@@ -168,15 +164,11 @@ def test_cache_is_per_image_size(tmp_path, image_tree_factory, monkeypatch):
     root = image_tree_factory(tmp_path / "tree")
     load_dataset(root, cache_dir=tmp_path / "cache", image_size=(8, 8))
     calls = _count_decodes(monkeypatch)
-    assert load_dataset(root, cache_dir=tmp_path / "cache", image_size=(4, 4)).train_images.shape[
-        1:3
-    ] == (4, 4)
+    assert load_dataset(root, cache_dir=tmp_path / "cache", image_size=(4, 4)).train_images.shape[1:3] == (4, 4)
     assert calls[0] == 10
 
 
-def test_folder_cache_is_invalidated_when_an_image_changes(
-    tmp_path, image_tree_factory, monkeypatch
-):
+def test_folder_cache_is_invalidated_when_an_image_changes(tmp_path, image_tree_factory, monkeypatch):
     root = image_tree_factory(tmp_path / "tree")
     load_dataset(root, cache_dir=tmp_path / "cache", image_size=(8, 8))
     new_pixels = np.full((8, 8, 3), 7, dtype=np.uint8)
@@ -193,9 +185,7 @@ def test_archive_cache_is_invalidated_when_the_archive_changes(
 ):
     archive = tar_archive_factory(image_tree_factory(tmp_path / "a", seed=1), tmp_path / "data.tgz")
     first = load_dataset(archive, cache_dir=tmp_path / "cache", image_size=(8, 8))
-    tar_archive_factory(
-        image_tree_factory(tmp_path / "b", seed=2), archive
-    )  # same path, new content
+    tar_archive_factory(image_tree_factory(tmp_path / "b", seed=2), archive)  # same path, new content
 
     calls = _count_decodes(monkeypatch)
     second = load_dataset(archive, cache_dir=tmp_path / "cache", image_size=(8, 8))
@@ -203,9 +193,7 @@ def test_archive_cache_is_invalidated_when_the_archive_changes(
     assert not np.array_equal(first.train_images, second.train_images)
 
 
-def test_archive_hash_is_remembered_by_path_size_and_mtime(
-    tmp_path, image_tree_factory, tar_archive_factory
-):
+def test_archive_hash_is_remembered_by_path_size_and_mtime(tmp_path, image_tree_factory, tar_archive_factory):
     archive = tar_archive_factory(image_tree_factory(tmp_path / "tree"), tmp_path / "data.tar")
     load_dataset(archive, cache_dir=tmp_path / "cache", image_size=(8, 8))
     hashes_file = tmp_path / "cache" / data.HASHES_FILE
@@ -258,9 +246,7 @@ def test_corrupt_or_empty_file_archive(tmp_path, content):
 
 
 def test_truncated_archive(tmp_path, image_tree_factory, tar_archive_factory):
-    archive = tar_archive_factory(
-        image_tree_factory(tmp_path / "tree", size=(32, 32)), tmp_path / "data.tar.gz"
-    )
+    archive = tar_archive_factory(image_tree_factory(tmp_path / "tree", size=(32, 32)), tmp_path / "data.tar.gz")
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     assert "corrupt, truncated" in _error(archive, tmp_path)
 
@@ -296,12 +282,8 @@ def test_images_outside_the_layout(tmp_path, image_tree_factory):
     assert "none in train/<class>/" in _error(root, tmp_path)
 
 
-@pytest.mark.parametrize(
-    "member_name", ["../escape.png", "train/cat/../../../escape.png", "/abs/train/cat/x.png"]
-)
-def test_unsafe_archive_member_refuses_the_archive(
-    tmp_path, image_tree_factory, tar_archive_factory, member_name
-):
+@pytest.mark.parametrize("member_name", ["../escape.png", "train/cat/../../../escape.png", "/abs/train/cat/x.png"])
+def test_unsafe_archive_member_refuses_the_archive(tmp_path, image_tree_factory, tar_archive_factory, member_name):
     archive = tar_archive_factory(image_tree_factory(tmp_path / "tree"), tmp_path / "data.tar")
     payload = (tmp_path / "tree/train/cat/000.png").read_bytes()
     with tarfile.open(archive, "a") as tar:
@@ -323,9 +305,7 @@ def test_unreadable_images_are_skipped_counted_and_logged(tmp_path, image_tree_f
     assert len(ds.train_images) == 6 and len(ds.test_images) == 4
     assert ds.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert "skipped 2 unreadable images" in caplog.text
-    assert sorted(
-        load_dataset(root, cache_dir=tmp_path / "cache", image_size=(8, 8)).skipped
-    ) == sorted(ds.skipped)
+    assert sorted(load_dataset(root, cache_dir=tmp_path / "cache", image_size=(8, 8)).skipped) == sorted(ds.skipped)
 
 
 # ---- select ------------------------------------------------------------------------------------
@@ -361,10 +341,7 @@ def test_select_limits_training_images_per_class_reproducibly():
     assert subset.test_images[:, 0, 0, 0].tolist() == [1, 2]  # all their test images are kept
     again = ds.select(["cat", "dog"], train_per_class=2, seed=3)
     np.testing.assert_array_equal(subset.train_images, again.train_images)
-    picks = {
-        tuple(ds.select(["cat"], train_per_class=2, seed=s).train_images[:, 0, 0, 0])
-        for s in range(10)
-    }
+    picks = {tuple(ds.select(["cat"], train_per_class=2, seed=s).train_images[:, 0, 0, 0]) for s in range(10)}
     assert len(picks) > 1  # the seed matters
 
 
@@ -374,16 +351,12 @@ def test_select_refuses_unknown_or_repeated_classes(bad):
         _labelled_dataset().select(bad)
 
 
-def test_parallel_decoding_keeps_order_and_failure_positions(
-    tmp_path, image_tree_factory, monkeypatch
-):
+def test_parallel_decoding_keeps_order_and_failure_positions(tmp_path, image_tree_factory, monkeypatch):
     root = image_tree_factory(tmp_path / "tree", counts={"train": 4, "test": 3})
     (root / "train/dog/bad.png").write_bytes(b"garbage")
     serial = load_dataset(root, cache_dir=tmp_path / "serial", image_size=(8, 8))
     monkeypatch.setattr(data, "PARALLEL_MIN_IMAGES", 1)
-    monkeypatch.setattr(
-        data, "DECODE_CHUNK", 3
-    )  # several chunks, the bad image in the middle of one
+    monkeypatch.setattr(data, "DECODE_CHUNK", 3)  # several chunks, the bad image in the middle of one
     parallel = load_dataset(root, cache_dir=tmp_path / "parallel", image_size=(8, 8))
     np.testing.assert_array_equal(parallel.train_images, serial.train_images)
     np.testing.assert_array_equal(parallel.train_labels, serial.train_labels)

@@ -24,9 +24,7 @@ from training.models import build_model, list_models
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_dataset(
-    classes=("cat", "dog", "ship"), per_class=16, test_per_class=4, size=32, seed=0
-) -> ImageDataset:
+def tiny_dataset(classes=("cat", "dog", "ship"), per_class=16, test_per_class=4, size=32, seed=0) -> ImageDataset:
     """Random-noise images with a class-specific stripe pattern: learnable in a few steps, flip-invariant."""
     rng = np.random.default_rng(seed)
 
@@ -34,16 +32,12 @@ def tiny_dataset(
         labels = np.repeat(np.arange(len(classes)), count)
         images = rng.integers(0, 60, size=(len(labels), size, size, 3), dtype=np.uint8)
         for i, label in enumerate(labels):
-            images[i, label :: len(classes)] += (
-                150  # every len(classes)-th row, offset by the class
-            )
+            images[i, label :: len(classes)] += 150  # every len(classes)-th row, offset by the class
         return images, labels.astype(np.int64)
 
     train_images, train_labels = make(per_class)
     test_images, test_labels = make(test_per_class)
-    return ImageDataset(
-        train_images, train_labels, test_images, test_labels, tuple(classes), "synthetic"
-    )
+    return ImageDataset(train_images, train_labels, test_images, test_labels, tuple(classes), "synthetic")
 
 
 def config(tmp_path: Path, name: str = "run", **changes) -> TrainConfig:
@@ -76,17 +70,12 @@ def _stop_after(epoch: int):
 
 # ImageNet-sized ResNets take tens of seconds per few steps on a shared 2-core CPU.
 HEAVY_MODELS = {"resnet18", "resnet18_transfer", "resnet50_transfer"}
-SMALL_VARIANTS = {
-    "airbench": {"widths": (16, 32, 32)}
-}  # the learning check only; shapes use the defaults
+SMALL_VARIANTS = {"airbench": {"widths": (16, 32, 32)}}  # the learning check only; shapes use the defaults
 
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(i.name, marks=[pytest.mark.slow] if i.name in HEAVY_MODELS else [])
-        for i in list_models()
-    ],
+    [pytest.param(i.name, marks=[pytest.mark.slow] if i.name in HEAVY_MODELS else []) for i in list_models()],
 )
 def test_every_model_gives_logits_and_learns_a_fixed_batch(name):
     torch.manual_seed(0)
@@ -98,9 +87,7 @@ def test_every_model_gives_logits_and_learns_a_fixed_batch(name):
             3,
         )  # at the model's default input size
 
-    model = build_model(name, 3, (32, 32), **SMALL_VARIANTS.get(name, {})).to(
-        memory_format=torch.channels_last
-    )
+    model = build_model(name, 3, (32, 32), **SMALL_VARIANTS.get(name, {})).to(memory_format=torch.channels_last)
     x = torch.randn(6, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     if hasattr(model, "init_from_data"):
@@ -163,9 +150,7 @@ def test_train_writes_the_run_folder(tmp_path):
 
 @pytest.mark.slow
 def test_a_few_epochs_learn_the_synthetic_task(tmp_path):
-    result = engine.train(
-        config(tmp_path, epochs=4, augment=False), dataset=tiny_dataset(per_class=32)
-    )
+    result = engine.train(config(tmp_path, epochs=4, augment=False), dataset=tiny_dataset(per_class=32))
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0]
     assert result.metrics["test_accuracy"] >= 0.75
@@ -197,9 +182,7 @@ def test_a_fresh_run_refuses_an_existing_run_folder(tmp_path):
 
 
 def test_amp_on_the_cpu_warns_and_trains_in_float32(tmp_path, caplog):
-    result = engine.train(
-        config(tmp_path, epochs=1, amp=True, device="cpu"), dataset=tiny_dataset()
-    )
+    result = engine.train(config(tmp_path, epochs=1, amp=True, device="cpu"), dataset=tiny_dataset())
     assert "--amp needs a CUDA device" in caplog.text
     assert result.metrics["device"] == "cpu"
 
@@ -210,9 +193,7 @@ def test_evaluate_with_flip_tta_averages_logits():
     data = tiny_dataset()
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     plain = engine.evaluate(model, data.test_images, data.test_labels, mean=mean, std=std)
-    tta = engine.evaluate(
-        model, data.test_images, data.test_labels, mean=mean, std=std, tta=True, batch_size=5
-    )
+    tta = engine.evaluate(model, data.test_images, data.test_labels, mean=mean, std=std, tta=True, batch_size=5)
     x = (torch.from_numpy(data.test_images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
     with torch.no_grad():
         expected = torch.softmax((model(x) + model(x.flip(3))) / 2, dim=1).numpy()
@@ -234,15 +215,11 @@ def test_frozen_batch_norm_stays_in_eval_mode():
 
 def test_resume_after_an_interruption_ends_exactly_like_an_uninterrupted_run(tmp_path):
     # simple_cnn has dropout (the global torch RNG); augmentation uses the data generator; EMA is on.
-    settings = dict(
-        model="simple_cnn", epochs=2, ema=True, augment=True, schedule="cosine", warmup_epochs=0.5
-    )
+    settings = dict(model="simple_cnn", epochs=2, ema=True, augment=True, schedule="cosine", warmup_epochs=0.5)
     data = tiny_dataset()
     straight = engine.train(config(tmp_path, "straight", **settings), dataset=data)
     with pytest.raises(Interrupt):
-        engine.train(
-            config(tmp_path, "resumed", **settings), dataset=data, on_epoch_end=_stop_after(1)
-        )
+        engine.train(config(tmp_path, "resumed", **settings), dataset=data, on_epoch_end=_stop_after(1))
     assert load_checkpoint(tmp_path / "resumed").epoch == 1
     resumed = engine.train(config(tmp_path, "resumed", resume=True, **settings), dataset=data)
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
@@ -288,9 +265,7 @@ def _write_tree(root: Path, data: ImageDataset) -> Path:
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
-    tree = _write_tree(
-        tmp_path / "data", tiny_dataset(classes=("cat", "dog"), per_class=48, test_per_class=4)
-    )
+    tree = _write_tree(tmp_path / "data", tiny_dataset(classes=("cat", "dog"), per_class=48, test_per_class=4))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def command(out: str, *extra: str) -> list[str]:
@@ -299,9 +274,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
                 "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-report", *extra]  # fmt: skip
 
     subprocess.run(command("straight"), env=env, check=True, capture_output=True, timeout=300)
-    victim = subprocess.Popen(
-        command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    victim = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.monotonic() + 240
     while not checkpoint.exists() and victim.poll() is None and time.monotonic() < deadline:
@@ -311,9 +284,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
     assert victim.wait(timeout=30) == -signal.SIGKILL
     assert load_checkpoint(checkpoint).epoch == 1  # killed during epoch 2
 
-    resumed = subprocess.run(
-        command("killed", "--resume"), env=env, capture_output=True, text=True, timeout=300
-    )
+    resumed = subprocess.run(command("killed", "--resume"), env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(checkpoint)

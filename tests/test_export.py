@@ -61,9 +61,7 @@ def cnn_package(tmp_path_factory, data_32) -> tuple[Path, Path]:
     [pytest.param(info.name, marks=pytest.mark.slow) for info in list_models()],
 )
 def test_every_architecture_exports_both_formats_and_passes_the_gate(tmp_path, arch):
-    data = write_image_folder(
-        tmp_path / "data", size=get_model_info(arch).input_size, train=2, test=4
-    )
+    data = write_image_folder(tmp_path / "data", size=get_model_info(arch).input_size, train=2, test=4)
     run = write_run(tmp_path / "run", arch, data)
     result = export_package(export_config(run, tmp_path / "package"))
 
@@ -90,18 +88,14 @@ def test_onnx_graph_takes_uint8_pixels_with_a_dynamic_batch(cnn_package):
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [32, 32, 3]
     assert [o.name for o in model.graph.output] == [OUTPUT_PROBABILITIES, OUTPUT_LOGITS]
 
-    session = ort.InferenceSession(
-        str(package_dir / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
+    session = ort.InferenceSession(str(package_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 7):
         pixels = np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
         probabilities, logits = session.run(None, {INPUT_NAME: pixels})
         assert probabilities.shape == logits.shape == (batch, 3)
         assert probabilities.dtype == np.float32
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-        np.testing.assert_allclose(
-            probabilities, torch.softmax(torch.from_numpy(logits), 1).numpy(), atol=1e-6
-        )
+        np.testing.assert_allclose(probabilities, torch.softmax(torch.from_numpy(logits), 1).numpy(), atol=1e-6)
 
 
 @pytest.mark.slow
@@ -114,12 +108,8 @@ def test_exported_graphs_match_the_trained_model_on_the_same_pixels(cnn_package)
     model = checkpoint.build_model()
     pixels = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     with torch.no_grad():
-        expected = model(
-            to_model_input(torch.from_numpy(pixels), checkpoint.spec.mean, checkpoint.spec.std)
-        ).numpy()
-    session = ort.InferenceSession(
-        str(package_dir / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
+        expected = model(to_model_input(torch.from_numpy(pixels), checkpoint.spec.mean, checkpoint.spec.std)).numpy()
+    session = ort.InferenceSession(str(package_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     (onnx_logits,) = session.run([OUTPUT_LOGITS], {INPUT_NAME: pixels})
     np.testing.assert_allclose(onnx_logits, expected, atol=1e-4)
     module, _ = load_torchscript(package_dir / "model.ts")
@@ -142,9 +132,7 @@ def test_metadata_inside_the_files_and_the_manifest_round_trip(cnn_package):
         assert (meta["name"], meta["version"]) == (manifest["name"], manifest["version"])
     assert ort.InferenceSession(
         str(package_dir / "model.onnx"), providers=["CPUExecutionProvider"]
-    ).get_modelmeta().custom_metadata_map["visionserve.spec"] == json.dumps(
-        spec.to_dict(), sort_keys=True
-    )
+    ).get_modelmeta().custom_metadata_map["visionserve.spec"] == json.dumps(spec.to_dict(), sort_keys=True)
 
     assert manifest["format"] == PACKAGE_FORMAT
     assert ModelSpec.from_dict(manifest["spec"]) == spec
@@ -163,10 +151,7 @@ def test_metadata_inside_the_files_and_the_manifest_round_trip(cnn_package):
     assert manifest["source"]["checkpoint_sha256"] == sha256_file(run / "checkpoint.pt")
     assert datetime.fromisoformat(manifest["created_at"]).utcoffset().total_seconds() == 0
     assert set(manifest["metrics"]) == {"pytorch", "onnx", "torchscript"}
-    assert (
-        manifest["metrics"]["onnx"]["test_accuracy"]
-        == manifest["metrics"]["pytorch"]["test_accuracy"]
-    )
+    assert manifest["metrics"]["onnx"]["test_accuracy"] == manifest["metrics"]["pytorch"]["test_accuracy"]
     assert manifest["gate"]["passed"] is True
     assert manifest["gate"]["thresholds"]["fp32_max_abs_diff"] == 1e-4
 
@@ -174,27 +159,18 @@ def test_metadata_inside_the_files_and_the_manifest_round_trip(cnn_package):
 @pytest.mark.slow
 def test_int8_package_of_a_fitted_model_passes_the_gate(tmp_path, data_32):
     run = write_run(tmp_path / "run", "cnn_bn", data_32, fit_steps=15)
-    result = export_package(
-        export_config(run, tmp_path / "package", int8=True, calibration_size=16)
-    )
+    result = export_package(export_config(run, tmp_path / "package", int8=True, calibration_size=16))
 
     int8 = result.manifest["metrics"]["onnx-int8"]
-    assert (
-        int8["passed"]
-        and int8["test_accuracy"] >= result.manifest["metrics"]["pytorch"]["test_accuracy"] - 0.01
-    )
+    assert int8["passed"] and int8["test_accuracy"] >= result.manifest["metrics"]["pytorch"]["test_accuracy"] - 0.01
     assert result.manifest["files"]["model.int8.onnx"]["precision"] == "int8"
     model = onnx.load(str(result.package_dir / "model.int8.onnx"))
     ops = {node.op_type for node in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     producers = {output: node for node in model.graph.node for output in node.output}
-    assert (
-        producers[OUTPUT_PROBABILITIES].op_type == "Softmax"
-    )  # float probabilities, not 8-bit ones
-    assert {n.op_type for n in model.graph.node if INPUT_NAME in n.input}.isdisjoint(
-        {"QuantizeLinear"}
-    )
+    assert producers[OUTPUT_PROBABILITIES].op_type == "Softmax"  # float probabilities, not 8-bit ones
+    assert {n.op_type for n in model.graph.node if INPUT_NAME in n.input}.isdisjoint({"QuantizeLinear"})
     assert read_metadata(result.package_dir / "model.int8.onnx")["precision"] == "int8"
 
 
@@ -209,9 +185,7 @@ def _export_a_different_model(module, path, *, opset):
 
 
 @pytest.mark.slow
-def test_failed_gate_exits_non_zero_with_the_figures_and_leaves_nothing(
-    tmp_path, data_32, monkeypatch, capsys
-):
+def test_failed_gate_exits_non_zero_with_the_figures_and_leaves_nothing(tmp_path, data_32, monkeypatch, capsys):
     run = write_run(tmp_path / "run", "cnn_bn", data_32)
     out = tmp_path / "out" / "package"
     monkeypatch.setattr(pipeline, "export_onnx", _export_a_different_model)
@@ -234,9 +208,7 @@ def test_a_failure_after_the_gate_leaves_nothing_either(tmp_path, data_32, monke
 
     monkeypatch.setattr(pipeline, "register_package", refuse)
     with pytest.raises(RuntimeError, match="model store"):
-        export_package(
-            export_config(run, tmp_path / "out" / "package", bentoml=True, formats=("onnx",))
-        )
+        export_package(export_config(run, tmp_path / "out" / "package", bentoml=True, formats=("onnx",)))
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -250,9 +222,7 @@ def test_existing_package_is_kept_unless_overwrite(tmp_path, data_32):
     assert load_package(out).version == "1"
     second = export_package(export_config(run, out, formats=("onnx",), version="2", overwrite=True))
     assert load_package(out).version == "2" and second.package_dir == first.package_dir
-    assert [
-        p.name for p in tmp_path.iterdir() if p.name.startswith(".")
-    ] == []  # no staging or old copy left
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging or old copy left
 
 
 @pytest.mark.parametrize(
@@ -277,18 +247,14 @@ def test_cli_bad_input_is_one_line_and_non_zero(tmp_path, data_32, capsys, args,
 @pytest.mark.slow
 def test_cli_refuses_an_opset_the_exporter_cannot_write(tmp_path, data_32, capsys):
     run = write_run(tmp_path / "run", "cnn_bn", data_32)
-    code = cli.main(
-        ["--run", str(run), "--out", str(tmp_path / "package"), "--no-bentoml", "--opset", "13"]
-    )
+    code = cli.main(["--run", str(run), "--out", str(tmp_path / "package"), "--no-bentoml", "--opset", "13"])
     assert code == cli.EXIT_ERROR
     assert "could not write opset 13" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name == "package" or p.name.startswith(".")]
 
 
 def test_cli_refuses_a_missing_run(tmp_path, capsys):
-    code = cli.main(
-        ["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "package"), "--no-bentoml"]
-    )
+    code = cli.main(["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "package"), "--no-bentoml"])
     assert code == cli.EXIT_ERROR
     assert "is not a run folder" in capsys.readouterr().err
 

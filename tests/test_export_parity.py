@@ -87,9 +87,7 @@ def test_int8_needs_99_percent_top1_agreement(flips, passes):
 def test_int8_may_lose_at_most_one_point_of_test_accuracy():
     # One flip costs exactly 1 point against a perfect reference: allowed; with a half-point limit it fails.
     assert judge(flipped(1), "int8", reference_accuracy=1.0).passed
-    report = judge(
-        flipped(1), "int8", GateThresholds(int8_max_accuracy_drop=0.005), reference_accuracy=1.0
-    )
+    report = judge(flipped(1), "int8", GateThresholds(int8_max_accuracy_drop=0.005), reference_accuracy=1.0)
     assert not report.passed
     assert any("test accuracy 0.9900" in f for f in report.failures)
 

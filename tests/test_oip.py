@@ -98,9 +98,7 @@ def test_requested_probabilities_output_is_accepted():
         (json.dumps({"inputs": []}).encode(), '"inputs"'),
         (json.dumps({"inputs": [1]}).encode(), "JSON object"),
         (
-            json.dumps(
-                {"inputs": [{"name": "pixels", "shape": [1, 32, 32, 3], "datatype": "UINT8"}]}
-            ).encode(),
+            json.dumps({"inputs": [{"name": "pixels", "shape": [1, 32, 32, 3], "datatype": "UINT8"}]}).encode(),
             "data",
         ),
     ],
@@ -244,9 +242,7 @@ def parse_binary(raw: bytes, headers: dict[str, str]):
 
 def test_binary_pixels_and_binary_output_request():
     pixels = np.random.default_rng(2).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
-    raw, headers = binary_request(
-        pixels_input(pixels), pixels.tobytes(), parameters={"binary_data_output": True}
-    )
+    raw, headers = binary_request(pixels_input(pixels), pixels.tobytes(), parameters={"binary_data_output": True})
     parsed = parse_binary(raw, headers)
     np.testing.assert_array_equal(parsed.pixels, pixels)
     assert parsed.binary_output
@@ -331,9 +327,7 @@ def test_binary_response_layout():
     header = json.loads(response.body[:length])
     assert header["outputs"][0]["parameters"] == {"binary_data_size": 12}
     assert "data" not in header["outputs"][0]
-    np.testing.assert_array_equal(
-        np.frombuffer(response.body[length:], dtype="<f4"), probabilities.ravel()
-    )
+    np.testing.assert_array_equal(np.frombuffer(response.body[length:], dtype="<f4"), probabilities.ravel())
     assert response.media_type == "application/octet-stream"
 
 
@@ -343,22 +337,16 @@ def test_binary_response_layout():
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory) -> Classifier:
     package = make_color_package(tmp_path_factory.mktemp("oip") / "color")
-    settings = ServiceSettings(
-        model=str(package), device="cpu", max_batch_images=8, max_body_bytes=100_000
-    )
+    settings = ServiceSettings(model=str(package), device="cpu", max_batch_images=8, max_body_bytes=100_000)
     return Classifier(settings)
 
 
 @pytest.fixture(scope="module")
 def client(classifier):
-    app = (
-        http_api.create_app()
-    )  # the service's own Starlette app: its ApiError handler renders the JSON errors
+    app = http_api.create_app()  # the service's own Starlette app: its ApiError handler renders the JSON errors
     http_api.attach(app, classifier)  # mounts service.oip's routes
     with TestClient(app) as test_client:
-        test_client.portal.call(
-            classifier.start
-        )  # the batcher runs on the test client's event loop
+        test_client.portal.call(classifier.start)  # the batcher runs on the test client's event loop
         yield test_client
         test_client.portal.call(classifier.stop)
 
@@ -379,12 +367,8 @@ def test_model_metadata_describes_the_package(client, classifier):
         assert metadata["name"] == "color"
         assert metadata["versions"] == ["1"]
         assert metadata["platform"] == "onnx_onnxv1"
-        assert metadata["inputs"] == [
-            {"name": "pixels", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}
-        ]
-        assert metadata["outputs"] == [
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}
-        ]
+        assert metadata["inputs"] == [{"name": "pixels", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
+        assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]
         parameters = metadata["parameters"]
         assert parameters["classes"] == list(COLOR_CLASSES)
         assert parameters["sha256"] == classifier.package.sha256("onnx")
@@ -428,9 +412,7 @@ def test_infer_with_a_pixels_tensor_returns_each_images_own_class(client):
 
 def test_infer_with_encoded_images_on_the_version_path(client, classifier, monkeypatch):
     labels = ["green", "blue", "red"]
-    blobs = [
-        encode_png(color_pixels(label, size=(64, 48))[0]) for label in labels
-    ]  # resized by decode_image
+    blobs = [encode_png(color_pixels(label, size=(64, 48))[0]) for label in labels]  # resized by decode_image
     batches = []
     original_infer = classifier.infer
 
@@ -450,9 +432,7 @@ def test_infer_with_encoded_images_on_the_version_path(client, classifier, monke
 def test_infer_with_binary_tensor_data_in_and_out(client):
     labels = ["red", "blue"]
     pixels = np.concatenate([color_pixels(label) for label in labels])
-    raw, headers = binary_request(
-        pixels_input(pixels), pixels.tobytes(), parameters={"binary_data_output": True}
-    )
+    raw, headers = binary_request(pixels_input(pixels), pixels.tobytes(), parameters={"binary_data_output": True})
     response = client.post("/v2/models/color/infer", content=raw, headers=headers)
     assert response.status_code == 200, response.text
     length = int(response.headers["Inference-Header-Content-Length"])
@@ -493,9 +473,7 @@ def test_pickle_content_type_is_refused(client):
 
 
 def test_body_over_the_limit_is_413(client):
-    pixels = np.full(
-        (8, 32, 32, 3), 255, dtype=np.uint8
-    )  # about 15 KB of JSON per image: over 100,000 bytes
+    pixels = np.full((8, 32, 32, 3), 255, dtype=np.uint8)  # about 15 KB of JSON per image: over 100,000 bytes
     response = client.post("/v2/models/color/infer", content=body(pixels_input(pixels)))
     assert response.status_code == 413
     assert "limit" in response.json()["error"]
@@ -551,10 +529,8 @@ def test_served_v2_infer_under_concurrency_never_mixes_results(color_service):
 
     async def infer(http: httpx.AsyncClient, index: int, labels: list[str]) -> list[str]:
         pixels = np.concatenate([color_pixels(label) for label in labels])
-        if index % 2:  # half as encoded images, half as pixel tensors
-            tensor = images_input([encode_png(p) for p in pixels])
-        else:
-            tensor = pixels_input(pixels)
+        # Half as encoded images, half as pixel tensors.
+        tensor = images_input([encode_png(p) for p in pixels]) if index % 2 else pixels_input(pixels)
         response = await http.post("/v2/models/color/infer", content=body(tensor, id=str(index)))
         assert response.status_code == 200, response.text
         result = response.json()
@@ -565,9 +541,7 @@ def test_served_v2_infer_under_concurrency_never_mixes_results(color_service):
 
     async def all_at_once() -> list[list[str]]:
         async with httpx.AsyncClient(base_url=color_service.url, timeout=30) as http:
-            return await asyncio.gather(
-                *(infer(http, i, labels) for i, labels in enumerate(requests))
-            )
+            return await asyncio.gather(*(infer(http, i, labels) for i, labels in enumerate(requests)))
 
     assert asyncio.run(all_at_once()) == requests
 

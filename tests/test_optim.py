@@ -73,9 +73,7 @@ def test_frozen_parameters_are_left_out():
     model = build_model("cnn_bn", 10)
     model.features.requires_grad_(False)
     groups = optim.param_groups(model, lr=0.1, weight_decay=0.0)
-    assert {id(p) for g in groups for p in g["params"]} == {
-        id(p) for p in model.classifier.parameters()
-    }
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.classifier.parameters()}
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle", "step", "constant"])

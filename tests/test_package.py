@@ -96,9 +96,7 @@ def test_an_unknown_format_version_is_refused(package_dir, version):
 
 
 def test_a_foreign_manifest_is_refused(package_dir):
-    (package_dir / MANIFEST_NAME).write_text(
-        json.dumps({"format": "something-else", "format_version": 1})
-    )
+    (package_dir / MANIFEST_NAME).write_text(json.dumps({"format": "something-else", "format_version": 1}))
     with pytest.raises(PackageError, match="is not a visionserve-model-package manifest"):
         load_package(package_dir)
 
@@ -123,9 +121,7 @@ def onnx_with_external_weights(location: str) -> bytes:
     return model.SerializeToString()
 
 
-@pytest.mark.parametrize(
-    "location", ["../outside.bin", "../../etc/passwd", "/etc/passwd", "sub/../../outside.bin"]
-)
+@pytest.mark.parametrize("location", ["../outside.bin", "../../etc/passwd", "/etc/passwd", "sub/../../outside.bin"])
 def test_onnx_external_data_outside_the_folder_is_refused(package_dir, tmp_path, location):
     (tmp_path / "outside.bin").write_bytes(np.eye(3, dtype=np.float32).tobytes())
     write_files(package_dir, {"model.onnx": onnx_with_external_weights(location)})

@@ -108,9 +108,7 @@ def test_normalise_filters_shows_non_rgb_input_as_gray_first_channel():
     np.testing.assert_array_equal(tiles[..., 0], tiles[..., 1])
     np.testing.assert_array_equal(tiles[..., 0], tiles[..., 2])
     first = weights[0, 0]
-    np.testing.assert_allclose(
-        tiles[0, ..., 0], (first - first.min()) / (first.max() - first.min())
-    )
+    np.testing.assert_allclose(tiles[0, ..., 0], (first - first.min()) / (first.max() - first.min()))
 
 
 def test_write_run_report_writes_every_plot_as_a_valid_png(tmp_path):
@@ -130,9 +128,7 @@ def test_write_run_report_writes_every_plot_as_a_valid_png(tmp_path):
     assert all(path.parent == tmp_path / "plots" for path in written)
     for path in written:
         _assert_png(path)
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(
-        RUN_PLOTS
-    )  # no temp files left
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(RUN_PLOTS)  # no temp files left
 
 
 @pytest.mark.parametrize(
@@ -140,9 +136,7 @@ def test_write_run_report_writes_every_plot_as_a_valid_png(tmp_path):
     [(3, 1), (1, 7), (5, 64)],
     ids=["rgb-one", "gray-seven", "five-channel-64"],
 )
-def test_write_run_report_handles_any_first_conv_and_few_test_images(
-    tmp_path, in_channels, filters
-):
+def test_write_run_report_handles_any_first_conv_and_few_test_images(tmp_path, in_channels, filters):
     model = nn.Sequential(nn.Conv2d(in_channels, filters, 5), nn.Flatten())
     with torch.no_grad():
         model[0].weight[0].fill_(0.25)  # a constant filter must not produce NaN or a warning
@@ -177,9 +171,7 @@ def test_write_run_report_skips_filters_for_a_model_without_conv(tmp_path):
     assert {path.name for path in written} == RUN_PLOTS - {"filters.png"}
 
 
-@pytest.mark.parametrize(
-    "problem", ["empty-history", "wrong-class-count", "label-count", "gray-images"]
-)
+@pytest.mark.parametrize("problem", ["empty-history", "wrong-class-count", "label-count", "gray-images"])
 def test_write_run_report_rejects_inconsistent_input(tmp_path, problem):
     images, labels, probabilities = _test_set(6)
     history = _history(2)
@@ -254,9 +246,7 @@ def _write_run(
 
 
 def test_compare_runs_tables_each_runs_numbers_in_the_given_order(tmp_path):
-    plain = _write_run(
-        tmp_path, "plain", model="cnn_plain", epochs=3, accuracy=0.61234, seconds=42.0
-    )
+    plain = _write_run(tmp_path, "plain", model="cnn_plain", epochs=3, accuracy=0.61234, seconds=42.0)
     transfer = _write_run(
         tmp_path,
         "transfer",
@@ -306,9 +296,7 @@ def test_compare_runs_errors_name_the_folder_and_the_problem(tmp_path):
         "missing history.json": lambda: (broken / "history.json").unlink(),
         "config.json is not valid JSON": lambda: (broken / "config.json").write_text("{not json"),
         "metrics.json lacks test_accuracy": lambda: (broken / "metrics.json").write_text(
-            json.dumps(
-                {"model": "m", "data": "d", "epochs": 1, "train_seconds": 1, "parameters": 1}
-            )
+            json.dumps({"model": "m", "data": "d", "epochs": 1, "train_seconds": 1, "parameters": 1})
         ),
         "history.json must hold a JSON array": lambda: (broken / "history.json").write_text("{}"),
         "test_accuracy must be a number in [0, 1]": lambda: (broken / "metrics.json").write_text(
@@ -331,9 +319,7 @@ def test_compare_runs_errors_name_the_folder_and_the_problem(tmp_path):
         message = str(error.value)
         assert str(broken) in message and problem in message and "\n" not in message
         broken.rename(tmp_path / f"broken-{len(problem)}")
-        broken = _write_run(
-            tmp_path, "broken", model="cnn_plain", epochs=2, accuracy=0.5, seconds=10.0
-        )
+        broken = _write_run(tmp_path, "broken", model="cnn_plain", epochs=2, accuracy=0.5, seconds=10.0)
     with pytest.raises(ValueError, match="not a folder"):
         compare_runs([good, tmp_path / "absent"], tmp_path / "out")
     with pytest.raises(ValueError, match="no runs"):

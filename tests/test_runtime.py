@@ -13,7 +13,6 @@ from inference.runtime import CPU_PROVIDER, DeviceUnavailableError, Predictor
 from tests.color_package import COLOR_CLASSES, color_model, color_pixels, make_color_package
 
 
-
 def cuda_session_works() -> bool:
     """Whether ONNX Runtime really gets the CUDA provider here (it is listed as available even without a GPU)."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -24,17 +24,12 @@ from tests.service_servers import make_slow_color_package, start_server, stop_se
 
 
 def test_json_body_gives_image_bytes_and_top_k():
-    data, top_k = parse_json_image(
-        json.dumps({"image": base64.b64encode(b"abc").decode(), "top_k": 2}).encode()
-    )
+    data, top_k = parse_json_image(json.dumps({"image": base64.b64encode(b"abc").decode(), "top_k": 2}).encode())
     assert (data, top_k) == (b"abc", 2)
 
 
 def test_base64_accepts_a_data_url_prefix():
-    assert (
-        decode_base64("data:image/png;base64," + base64.b64encode(b"png bytes").decode())
-        == b"png bytes"
-    )
+    assert decode_base64("data:image/png;base64," + base64.b64encode(b"png bytes").decode()) == b"png bytes"
 
 
 @pytest.mark.parametrize(
@@ -108,18 +103,12 @@ def test_classify_multipart(client):
 
 @pytest.mark.e2e
 def test_classify_raw_body_with_query_top_k(client):
-    response = client.post(
-        "/classify?top_k=1", content=png("blue"), headers={"content-type": "image/png"}
-    )
+    response = client.post("/classify?top_k=1", content=png("blue"), headers={"content-type": "image/png"})
     assert labels(response) == ["blue"]
     jpeg = encoded("JPEG", "RGB", (0, 255, 0))
-    assert labels(
-        client.post("/classify?top_k=1", content=jpeg, headers={"content-type": "image/jpeg"})
-    ) == ["green"]
+    assert labels(client.post("/classify?top_k=1", content=jpeg, headers={"content-type": "image/jpeg"})) == ["green"]
     webp = encoded("WEBP", "RGB", (255, 0, 0), lossless=True)
-    assert labels(
-        client.post("/classify?top_k=1", content=webp, headers={"content-type": "image/webp"})
-    ) == ["red"]
+    assert labels(client.post("/classify?top_k=1", content=webp, headers={"content-type": "image/webp"})) == ["red"]
 
 
 @pytest.mark.e2e
@@ -183,27 +172,20 @@ def test_concurrent_requests_never_get_each_others_results(color_service):
     async def send_all():
         async with httpx.AsyncClient(base_url=color_service.url, timeout=30) as client:
             singles = [
-                client.post(
-                    "/classify?top_k=1", content=png(label), headers={"content-type": "image/png"}
-                )
+                client.post("/classify?top_k=1", content=png(label), headers={"content-type": "image/png"})
                 for label in expected
             ]
             batches = [
                 client.post(
                     "/classify_batch?top_k=1",
-                    files=[
-                        ("images", (f"{j}.png", png(COLOR_CLASSES[(i + j) % 3]))) for j in range(5)
-                    ],
+                    files=[("images", (f"{j}.png", png(COLOR_CLASSES[(i + j) % 3]))) for j in range(5)],
                 )
                 for i in range(6)
             ]
             return await asyncio.gather(*singles), await_results(await asyncio.gather(*batches))
 
     def await_results(responses):
-        return [
-            [r["predictions"][0]["label"] for r in response.json()["results"]]
-            for response in responses
-        ]
+        return [[r["predictions"][0]["label"] for r in response.json()["results"]] for response in responses]
 
     singles, batches = asyncio.run(send_all())
     assert [labels(r)[0] for r in singles] == expected
@@ -242,10 +224,7 @@ def test_metadata_reports_the_runtime_and_the_cpu_fallback(client):
     if metadata["device"] == "cuda":
         pytest.skip("a GPU is present: no fallback to observe")
     assert metadata["execution_provider"] == "CPUExecutionProvider"
-    assert (
-        metadata["requested_device"] == "auto"
-        and "CUDAExecutionProvider" in metadata["fallback_reason"]
-    )
+    assert metadata["requested_device"] == "auto" and "CUDAExecutionProvider" in metadata["fallback_reason"]
 
 
 @pytest.mark.e2e
@@ -278,25 +257,17 @@ def test_metadata_reports_the_runtime_and_the_cpu_fallback(client):
 def test_bad_requests_get_json_errors_never_500(client, path, content, content_type, status, code):
     if content is None:
         content = png("red")[:60]
-    assert_error(
-        client.post(path, content=content, headers={"content-type": content_type}), status, code
-    )
+    assert_error(client.post(path, content=content, headers={"content-type": content_type}), status, code)
 
 
 @pytest.mark.e2e
 def test_multipart_problems_are_400(client):
-    assert_error(
-        client.post("/classify", files={"picture": ("r.png", png("red"))}), 400, "missing_image"
-    )
-    assert_error(
-        client.post("/classify_batch", files={"other": ("r.png", png("red"))}), 400, "no_images"
-    )
+    assert_error(client.post("/classify", files={"picture": ("r.png", png("red"))}), 400, "missing_image")
+    assert_error(client.post("/classify_batch", files={"other": ("r.png", png("red"))}), 400, "no_images")
     too_many = [("images", (f"{i}.png", png("red"))) for i in range(9)]  # the test server allows 8
     assert_error(client.post("/classify_batch", files=too_many), 400, "too_many_images")
     broken = b"--xyz\r\nContent-Disposition: form-data; name=image\r\n\r\nabc"  # no final boundary
-    response = client.post(
-        "/classify", content=broken, headers={"content-type": "multipart/form-data; boundary=xyz"}
-    )
+    response = client.post("/classify", content=broken, headers={"content-type": "multipart/form-data; boundary=xyz"})
     assert response.status_code == 400, response.text
 
 
@@ -335,10 +306,7 @@ def complete_response(received: bytes) -> bool:
 @pytest.mark.e2e
 def test_a_declared_body_over_the_limit_is_413_without_reading_it(color_service):
     # Content-Length says 1 GB; only the head is ever sent, so an answer proves the body was not awaited.
-    head = (
-        b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-        b"Content-Length: 1000000000\r\n\r\n"
-    )
+    head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000000000\r\n\r\n"
     status, received = raw_http(color_service.url, head)
     assert status == 413 and b"body_too_large" in received
 
@@ -397,9 +365,7 @@ def test_ready_only_after_warm_up_then_overload_is_refused_fast_and_recovers(slo
     # Alive at once, but not ready while the warm-up batch runs (about a second).
     assert httpx.get(url + "/livez").status_code == 200
     assert httpx.get(url + "/readyz").status_code == 503
-    not_ready = httpx.post(
-        url + "/classify", content=png("red"), headers={"content-type": "image/png"}
-    )
+    not_ready = httpx.post(url + "/classify", content=png("red"), headers={"content-type": "image/png"})
     assert_error(not_ready, 503, "not_ready")
     wait_for(slow_service, "/readyz", timeout_s=60)
 

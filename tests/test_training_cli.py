@@ -48,9 +48,7 @@ def test_train_then_evaluate_then_compare(tree, tmp_path, capsys):
     assert metrics["class_names"] == ["cat", "dog"] and 0 <= metrics["test_accuracy"] <= 1
     assert (run / "plots" / "loss.png").is_file()
     config = json.loads((run / "config.json").read_text())
-    assert (
-        config["classes"] == ["cat", "dog"] and config["batch_size"] == 16 and config["lr"] == 0.05
-    )
+    assert config["classes"] == ["cat", "dog"] and config["batch_size"] == 16 and config["lr"] == 0.05
 
     before = _files(tmp_path)
     assert (
@@ -162,9 +160,7 @@ def test_bad_epochs_is_one_line(tree, tmp_path, capsys, epochs):
                 epochs,
             ]
         )
-    assert "argument --epochs: expected a positive integer" in _one_line_error(
-        capsys, exit_info.value.code
-    )
+    assert "argument --epochs: expected a positive integer" in _one_line_error(capsys, exit_info.value.code)
 
 
 def test_resume_of_a_missing_run_is_one_line(tmp_path, capsys):

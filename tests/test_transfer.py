@@ -93,10 +93,7 @@ def test_imagenet_weights_come_from_torchvisions_weights_api(monkeypatch, weight
 
     monkeypatch.setitem(transfer.IMAGENET_WEIGHTS, "resnet18_transfer", FakeWeights())
     model = _resnet()
-    assert (
-        transfer.load_pretrained(model, "resnet18_transfer", "imagenet")
-        == "imagenet (torchvision IMAGENET1K_V1)"
-    )
+    assert transfer.load_pretrained(model, "resnet18_transfer", "imagenet") == "imagenet (torchvision IMAGENET1K_V1)"
     assert FakeWeights.calls == [True]
     assert torch.equal(model.conv1.weight, state["conv1.weight"])
 
@@ -134,9 +131,7 @@ def test_frozen_mode_trains_only_the_head_and_keeps_bn_statistics():
     loss.backward()
     optimizer.step()
     after = _backbone(model)
-    assert all(
-        torch.equal(after[k], backbone_before[k]) for k in after
-    )  # weights and BN running stats
+    assert all(torch.equal(after[k], backbone_before[k]) for k in after)  # weights and BN running stats
     assert not torch.equal(model.fc.weight, head_before)
 
 
@@ -169,29 +164,21 @@ def test_transfer_from_our_own_checkpoint_to_other_classes(tmp_path):
         mode="frozen",
     )
     result = engine.train(target, dataset=tiny_dataset(classes=("c", "d", "e")))
-    assert result.metrics["pretrained"].startswith(
-        "checkpoint checkpoint.pt (cnn_bn, epoch 1) sha256:"
-    )
+    assert result.metrics["pretrained"].startswith("checkpoint checkpoint.pt (cnn_bn, epoch 1) sha256:")
     trained = result.model.state_dict()
     for key, value in source.model_state.items():
-        if not key.startswith(
-            "classifier."
-        ):  # frozen: the backbone, BN statistics included, is unchanged
+        if not key.startswith("classifier."):  # frozen: the backbone, BN statistics included, is unchanged
             assert torch.equal(trained[key], value), key
     assert trained["classifier.1.weight"].shape == (3, 4096)
     # The provenance survives a resume.
-    resumed = engine.train(
-        target.replace(epochs=2, resume=True), dataset=tiny_dataset(classes=("c", "d", "e"))
-    )
+    resumed = engine.train(target.replace(epochs=2, resume=True), dataset=tiny_dataset(classes=("c", "d", "e")))
     assert resumed.metrics["pretrained"] == result.metrics["pretrained"]
 
 
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
     engine.train(config(tmp_path, "source", epochs=1), dataset=tiny_dataset(classes=("a", "b")))
     with pytest.raises(TransferError, match="holds a 'cnn_bn' model, not 'lenet'"):
-        transfer.load_pretrained(
-            build_model("lenet", 3), "lenet", str(tmp_path / "source" / "checkpoint.pt")
-        )
+        transfer.load_pretrained(build_model("lenet", 3), "lenet", str(tmp_path / "source" / "checkpoint.pt"))
 
 
 def test_frozen_mode_needs_pretrained_weights(tmp_path):

@@ -20,9 +20,7 @@ import torch.nn.functional as F
 PREFETCH_BATCHES = 2  # batches prepared ahead by the background thread
 
 
-def to_model_input(
-    images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
+def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 channels_last, (pixels / 255 - mean) / std."""
     # Permuting NHWC to NCHW gives channels_last strides already; float() keeps them.
     x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
@@ -72,21 +70,15 @@ class Augmenter:
             # Whole-pixel shifts, like torchvision's RandomAffine (rounded) and RandomCrop (integer offsets).
             max_dx, max_dy = self.translate * width, self.translate * height
             crop = self.crop_padding
-            shift_x = uniform(-max_dx, max_dx).round() + _integer_shift(
-                n, crop, generator, x.device
-            )
-            shift_y = uniform(-max_dy, max_dy).round() + _integer_shift(
-                n, crop, generator, x.device
-            )
+            shift_x = uniform(-max_dx, max_dx).round() + _integer_shift(n, crop, generator, x.device)
+            shift_y = uniform(-max_dy, max_dy).round() + _integer_shift(n, crop, generator, x.device)
             # The flip rides along in the same resampling (cheaper than a separate masked flip).
             x = _affine(x, angle, shift_x, shift_y, flipped.to(x.device))
         elif self.flip:
             x = torch.where(flipped.to(x.device).view(n, 1, 1, 1), x.flip(3), x)
 
         if self.brightness:
-            x = x.mul_(uniform(1 - self.brightness, 1 + self.brightness).view(n, 1, 1, 1)).clamp_(
-                0, 1
-            )
+            x = x.mul_(uniform(1 - self.brightness, 1 + self.brightness).view(n, 1, 1, 1)).clamp_(0, 1)
         if self.contrast:
             # ColorJitter blends with the mean of the grayscale image (ITU-R 601-2 luma weights).
             luma = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
@@ -96,15 +88,11 @@ class Augmenter:
         return _normalise(x, self.mean, self.std)
 
 
-def _integer_shift(
-    n: int, padding: int, generator: torch.Generator, device: torch.device
-) -> torch.Tensor:
+def _integer_shift(n: int, padding: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """(N,) whole-pixel offsets uniform in [-padding, padding] (zeros when padding is 0)."""
     if not padding:
         return torch.zeros(n, device=device)
-    offsets = torch.randint(
-        -padding, padding + 1, (n,), generator=generator, device=generator.device
-    )
+    offsets = torch.randint(-padding, padding + 1, (n,), generator=generator, device=generator.device)
     return offsets.to(device=device, dtype=torch.float32)
 
 
@@ -162,20 +150,11 @@ def iterate_batches(
         tuple(mean),
         tuple(std),
     ):
-        raise ValueError(
-            "the augmenter normalises with a different mean/std than iterate_batches was given"
-        )
+        raise ValueError("the augmenter normalises with a different mean/std than iterate_batches was given")
     images = torch.as_tensor(images)
     labels = torch.as_tensor(labels, dtype=torch.int64)
-    if (
-        images.dtype != torch.uint8
-        or images.ndim != 4
-        or images.shape[3] != 3
-        or len(labels) != len(images)
-    ):
-        raise ValueError(
-            f"expected (N, H, W, 3) uint8 images and N labels, got {tuple(images.shape)} {images.dtype}"
-        )
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] != 3 or len(labels) != len(images):
+        raise ValueError(f"expected (N, H, W, 3) uint8 images and N labels, got {tuple(images.shape)} {images.dtype}")
     n = len(images)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -203,11 +182,7 @@ def _prefetched(images, labels, batch_indices, augmenter, seed, mean, std):
         try:
             for indices in batch_indices:
                 batch = images[indices]
-                x = (
-                    augmenter(batch, augment_generator)
-                    if augmenter
-                    else to_model_input(batch, mean, std)
-                )
+                x = augmenter(batch, augment_generator) if augmenter else to_model_input(batch, mean, std)
                 if not put((x, labels[indices])):
                     return
             put(done)

@@ -23,11 +23,7 @@ from training.config import (
 from training.data import DataError
 
 log = logging.getLogger("training")
-DEFAULTS = {
-    f.name: f.default
-    for f in dataclasses.fields(TrainConfig)
-    if f.default is not dataclasses.MISSING
-}
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
 TRAIN_EXAMPLES = """examples:
@@ -195,15 +191,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     flag("--cache-dir", help="where decoded dataset arrays are cached")
     flag("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     flag("--progress", action=toggle, help="progress bars on stderr")
-    p.add_argument(
-        "--report", action=toggle, default=True, help="write plots/*.png at the end (default: True)"
-    )
+    p.add_argument("--report", action=toggle, default=True, help="write plots/*.png at the end (default: True)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m training", description="Train, evaluate and compare image classifiers."
-    )
+    parser = _Parser(prog="python -m training", description="Train, evaluate and compare image classifiers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
@@ -215,9 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_flags(train)
 
-    evaluate = commands.add_parser(
-        "evaluate", help="accuracy of a run's checkpoint on a dataset's test split"
-    )
+    evaluate = commands.add_parser("evaluate", help="accuracy of a run's checkpoint on a dataset's test split")
     evaluate.add_argument("--run", required=True, help="run folder (or its checkpoint.pt)")
     evaluate.add_argument("--data", required=True, help="dataset source, as for train --data")
     evaluate.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -234,21 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=500,
         help="images per forward pass (default: 500)",
     )
-    evaluate.add_argument(
-        "--cache-dir", default=DEFAULTS["cache_dir"], help="decoded dataset cache"
-    )
+    evaluate.add_argument("--cache-dir", default=DEFAULTS["cache_dir"], help="decoded dataset cache")
     evaluate.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
 
     commands.add_parser("models", help="list the registered architectures")
     commands.add_parser("recipes", help="list the named training recipes and their settings")
 
-    compare = commands.add_parser(
-        "compare", help="compare finished runs: markdown table and overlay plot"
-    )
+    compare = commands.add_parser("compare", help="compare finished runs: markdown table and overlay plot")
     compare.add_argument("runs", nargs="+", type=Path, help="run folders")
-    compare.add_argument(
-        "--out", required=True, type=Path, help="folder for comparison.md and comparison.png"
-    )
+    compare.add_argument("--out", required=True, type=Path, help="folder for comparison.md and comparison.png")
     return parser
 
 

@@ -15,9 +15,7 @@ DEVICES = ("auto", "cuda", "cpu")
 
 # Fields a resumed run may change: where and how fast it runs, and how long (--epochs extends a run).
 # `out` too: the same folder may be named by another (relative or absolute) path.
-RESUMABLE_CHANGES = frozenset(
-    {"epochs", "resume", "device", "num_threads", "progress", "cache_dir", "out"}
-)
+RESUMABLE_CHANGES = frozenset({"epochs", "resume", "device", "num_threads", "progress", "cache_dir", "out"})
 
 
 class TrainingError(Exception):
@@ -56,9 +54,7 @@ class TrainConfig:
     amp: bool = False  # bfloat16 autocast, CUDA only
     channels_last: bool = True
     input_size: tuple[int, int] | None = None  # (H, W); None -> the model's default
-    arch_kwargs: dict[str, Any] = field(
-        default_factory=dict
-    )  # extra constructor arguments, e.g. airbench widths
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments, e.g. airbench widths
     ema: bool = False  # evaluate (and export) an exponential moving average of the weights
     ema_decay: float = 0.995  # per optimizer step
     tta: bool = False  # average logits over the image and its horizontal flip when evaluating
@@ -145,9 +141,7 @@ def validate(config: TrainConfig) -> None:
             f"input size must be (height, width) of at least 8 pixels, got {config.input_size}",
         )
     if config.num_threads is not None:
-        _require(
-            config.num_threads >= 1, f"num threads must be at least 1, got {config.num_threads}"
-        )
+        _require(config.num_threads >= 1, f"num threads must be at least 1, got {config.num_threads}")
     if config.train_per_class is not None:
         _require(
             config.train_per_class >= 1,
@@ -162,9 +156,7 @@ def validate(config: TrainConfig) -> None:
         )
         _require(config.pretrained_sha256 is None, "--pretrained-sha256 needs --pretrained")
     elif config.pretrained == "imagenet":
-        _require(
-            info.transfer, f"model {config.model!r} has no ImageNet weights; use a *_transfer model"
-        )
+        _require(info.transfer, f"model {config.model!r} has no ImageNet weights; use a *_transfer model")
     if config.pretrained_sha256 is not None:
         digest = config.pretrained_sha256.lower()
         _require(
@@ -184,9 +176,7 @@ def resumed_config(saved: dict[str, Any], changes: dict[str, Any]) -> TrainConfi
 def check_resumable(saved: TrainConfig, requested: TrainConfig) -> None:
     old, new = saved.to_dict(), requested.to_dict()
     differences = [
-        f"{k}={old[k]!r} (run) vs {new[k]!r} (now)"
-        for k in old
-        if k not in RESUMABLE_CHANGES and old[k] != new[k]
+        f"{k}={old[k]!r} (run) vs {new[k]!r} (now)" for k in old if k not in RESUMABLE_CHANGES and old[k] != new[k]
     ]
     _require(
         not differences,

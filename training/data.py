@@ -62,9 +62,7 @@ class ImageDataset:
     def image_size(self) -> tuple[int, int]:
         return tuple(self.train_images.shape[1:3])
 
-    def select(
-        self, class_names: Iterable[str], train_per_class: int | None = None, seed: int = 0
-    ) -> ImageDataset:
+    def select(self, class_names: Iterable[str], train_per_class: int | None = None, seed: int = 0) -> ImageDataset:
         """The subset of `class_names` (labels re-indexed to that order), with at most `train_per_class`
         training images per class drawn with `seed`; all their test images are kept. Dataset order is kept."""
         class_names = tuple(class_names)
@@ -173,15 +171,11 @@ def _read_archive(path: Path) -> list[tuple[str, bytes]]:
             for member in archive:
                 name = PurePosixPath(member.name)
                 if name.is_absolute() or ".." in name.parts:
-                    raise DataError(
-                        f"archive {path} has an unsafe member path {member.name!r}; refusing it"
-                    )
+                    raise DataError(f"archive {path} has an unsafe member path {member.name!r}; refusing it")
                 if member.isfile() and name.suffix.lower() in IMAGE_SUFFIXES:
                     images.append((name.as_posix(), archive.extractfile(member).read()))
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise DataError(
-            f"cannot read archive {path}: it is corrupt, truncated or not a tar ({exc})"
-        ) from None
+        raise DataError(f"cannot read archive {path}: it is corrupt, truncated or not a tar ({exc})") from None
     return images
 
 
@@ -199,9 +193,7 @@ _IMAGE_READERS: dict[str, Callable[[Path], list[tuple[str, bytes]]]] = {
 # ---- layout and decoding -----------------------------------------------------------------------
 
 
-def _decode_tree(
-    images: list[tuple[str, bytes]], source: str, size: tuple[int, int]
-) -> ImageDataset:
+def _decode_tree(images: list[tuple[str, bytes]], source: str, size: tuple[int, int]) -> ImageDataset:
     """(relative path, bytes) of a train/<class>/ + test/<class>/ tree -> decoded dataset."""
     if not images:
         raise DataError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {source}")
@@ -211,9 +203,7 @@ def _decode_tree(
     classes = {split: sorted({e[1] for e in entries if e[0] == split}) for split in SPLITS}
     for split in SPLITS:
         if not classes[split]:
-            raise DataError(
-                f"{source} has no {split}/ split (expected train/<class>/ and test/<class>/)"
-            )
+            raise DataError(f"{source} has no {split}/ split (expected train/<class>/ and test/<class>/)")
     if classes["train"] != classes["test"]:
         only_train = sorted(set(classes["train"]) - set(classes["test"]))
         only_test = sorted(set(classes["test"]) - set(classes["train"]))
@@ -258,13 +248,7 @@ def _split_class_entries(images: list[tuple[str, bytes]]) -> list[tuple[str, str
     parts = [PurePosixPath(path).parts for path, _ in images]
     tops = {p[0] for p in parts}
     # Wrapped: one top directory for everything, with train/ or test/ under it.
-    depth = (
-        1
-        if len(tops) == 1
-        and not tops & set(SPLITS)
-        and any(len(p) > 1 and p[1] in SPLITS for p in parts)
-        else 0
-    )
+    depth = 1 if len(tops) == 1 and not tops & set(SPLITS) and any(len(p) > 1 and p[1] in SPLITS for p in parts) else 0
     entries = []
     for p, (path, data) in zip(parts, images, strict=True):
         relative = p[depth:]
@@ -273,9 +257,7 @@ def _split_class_entries(images: list[tuple[str, bytes]]) -> list[tuple[str, str
     return sorted(entries, key=lambda e: e[:3])
 
 
-def _decode_all(
-    blobs: list[bytes], size: tuple[int, int]
-) -> tuple[np.ndarray, list[tuple[int, str]]]:
+def _decode_all(blobs: list[bytes], size: tuple[int, int]) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Decode on every core in chunks -> ((n_ok, H, W, 3) uint8 in input order, [(index, failure reason)])."""
     chunks = [blobs[i : i + DECODE_CHUNK] for i in range(0, len(blobs), DECODE_CHUNK)]
     decode = partial(_decode_chunk, size=size)
@@ -287,9 +269,7 @@ def _decode_all(
                 results = list(_with_progress(pool.map(decode, chunks), progress))
         else:
             results = list(_with_progress(map(decode, chunks), progress))
-    for start, (chunk_pixels, chunk_failures) in zip(
-        range(0, len(blobs), DECODE_CHUNK), results, strict=True
-    ):
+    for start, (chunk_pixels, chunk_failures) in zip(range(0, len(blobs), DECODE_CHUNK), results, strict=True):
         pixels.append(chunk_pixels)
         failures.extend((start + i, reason) for i, reason in chunk_failures)
     return np.concatenate(pixels) if pixels else np.zeros((0, *size, 3), np.uint8), failures
@@ -301,9 +281,7 @@ def _with_progress(results, progress: tqdm):
         yield chunk_pixels, chunk_failures
 
 
-def _decode_chunk(
-    blobs: list[bytes], size: tuple[int, int]
-) -> tuple[np.ndarray, list[tuple[int, str]]]:
+def _decode_chunk(blobs: list[bytes], size: tuple[int, int]) -> tuple[np.ndarray, list[tuple[int, str]]]:
     pixels, failures = [], []
     for i, data in enumerate(blobs):
         try:
@@ -356,12 +334,7 @@ def _resized(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return images
     from PIL import Image
 
-    return np.stack(
-        [
-            resize_to(Image.fromarray(image), size)
-            for image in tqdm(images, desc="resizing", disable=None)
-        ]
-    )
+    return np.stack([resize_to(Image.fromarray(image), size) for image in tqdm(images, desc="resizing", disable=None)])
 
 
 # ---- the array cache ----------------------------------------------------------------------------
@@ -421,11 +394,7 @@ def _file_sha256(path: Path, cache_dir: Path) -> str:
     except (OSError, ValueError):
         known = {}
     entry = known.get(str(path.resolve()))
-    if (
-        isinstance(entry, dict)
-        and {k: entry.get(k) for k in record} == record
-        and "sha256" in entry
-    ):
+    if isinstance(entry, dict) and {k: entry.get(k) for k in record} == record and "sha256" in entry:
         return entry["sha256"]
     digest = hashlib.sha256()
     with path.open("rb") as f:

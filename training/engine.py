@@ -67,9 +67,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu"
-        )
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu")
     return torch.device(name)
 
 
@@ -78,9 +76,7 @@ def ema_update(decay: float) -> Callable[[list, list, torch.Tensor], None]:
     updates, so that a short run's average is not dominated by the random initial weights."""
 
     @torch.no_grad()
-    def update(
-        averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor
-    ) -> None:
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         n = int(num_averaged)
         weight = 1 - min(decay, (1 + n) / (10 + n))
         if torch.is_floating_point(averaged[0]):
@@ -190,9 +186,7 @@ def evaluate(
     model.eval()
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     all_logits = []
-    for start in tqdm(
-        range(0, len(images), batch_size), desc="evaluate", disable=not progress, leave=False
-    ):
+    for start in tqdm(range(0, len(images), batch_size), desc="evaluate", disable=not progress, leave=False):
         pixels = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
         x = to_model_input(pixels, mean, std).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -238,9 +232,7 @@ def evaluate_run(
 def prepare_dataset(config: TrainConfig, input_size: tuple[int, int]) -> ImageDataset:
     dataset = load_dataset(config.data, cache_dir=Path(config.cache_dir), image_size=input_size)
     if config.classes is not None or config.train_per_class is not None:
-        dataset = dataset.select(
-            config.classes or dataset.class_names, config.train_per_class, seed=config.seed
-        )
+        dataset = dataset.select(config.classes or dataset.class_names, config.train_per_class, seed=config.seed)
     return dataset
 
 
@@ -268,9 +260,7 @@ def train(
     if dataset is None:
         dataset = prepare_dataset(config, input_size)
     if dataset.image_size != input_size:
-        raise TrainingError(
-            f"the dataset's images are {dataset.image_size}, the model expects {input_size}"
-        )
+        raise TrainingError(f"the dataset's images are {dataset.image_size}, the model expects {input_size}")
     spec = ModelSpec(
         arch=config.model,
         class_names=dataset.class_names,
@@ -299,11 +289,7 @@ def train(
     drop_last = num_train >= config.batch_size
     steps_per_epoch = max(1, num_train // config.batch_size) if drop_last else 1
     scheduler = optim.build_scheduler(optimizer, config, steps_per_epoch)
-    ema = (
-        AveragedModel(model, multi_avg_fn=ema_update(config.ema_decay), use_buffers=True)
-        if config.ema
-        else None
-    )
+    ema = AveragedModel(model, multi_avg_fn=ema_update(config.ema_decay), use_buffers=True) if config.ema else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     generator = torch.Generator().manual_seed(config.seed)  # data order and augmentation
     augmenter = None
@@ -353,9 +339,7 @@ def train(
             "train_images_per_second": stats["images"] / epoch_seconds,
         }
         history.append(row)
-        metrics = _metrics(
-            config, dataset, evaluated, evaluation, epoch, train_seconds, pretrained, device
-        )
+        metrics = _metrics(config, dataset, evaluated, evaluation, epoch, train_seconds, pretrained, device)
         save_checkpoint(
             run_dir / CHECKPOINT_NAME,
             Checkpoint(
@@ -365,9 +349,7 @@ def train(
                 epoch=epoch,
                 history=history,
                 metrics=metrics,
-                training_state=_training_state(
-                    model, ema, optimizer, scheduler, generator, device, train_seconds
-                ),
+                training_state=_training_state(model, ema, optimizer, scheduler, generator, device, train_seconds),
             ),
         )
         write_history(run_dir, history)
@@ -384,9 +366,7 @@ def train(
             evaluated, dataset.test_images, dataset.test_labels, mean=spec.mean, std=spec.std, device=device,
             tta=config.tta, amp=amp,
         )  # fmt: skip
-    metrics = _metrics(
-        config, dataset, evaluated, evaluation, len(history), train_seconds, pretrained, device
-    )
+    metrics = _metrics(config, dataset, evaluated, evaluation, len(history), train_seconds, pretrained, device)
     write_json_atomic(run_dir / "metrics.json", metrics)
     final = raw_module(evaluated).to("cpu").eval()
     return RunResult(
@@ -429,9 +409,7 @@ def _initial_model(
     try:
         model = build_model(config.model, spec.num_classes, spec.input_size, **config.arch_kwargs)
     except TypeError as exc:  # an arch kwarg the constructor does not take
-        raise ConfigError(
-            f"model {config.model!r} cannot be built with {config.arch_kwargs}: {exc}"
-        ) from None
+        raise ConfigError(f"model {config.model!r} cannot be built with {config.arch_kwargs}: {exc}") from None
     if config.pretrained is not None and config.mode == "frozen":
         transfer.freeze_backbone(model)
     if resumed is not None:
@@ -451,9 +429,7 @@ def _initial_model(
     return model, pretrained
 
 
-def _last_lr(
-    config: TrainConfig, scheduler: torch.optim.lr_scheduler.LambdaLR, steps_per_epoch: int
-) -> float:
+def _last_lr(config: TrainConfig, scheduler: torch.optim.lr_scheduler.LambdaLR, steps_per_epoch: int) -> float:
     """The base learning rate (lr_scale 1) of the last step taken."""
     total = config.epochs * steps_per_epoch
     warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
@@ -507,12 +483,8 @@ def _training_state(
     }
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
-    if (
-        ema is not None
-    ):  # the checkpoint's model_state is the EMA; keep the live weights and the EMA count too
-        state["live_model_state"] = {
-            k: v.detach().cpu() for k, v in raw_module(model).state_dict().items()
-        }
+    if ema is not None:  # the checkpoint's model_state is the EMA; keep the live weights and the EMA count too
+        state["live_model_state"] = {k: v.detach().cpu() for k, v in raw_module(model).state_dict().items()}
         state["ema_updates"] = ema.n_averaged.detach().cpu()
     return state
 

@@ -151,14 +151,20 @@ def _transfer_resnet(constructor: Callable[..., nn.Module], num_classes: int) ->
 
 
 @register_model(
-    "resnet18_transfer", "torchvision ResNet-18 with ImageNet weights and a new head", input_size=(64, 64), transfer=True
+    "resnet18_transfer",
+    "torchvision ResNet-18 with ImageNet weights and a new head",
+    input_size=(64, 64),
+    transfer=True,
 )
 def resnet18_transfer(num_classes: int, input_size=(64, 64)) -> nn.Module:
     return _transfer_resnet(torchvision.models.resnet18, num_classes)
 
 
 @register_model(
-    "resnet50_transfer", "torchvision ResNet-50 with ImageNet weights and a new head", input_size=(64, 64), transfer=True
+    "resnet50_transfer",
+    "torchvision ResNet-50 with ImageNet weights and a new head",
+    input_size=(64, 64),
+    transfer=True,
 )
 def resnet50_transfer(num_classes: int, input_size=(64, 64)) -> nn.Module:
     return _transfer_resnet(torchvision.models.resnet50, num_classes)

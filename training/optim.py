@@ -83,9 +83,7 @@ def build_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Opti
     try:
         make = OPTIMIZERS[config.optimizer]
     except KeyError:
-        raise ConfigError(
-            f"unknown optimizer {config.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"
-        ) from None
+        raise ConfigError(f"unknown optimizer {config.optimizer!r}; valid: {', '.join(OPTIMIZERS)}") from None
     return make(groups, config)
 
 

@@ -28,6 +28,22 @@ class Recipe:
     settings: Mapping[str, Any]  # TrainConfig field -> value; never data or out
 
 
+# airbench94's training ingredients, shared by the airbench recipes (see benchmarks/results/training.md).
+_AIRBENCH_TRAINING: dict[str, Any] = dict(
+    optimizer="sgd",
+    momentum=0.85,
+    nesterov=True,
+    schedule="onecycle",
+    label_smoothing=0.2,
+    bn_bias_lr_scale=16.0,
+    ema=True,
+    ema_decay=0.99,
+    tta=True,
+    augment=True,
+    **_LIGHT_AUGMENTATION,
+)
+
+
 def _recipe(name: str, description: str, **settings: Any) -> Recipe:
     return Recipe(name, description, MappingProxyType(settings))
 
@@ -42,20 +58,10 @@ RECIPES: dict[str, Recipe] = {
             arch_kwargs={"widths": [16, 32, 64]},
             epochs=5,
             batch_size=256,
-            optimizer="sgd",
             lr=0.4,
-            momentum=0.85,
-            nesterov=True,
             weight_decay=1e-3,
-            schedule="onecycle",
             warmup_epochs=0.2,
-            label_smoothing=0.2,
-            bn_bias_lr_scale=16.0,
-            ema=True,
-            ema_decay=0.99,
-            tta=True,
-            augment=True,
-            **_LIGHT_AUGMENTATION,
+            **_AIRBENCH_TRAINING,
         ),
         _recipe(
             "lesson",
@@ -81,20 +87,10 @@ RECIPES: dict[str, Recipe] = {
             arch_kwargs={"widths": [64, 256, 256]},
             epochs=10,
             batch_size=512,
-            optimizer="sgd",
             lr=0.75,
-            momentum=0.85,
-            nesterov=True,
             weight_decay=1.3e-3,
-            schedule="onecycle",
             warmup_epochs=0.5,
-            label_smoothing=0.2,
-            bn_bias_lr_scale=16.0,
-            ema=True,
-            ema_decay=0.99,
-            tta=True,
-            augment=True,
-            **_LIGHT_AUGMENTATION,
+            **_AIRBENCH_TRAINING,
         ),
     )
 }

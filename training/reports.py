@@ -33,9 +33,7 @@ class DataSource:
 
 # Sources whose accuracy needs a precise name: the JPEG copy is not the official CIFAR-10 pixels.
 _NAMED_SOURCES = {"cifar10": DataSource("CIFAR-10 (official)", 10)}  # source strings (not paths)
-_KNOWN_FILES = {
-    "cifar10-jpeg": DataSource("CIFAR-10 (JPEG q75)", 10)
-}  # archive or folder name, no suffix
+_KNOWN_FILES = {"cifar10-jpeg": DataSource("CIFAR-10 (JPEG q75)", 10)}  # archive or folder name, no suffix
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 # Config keys about where a run was written and how it reported, not how it trained: not compared.
@@ -54,9 +52,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
         raise ValueError(f"{labels.size} labels but {predictions.size} predictions")
     for name, values in (("labels", labels), ("predictions", predictions)):
         if values.size and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(
-                f"{name} must lie in [0, {num_classes}), got [{values.min()}, {values.max()}]"
-            )
+            raise ValueError(f"{name} must lie in [0, {num_classes}), got [{values.min()}, {values.max()}]")
     counts = np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
 
@@ -110,9 +106,7 @@ def write_run_report(
     if test_images.ndim != 4 or test_images.shape[-1] != 3:
         raise ValueError(f"test images must be (N, H, W, 3), got shape {test_images.shape}")
     if test_labels.shape != (count,):
-        raise ValueError(
-            f"{count} test images need labels of shape ({count},), got {test_labels.shape}"
-        )
+        raise ValueError(f"{count} test images need labels of shape ({count},), got {test_labels.shape}")
     if probabilities.shape != (count, spec.num_classes):
         raise ValueError(
             f"{count} test images and {spec.num_classes} classes need probabilities of shape"
@@ -124,15 +118,11 @@ def write_run_report(
 
     figures = {
         "loss.png": _curves_figure(history, "loss", "loss", f"{spec.arch}: loss per epoch", 1.0),
-        "accuracy.png": _curves_figure(
-            history, "accuracy", "accuracy (%)", f"{spec.arch}: accuracy per epoch", 100.0
-        ),
+        "accuracy.png": _curves_figure(history, "accuracy", "accuracy (%)", f"{spec.arch}: accuracy per epoch", 100.0),
         "confusion_matrix.png": _confusion_figure(
             confusion_matrix(test_labels, predictions, spec.num_classes), spec.class_names
         ),
-        "predictions.png": _predictions_figure(
-            test_images, test_labels, probabilities, spec.class_names
-        ),
+        "predictions.png": _predictions_figure(test_images, test_labels, probabilities, spec.class_names),
     }
     conv = first_conv(model)
     if conv is not None:
@@ -146,9 +136,7 @@ def _series(history: list[dict[str, Any]], key: str, scale: float) -> tuple[list
     return [int(row["epoch"]) for row in rows], [float(row[key]) * scale for row in rows]
 
 
-def _curves_figure(
-    history: list[dict[str, Any]], metric: str, ylabel: str, title: str, scale: float
-) -> Figure:
+def _curves_figure(history: list[dict[str, Any]], metric: str, ylabel: str, title: str, scale: float) -> Figure:
     figure, axes = _new_figure((6.4, 4.2))
     for split, style in (("train", "o-"), ("test", "s--")):
         epochs, values = _series(history, f"{split}_{metric}", scale)
@@ -232,9 +220,7 @@ def _predictions_figure(
     height = 2.0 * rows + 0.5
     figure = Figure(figsize=(1.7 * columns, height), dpi=DPI)
     FigureCanvasAgg(figure)
-    figure.subplots_adjust(
-        left=0.01, right=0.99, bottom=0.01, top=1 - 0.8 / height, wspace=0.1, hspace=0.5
-    )
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.8 / height, wspace=0.1, hspace=0.5)
     wrong = 0
     for slot, index in enumerate(chosen):
         axes = figure.add_subplot(rows, columns, slot + 1)
@@ -248,9 +234,7 @@ def _predictions_figure(
             fontsize=8,
             color="tab:red" if predicted != true else "black",
         )
-    figure.suptitle(
-        f"Predictions on {count} random test images ({wrong} wrong, in red)", fontsize=10
-    )
+    figure.suptitle(f"Predictions on {count} random test images ({wrong} wrong, in red)", fontsize=10)
     return figure
 
 
@@ -310,14 +294,10 @@ def load_run(run_dir: Path) -> RunRecord:
         raise ValueError(f"run {run_dir}: metrics.json lacks {', '.join(missing)}")
     accuracy = metrics["test_accuracy"]
     if not isinstance(accuracy, (int, float)) or not 0.0 <= accuracy <= 1.0:
-        raise ValueError(
-            f"run {run_dir}: metrics.json test_accuracy must be a number in [0, 1], got {accuracy!r}"
-        )
+        raise ValueError(f"run {run_dir}: metrics.json test_accuracy must be a number in [0, 1], got {accuracy!r}")
     for key in ("epochs", "train_seconds", "parameters"):
         if not isinstance(metrics[key], (int, float)):
-            raise ValueError(
-                f"run {run_dir}: metrics.json {key} must be a number, got {metrics[key]!r}"
-            )
+            raise ValueError(f"run {run_dir}: metrics.json {key} must be a number, got {metrics[key]!r}")
     for position, row in enumerate(history):
         if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
             raise ValueError(f"run {run_dir}: history.json row {position} has no integer epoch")
@@ -335,9 +315,7 @@ def _read_json(run_dir: Path, name: str, kind: type) -> Any:
     except json.JSONDecodeError as error:
         raise ValueError(f"run {run_dir}: {name} is not valid JSON ({error})") from None
     if not isinstance(value, kind):
-        raise ValueError(
-            f"run {run_dir}: {name} must hold a JSON {'object' if kind is dict else 'array'}"
-        )
+        raise ValueError(f"run {run_dir}: {name} must hold a JSON {'object' if kind is dict else 'array'}")
     return value
 
 
@@ -440,9 +418,7 @@ def _setting(config: dict[str, Any], key: str) -> str:
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     def line(cells: list[str]) -> str:
-        return (
-            "| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
-        )
+        return "| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
 
     return [line(header), line(["---"] * len(header)), *(line(row) for row in rows)]
 
@@ -467,9 +443,7 @@ def _comparison_figure(runs: list[RunRecord], names: list[str]) -> Figure:
         epochs, loss = _series(run.history, "train_loss", 1.0)
         loss_axes.plot(epochs, loss, "o-", markersize=3, color=line.get_color(), label=name)
     sources = sorted({data_label(str(run.metrics["data"])) for run in runs})
-    accuracy_axes.set(
-        xlabel="epoch", ylabel="test accuracy (%)", title=f"Test accuracy on {', '.join(sources)}"
-    )
+    accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"Test accuracy on {', '.join(sources)}")
     loss_axes.set(xlabel="epoch", ylabel="train loss", title="Train loss")
     for axes in (accuracy_axes, loss_axes):
         _integer_epochs(axes)

@@ -46,9 +46,7 @@ def load_pretrained(
     """
     if source == "imagenet":
         if arch not in IMAGENET_WEIGHTS:
-            raise TransferError(
-                f"model {arch!r} has no ImageNet weights; valid: {', '.join(IMAGENET_WEIGHTS)}"
-            )
+            raise TransferError(f"model {arch!r} has no ImageNet weights; valid: {', '.join(IMAGENET_WEIGHTS)}")
         weights = IMAGENET_WEIGHTS[arch]
         try:
             state = weights.get_state_dict(progress=progress)
@@ -61,14 +59,10 @@ def load_pretrained(
 
     path = Path(source)
     if not path.is_file():
-        raise TransferError(
-            f"pretrained weights file {path} does not exist (or pass --pretrained imagenet)"
-        )
+        raise TransferError(f"pretrained weights file {path} does not exist (or pass --pretrained imagenet)")
     digest = sha256_file(path)
     if sha256 is not None and digest != sha256.lower():
-        raise TransferError(
-            f"pretrained weights file {path} has sha256 {digest}, expected {sha256.lower()}"
-        )
+        raise TransferError(f"pretrained weights file {path} has sha256 {digest}, expected {sha256.lower()}")
     state, origin = _read_weights(path, arch)
     _load_backbone(model, state, str(path))
     return f"{origin} sha256:{digest}"
@@ -77,28 +71,20 @@ def load_pretrained(
 def _read_weights(path: Path, arch: str) -> tuple[dict[str, torch.Tensor], str]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for foreign files
-        raise TransferError(
-            f"{path} is not a readable weights file: {type(exc).__name__}: {str(exc)[:200]}"
-        ) from None
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for foreign files
+        raise TransferError(f"{path} is not a readable weights file: {type(exc).__name__}: {str(exc)[:200]}") from None
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         try:
             checkpoint = load_checkpoint(path)
         except CheckpointError as exc:
             raise TransferError(str(exc)) from None
         if checkpoint.spec.arch != arch:
-            raise TransferError(
-                f"checkpoint {path} holds a {checkpoint.spec.arch!r} model, not {arch!r}"
-            )
+            raise TransferError(f"checkpoint {path} holds a {checkpoint.spec.arch!r} model, not {arch!r}")
         return (
             checkpoint.model_state,
             f"checkpoint {path.name} ({checkpoint.spec.arch}, epoch {checkpoint.epoch})",
         )
-    if not isinstance(payload, dict) or not all(
-        isinstance(v, torch.Tensor) for v in payload.values()
-    ):
+    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
         raise TransferError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
     return payload, "file"
 
@@ -115,9 +101,7 @@ def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], origin: str
             f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
         )
     wrong = [
-        f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if given[k].shape != v.shape
+        f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if given[k].shape != v.shape
     ]
     if wrong:
         raise TransferError(f"weights from {origin} have other shapes: {', '.join(wrong[:3])}")
