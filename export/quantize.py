@@ -52,8 +52,10 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: np.ndarr
         raise ValueError("int8 quantisation needs at least one calibration image")
     with tempfile.TemporaryDirectory(prefix="quantize-") as scratch:
         # Shape inference and graph optimisation first, as ONNX Runtime recommends before quantising.
+        # ONNX's own shape inference suffices for these static-shape CNNs; ONNX Runtime's symbolic one
+        # crashes on the Reshape of the airbench net's exported graph.
         prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
             str(int8_path),

@@ -54,15 +54,10 @@ def create_app() -> Starlette:
 
 
 def attach(app: Starlette, classifier: Classifier) -> None:
-    """Give the routes their classifier and mount the Open Inference Protocol routes (service/oip.py) if present."""
+    """Give the routes their classifier and mount the Open Inference Protocol (/v2) routes."""
+    from service import oip  # imported here: oip builds on this module's body reading
+
     app.state.classifier = classifier
-    try:
-        from service import oip
-    except ModuleNotFoundError as exc:
-        if exc.name != "service.oip":
-            raise
-        log.warning("service/oip.py is missing: the Open Inference Protocol (/v2) routes are not served")
-        return
     app.router.routes.extend(oip.routes(classifier))
 
 
