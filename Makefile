@@ -24,12 +24,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job: train the quick recipe, export a verified package, serve it on http://127.0.0.1:$(PORT).
+# Each step runs only when its output is missing, so a second `make demo` goes straight to serving.
 demo: export serve
 
-train: setup
-	$(PY) -m training train --recipe quick --data $(DATA) --out $(RUN)
+train: $(RUN)/metrics.json
 
-export: train
+# metrics.json is written when the last epoch ends; a run interrupted before that is resumed.
+$(RUN)/metrics.json: | setup
+	$(PY) -m training train --recipe quick --data $(DATA) --out $(RUN) $(if $(wildcard $(RUN)/checkpoint.pt),--resume)
+
+export: $(PACKAGE)/manifest.json
+
+$(PACKAGE)/manifest.json: $(RUN)/metrics.json
 	$(PY) -m export --run $(RUN) --out $(PACKAGE) --overwrite --name visionserve-classifier
 
 serve: setup
