@@ -44,7 +44,7 @@ from service.batch_scoring import decode_chunk
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "batch_bench"
 RESULTS = REPO / "benchmarks" / "results" / "batch_scoring.md"
-DEFAULT_ARCHIVE = Path("/work/shared/data/cifar10-jpeg.tar.gz")
+DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"  # the offline copy beside the repo
 BATCH_SIZES = (16, 32, 64, 128, 256)
 
 

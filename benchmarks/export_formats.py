@@ -44,7 +44,7 @@ from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # 
 from training.models import build_model, get_model_info  # noqa: E402
 
 DEFAULT_MODELS = ("cnn_bn", "resnet18")
-DEFAULT_DATA = "/work/shared/data/cifar10-jpeg.tar.gz"
+DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz")  # beside the repo
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",

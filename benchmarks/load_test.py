@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ARCHIVE = Path("/work/shared/data/cifar10-jpeg.tar.gz")
+DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"  # the offline copy beside the repo
 CACHE = REPO / ".cache" / "bench"
 RESULTS = REPO / "benchmarks" / "results"
 CIFAR10_CLASSES = (
