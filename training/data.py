@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from inference.files import atomic_write
 from inference.imaging import ImageDecodeError, decode_image, resize_to
+from inference.package import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +382,8 @@ def _write_cache(cache_file: Path, dataset: ImageDataset) -> None:
         "skipped_paths": np.array([path for path, _ in dataset.skipped], dtype=str),
         "skipped_reasons": np.array([reason for _, reason in dataset.skipped], dtype=str),
     }
-    _write_atomically(cache_file, lambda f: np.savez(f, **arrays))
+    with atomic_write(cache_file) as f:
+        np.savez(f, **arrays)
 
 
 def _file_sha256(path: Path, cache_dir: Path) -> str:
@@ -396,19 +398,12 @@ def _file_sha256(path: Path, cache_dir: Path) -> str:
     entry = known.get(str(path.resolve()))
     if isinstance(entry, dict) and {k: entry.get(k) for k in record} == record and "sha256" in entry:
         return entry["sha256"]
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    known[str(path.resolve())] = {**record, "sha256": digest.hexdigest()}
-    _write_atomically(hashes_file, lambda f: f.write(json.dumps(known, indent=1).encode()))
-    return digest.hexdigest()
+    digest = sha256_file(path)
+    known[str(path.resolve())] = {**record, "sha256": digest}
+    with atomic_write(hashes_file, "w") as f:
+        f.write(json.dumps(known, indent=1))
+    return digest
 
 
 def _short_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _write_atomically(path: Path, write: Callable) -> None:
-    with atomic_write(path) as f:
-        write(f)
