@@ -12,11 +12,29 @@ import asyncio
 
 import bentoml
 
+from inference.package import ModelPackage, PackageError
 from service import http_api
-from service.classifier import Classifier
-from service.settings import ServiceSettings
+from service.classifier import Classifier, resolve_package
+from service.settings import ServiceSettings, SettingsError
 
-SETTINGS = ServiceSettings.from_env()  # read once at import: a bad variable stops the server before it starts
+
+def checked_configuration() -> tuple[ServiceSettings, ModelPackage]:
+    """The settings and the verified package, or exit with the one-line reason.
+
+    Runs at import, so in `bentoml serve`'s own process before any worker starts: a bad variable or a missing,
+    tampered or unknown package (or one without the chosen backend's file) stops the command, instead of a
+    worker that fails in __init__ and that BentoML restarts forever. Each worker re-verifies its own copy.
+    """
+    try:
+        settings = ServiceSettings.from_env()
+        package = resolve_package(settings.model)
+        package.model_path(settings.backend)
+    except (SettingsError, PackageError, FileNotFoundError) as exc:
+        raise SystemExit(f"visionserve: cannot serve: {exc}") from None
+    return settings, package
+
+
+SETTINGS, PACKAGE = checked_configuration()
 app = http_api.create_app()
 
 
@@ -32,7 +50,7 @@ class ImageClassifier:
     def __init__(self) -> None:
         # Verifies the package's checksums and creates the runtime session; fails loudly (e.g. device=cuda
         # without a usable GPU, a tampered file) so the server never starts half-working.
-        self.classifier = Classifier(SETTINGS)
+        self.classifier = Classifier(SETTINGS, PACKAGE)
         http_api.attach(app, self.classifier)
         self._warm_up: asyncio.Task | None = None
 

@@ -6,7 +6,10 @@ import asyncio
 import base64
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from urllib.parse import urlsplit
 
@@ -17,8 +20,16 @@ from PIL import Image
 from inference.imaging import encode_png
 from service.errors import ApiError
 from service.http_api import decode_base64, parse_json_image
-from tests.color_package import COLOR_CLASSES, color_pixels
-from tests.service_servers import make_slow_color_package, start_server, stop_server, wait_for
+from tests.color_package import COLOR_CLASSES, color_pixels, make_color_package
+from tests.service_servers import (
+    REPO,
+    SERVICE,
+    free_port,
+    make_slow_color_package,
+    start_server,
+    stop_server,
+    wait_for,
+)
 
 # --- parsing, without a server ----------------------------------------------------------------------------------
 
@@ -402,3 +413,39 @@ def test_ready_only_after_warm_up_then_overload_is_refused_fast_and_recovers(slo
         timeout=60,
     )
     assert labels(after) == ["blue"]
+
+
+# --- a configuration that cannot serve stops `bentoml serve` at once -------------------------------------------------
+
+
+def serve_exit(package, settings: dict[str, str], work_dir) -> tuple[int, str]:
+    """Run `bentoml serve` as a user would; (exit code, output) if it stops within a minute."""
+    env = {**os.environ, "VISIONSERVE_MODEL": str(package), "BENTOML_HOME": str(work_dir / "bentoml"), **settings}
+    command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--port", str(free_port())]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "problem, settings, message",
+    [
+        ("missing", {}, "does not exist"),
+        ("tampered", {}, "fails its checksum"),
+        ("no int8 file", {"VISIONSERVE_BACKEND": "onnx-int8"}, "has no onnx-int8 model"),
+        ("bad setting", {"VISIONSERVE_MAX_QUEUE": "many"}, "VISIONSERVE_MAX_QUEUE='many' is not a valid int"),
+    ],
+)
+def test_serve_exits_with_one_line_when_it_cannot_serve(tmp_path, problem, settings, message):
+    # Before, a bad package failed each worker's __init__ and BentoML restarted the worker forever.
+    package = make_color_package(tmp_path / "package")
+    if problem == "missing":
+        package = tmp_path / "no-such-package"
+    if problem == "tampered":
+        model = package / "model.onnx"
+        model.write_bytes(model.read_bytes() + b"\0")
+    code, output = serve_exit(package, settings, tmp_path)
+    assert code == 1
+    last_line = output.strip().splitlines()[-1]
+    assert last_line.startswith("visionserve: cannot serve: ") and message in last_line
+    assert "Traceback" not in output
