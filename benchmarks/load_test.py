@@ -394,11 +394,17 @@ def best_rate(phases: list[Phase]) -> float:
     return max(p.requests_per_second for p in phases)
 
 
+def worker_suffix(workers: int) -> str:
+    """Server names: "noop" and "small-cnn" with one worker, "noop-2w" and "small-cnn-2w" with two."""
+    return "" if workers == 1 else f"-{workers}w"
+
+
 def run(args: argparse.Namespace) -> dict:
     from benchmarks.raw_engine import best, measure_engine
     from inference.runtime import Predictor
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    small_workers = [int(w) for w in args.small_workers.split(",")]
     small_package = args.small_package or random_weight_package(args.small_arch, args.data)[0]
     if args.resnet_package:
         resnet_package, resnet_run = args.resnet_package, args.resnet_run
@@ -415,6 +421,7 @@ def run(args: argparse.Namespace) -> dict:
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "images": len(images),
+            "small_workers": small_workers,
             "overload_queue": args.overload_queue,
             "overload_concurrency": args.overload_concurrency,
         },  # fmt: skip
@@ -444,11 +451,13 @@ def run(args: argparse.Namespace) -> dict:
     def model_env(package: Path, **extra: str) -> dict[str, str]:
         return {"VISIONSERVE_MODEL": str(package), "VISIONSERVE_DEVICE": "cpu", **extra}
 
-    servers = [
-        ("noop", NOOP_SERVICE, {}),
-        ("small-cnn", SERVICE, model_env(small_package)),
-        ("resnet18", SERVICE, model_env(resnet_package)),
-    ]
+    # The small CNN and its no-op floor at each worker count, side by side (a pair per count).
+    servers = []
+    for workers in small_workers:
+        env = {"VISIONSERVE_WORKERS": str(workers)}
+        servers.append((f"noop{worker_suffix(workers)}", NOOP_SERVICE, env))
+        servers.append((f"small-cnn{worker_suffix(workers)}", SERVICE, model_env(small_package, **env)))
+    servers.append(("resnet18", SERVICE, model_env(resnet_package)))
     if resnet_run:
         servers.append(("resnet18-naive", NAIVE_SERVICE, {"VISIONSERVE_NAIVE_RUN": str(resnet_run)}))
     sweeps: dict[str, list[Phase]] = {}
@@ -490,14 +499,15 @@ def run(args: argparse.Namespace) -> dict:
             overload.append(phase)
         results["phases"].extend(asdict(p) for p in overload)
 
-    noop, small, resnet = (
-        best_rate(sweeps["noop"]),
-        best_rate(sweeps["small-cnn"]),
-        best_rate(sweeps["resnet18"][:-1]),
-    )
+    resnet = best_rate(sweeps["resnet18"][:-1])
     raw = best([result for run in engine_runs for result in run])
     results["comparisons"] = {
-        "small_cnn_vs_noop": round(small / noop, 3),
+        f"small_cnn_vs_noop{worker_suffix(w)}": round(
+            best_rate(sweeps[f"small-cnn{worker_suffix(w)}"]) / best_rate(sweeps[f"noop{worker_suffix(w)}"]), 3
+        )
+        for w in small_workers
+    }
+    results["comparisons"] |= {
         "resnet18_vs_raw_engine": round(resnet / raw.images_per_second, 3),
         "raw_engine_best_batch": raw.batch_size,
     }
@@ -538,7 +548,11 @@ def markdown(results: dict) -> str:
         "",
         "## Comparisons",
         "",
-        f"- small CNN /classify vs the no-op endpoint (best requests/s each): **{c['small_cnn_vs_noop']:.1%}** (target >= 90%)",
+        *(
+            f"- small CNN /classify vs the no-op endpoint, {w} worker{'s' * (w > 1)} each (best requests/s each): "
+            f"**{c['small_cnn_vs_noop' + worker_suffix(w)]:.1%}** (target >= 90%)"
+            for w in s["small_workers"]
+        ),
         f"- ResNet-18 /classify vs the raw ONNX Runtime session at its best batch size ({c['raw_engine_best_batch']}): "
         f"**{c['resnet18_vs_raw_engine']:.1%}** of its images/s (target >= 80%)",
     ]
@@ -615,6 +629,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--images", type=int, default=2000, help="distinct test JPEGs to cycle through")
     parser.add_argument("--concurrency", default="1,8,32,128", help="comma-separated closed-loop concurrencies")
+    parser.add_argument(
+        "--small-workers",
+        default="1,2",
+        help="comma-separated worker counts (VISIONSERVE_WORKERS) for the no-op and small-CNN servers",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per phase")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each phase's window")
     parser.add_argument("--engine-seconds", type=float, default=3.0, help="raw engine measuring time per batch size")

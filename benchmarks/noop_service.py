@@ -2,10 +2,12 @@
 
 `bentoml serve benchmarks.noop_service:NoopClassifier`: the same server settings and Starlette mount as
 service.service (one worker), the multipart body read and parsed, no decode and no model; it answers a fixed
-prediction of the same shape as /classify's.
+prediction of the same shape as /classify's default answer (top 5).
 """
 
 from __future__ import annotations
+
+import os
 
 import bentoml
 from starlette.applications import Starlette
@@ -17,7 +19,7 @@ from starlette.routing import Route
 FIXED_ANSWER = {
     "model": "noop",
     "version": "0",
-    "predictions": [{"label": "noop", "index": 0, "probability": 1.0}],
+    "predictions": [{"label": f"class-{i}", "index": i, "probability": 0.2} for i in range(5)],
 }
 
 
@@ -34,6 +36,6 @@ app = Starlette(routes=[Route("/classify", classify, methods=["POST"])])
 
 
 @bentoml.asgi_app(app, path="/")
-@bentoml.service(name="visionserve-noop", workers=1)
+@bentoml.service(name="visionserve-noop", workers=int(os.environ.get("VISIONSERVE_WORKERS", "1")))
 class NoopClassifier:
     pass

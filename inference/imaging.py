@@ -38,6 +38,11 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Encoded image bytes -> (H, W, 3) uint8 RGB array of the model's `size` = (H, W)."""
+    return to_pixels(open_image(data, max_pixels=max_pixels), size)
+
+
+def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read and check the header only (format, pixel count); nothing is decoded yet. Finish with to_pixels."""
     if not data:
         raise ImageDecodeError("empty", "the image is empty (0 bytes)")
     with warnings.catch_warnings():
@@ -50,16 +55,23 @@ def decode_image(
             raise ImageDecodeError("too_large", "the image header declares too many pixels") from None
         except (OSError, SyntaxError, ValueError) as exc:  # a recognised header cut short or malformed
             raise ImageDecodeError("corrupt", f"the image header is truncated or corrupt: {exc}") from None
-        if image.format not in ACCEPTED_FORMATS:
-            raise ImageDecodeError(
-                "unsupported_format",
-                f"image format {image.format} is not accepted; send one of {sorted(ACCEPTED_FORMATS)}",
-            )
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageDecodeError(
-                "too_large", f"the image has {width}x{height} pixels, more than the limit of {max_pixels}"
-            )
+    if image.format not in ACCEPTED_FORMATS:
+        raise ImageDecodeError(
+            "unsupported_format",
+            f"image format {image.format} is not accepted; send one of {sorted(ACCEPTED_FORMATS)}",
+        )
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            "too_large", f"the image has {width}x{height} pixels, more than the limit of {max_pixels}"
+        )
+    return image
+
+
+def to_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """An image from open_image -> (H, W, 3) uint8: decoded, EXIF-oriented, converted to RGB, resized."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image.load()
             image = ImageOps.exif_transpose(image)

@@ -7,9 +7,7 @@ runtime directly, so every inference path goes through the same batching, limits
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,9 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from inference.imaging import ACCEPTED_FORMATS, ImageDecodeError, decode_image
+from inference.imaging import ImageDecodeError, open_image, to_pixels
 from inference.package import ModelPackage, load_package
-from inference.runtime import Predictor, cpu_threads
+from inference.runtime import Predictor
 from service.batcher import Batcher
 from service.errors import ApiError
 from service.metrics import service_metrics
@@ -27,8 +25,8 @@ from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
-# Images whose headers declare at most this many pixels in total are decoded on the event loop (a 32x32
-# PNG took about 0.1-0.4 ms here, a thread hop as much again); more goes to the decode threads.
+# Requests whose images' headers declare at most this many pixels in total are decoded on the event loop (a
+# 32x32 JPEG took about 0.1 ms here, a thread hop as much again); more goes to the decode threads.
 INLINE_DECODE_MAX_PIXELS = 128 * 128
 
 
@@ -49,19 +47,6 @@ def resolve_package(model: str) -> ModelPackage:
     return load_package(stored.path)
 
 
-def declared_pixels(images: list[bytes]) -> float:
-    """Total width * height from the images' headers (read lazily, nothing decoded); inf if one is unreadable."""
-    total = 0
-    for data in images:
-        try:
-            with Image.open(io.BytesIO(data), formats=sorted(ACCEPTED_FORMATS)) as image:
-                width, height = image.size
-        except Exception:  # any problem is reported by the real decode, in the pool
-            return math.inf
-        total += width * height
-    return total
-
-
 class Classifier:
     """Load + verify the package, create the runtime, warm up, and serve `infer` through the batcher."""
 
@@ -73,7 +58,7 @@ class Classifier:
             self.package,
             backend=settings.backend,
             device=settings.device,
-            intra_op_threads=settings.threads or None,
+            intra_op_threads=settings.threads_per_worker,
         )
         self.info = self.predictor.info
         self.metrics = service_metrics()
@@ -132,40 +117,46 @@ class Classifier:
             self._decode_pool = None
 
     def _pool(self) -> ThreadPoolExecutor:
-        # Decoding runs off the event loop; one thread per core (Pillow releases the GIL while decoding).
+        # Decoding runs off the event loop; one thread per core of this worker (Pillow releases the GIL).
         if self._decode_pool is None:
-            self._decode_pool = ThreadPoolExecutor(max_workers=cpu_threads(), thread_name_prefix="decode")
+            self._decode_pool = ThreadPoolExecutor(
+                max_workers=self.settings.threads_per_worker, thread_name_prefix="decode"
+            )
         return self._decode_pool
-
-    def decode(self, data: bytes) -> np.ndarray:
-        """Encoded image -> (H, W, 3) uint8 at the model's input size; bad input -> ApiError (400/413/415)."""
-        try:
-            return decode_image(data, self.spec.input_size, max_pixels=self.settings.max_image_pixels)
-        except ImageDecodeError as exc:
-            raise ApiError.from_decode_error(exc) from None
 
     async def decode_many(self, images: list[bytes]) -> list[np.ndarray | ApiError]:
         """Decode each image; each entry is the pixels or that image's own error.
 
-        Small images (by their header) are decoded right here: that is mostly Python work under the GIL,
-        cheaper than a hop to a thread. Anything bigger goes to the thread pool, in parallel, so that the
-        event loop keeps serving while Pillow decodes and resizes (it releases the GIL for that).
+        Headers are read right here (microseconds; that refuses a bad format or size without a thread hop).
+        Small images are then decoded here too: mostly Python work under the GIL, cheaper than a hop to a
+        thread. Anything bigger is decoded in the thread pool, in parallel, so that the event loop keeps
+        serving while Pillow decodes and resizes (it releases the GIL for that).
         """
-        if declared_pixels(images) <= INLINE_DECODE_MAX_PIXELS:
-            return [self._decode_or_error(data) for data in images]
+        opened = [self._open_or_error(data) for data in images]
+        pixels = sum(image.width * image.height for image in opened if isinstance(image, Image.Image))
+        if pixels <= INLINE_DECODE_MAX_PIXELS:
+            return [self._finish_or_error(image) for image in opened]
         loop = asyncio.get_running_loop()
         with self.batcher.incoming():
             return list(
                 await asyncio.gather(
-                    *(loop.run_in_executor(self._pool(), self._decode_or_error, data) for data in images)
+                    *(loop.run_in_executor(self._pool(), self._finish_or_error, image) for image in opened)
                 )
             )
 
-    def _decode_or_error(self, data: bytes) -> np.ndarray | ApiError:
+    def _open_or_error(self, data: bytes) -> Image.Image | ApiError:
         try:
-            return self.decode(data)
-        except ApiError as exc:
-            return exc
+            return open_image(data, max_pixels=self.settings.max_image_pixels)
+        except ImageDecodeError as exc:
+            return ApiError.from_decode_error(exc)
+
+    def _finish_or_error(self, image: Image.Image | ApiError) -> np.ndarray | ApiError:
+        if isinstance(image, ApiError):
+            return image
+        try:
+            return to_pixels(image, self.spec.input_size)
+        except ImageDecodeError as exc:
+            return ApiError.from_decode_error(exc)
 
     async def run_in_pool(self, function, *args):
         """Run CPU work of a request (parsing, base64) off the event loop, in the decode pool."""

@@ -41,8 +41,9 @@ app = http_api.create_app()
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
     name="visionserve",
-    # One worker per machine: ONNX Runtime already uses every core, and one process keeps one batching queue.
-    workers=1,
+    # One worker by default: ONNX Runtime already uses every core, and one process keeps one batching queue.
+    # VISIONSERVE_WORKERS=N runs N, each with its own queue and cores / N runtime threads.
+    workers=SETTINGS.workers,
     # Our own deadline answers 504 with a JSON body; BentoML's timeout is only the backstop behind it.
     traffic={"timeout": SETTINGS.request_timeout_s + 5},
 )

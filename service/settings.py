@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 
 from inference.imaging import DEFAULT_MAX_PIXELS
 from inference.package import BACKEND_FILES
-from inference.runtime import DEVICES
+from inference.runtime import DEVICES, cpu_threads
 
 ENV_PREFIX = "VISIONSERVE_"
 # The BentoML model-store tag that the export stage registers and bentofile.yaml packs into the Bento.
@@ -34,7 +34,10 @@ class ServiceSettings:
     max_body_bytes: int = 16 * 1024 * 1024  # a request body over this gets 413 without being read
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # width * height from the header; over it 413 before decoding
     max_batch_images: int = 64  # images in one /classify_batch (or v2 infer) request
-    threads: int = 0  # ONNX Runtime / torch intra-op threads; 0 = every core this process may use
+    # Server processes, each with its own event loop, batcher and model session. One event loop tops out at a
+    # few hundred small requests/s (Python work per request), so a small model on many cores wants several.
+    workers: int = 1
+    threads: int = 0  # ONNX Runtime / torch intra-op threads per worker; 0 = this process's cores / workers
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -49,6 +52,7 @@ class ServiceSettings:
             "max_body_bytes",
             "max_image_pixels",
             "max_batch_images",
+            "workers",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
@@ -64,6 +68,10 @@ class ServiceSettings:
                 f"{ENV_PREFIX}MAX_BATCH_IMAGES ({self.max_batch_images}) must not exceed "
                 f"{ENV_PREFIX}MAX_QUEUE ({self.max_queue})"
             )
+
+    @property
+    def threads_per_worker(self) -> int:
+        return self.threads or max(1, cpu_threads() // self.workers)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:

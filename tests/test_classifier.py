@@ -60,12 +60,21 @@ def test_settings_read_the_environment_with_types():
         ("VISIONSERVE_MAX_BATCH_SIZE", "0", "must be >= 1"),
         ("VISIONSERVE_REQUEST_TIMEOUT_S", "-1", "must be > 0"),
         ("VISIONSERVE_MAX_BATCH_IMAGES", "1000", "must not exceed"),
+        ("VISIONSERVE_WORKERS", "0", "must be >= 1"),
     ],
 )
 def test_settings_refuse_bad_values_naming_the_variable(variable, value, message):
     with pytest.raises(SettingsError, match=message) as error:
         ServiceSettings.from_env({variable: value})
     assert variable.removeprefix("VISIONSERVE_") in str(error.value)
+
+
+def test_workers_share_the_cores_unless_threads_are_set(monkeypatch):
+    monkeypatch.setattr("service.settings.cpu_threads", lambda: 8)
+    assert ServiceSettings(workers=1).threads_per_worker == 8
+    assert ServiceSettings(workers=3).threads_per_worker == 2
+    assert ServiceSettings(workers=16).threads_per_worker == 1
+    assert ServiceSettings(workers=2, threads=3).threads_per_worker == 3
 
 
 # --- loading --------------------------------------------------------------------------------------------------------
@@ -231,8 +240,16 @@ def _encoded(format_: str, size=(40, 20), mode="RGB") -> bytes:
     return buffer.getvalue()
 
 
-def test_decode_resizes_to_the_model_input(classifier):
-    pixels = classifier.decode(_encoded("JPEG"))
+def decode_one(classifier: Classifier, data: bytes) -> np.ndarray:
+    [outcome] = asyncio.run(classifier.decode_many([data]))
+    if isinstance(outcome, ApiError):
+        raise outcome
+    return outcome
+
+
+@pytest.mark.parametrize("size", [(40, 20), (400, 300)])  # decoded on the event loop, and in the pool
+def test_decode_resizes_to_the_model_input(classifier, size):
+    pixels = decode_one(classifier, _encoded("JPEG", size=size))
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
 
 
@@ -247,24 +264,26 @@ def test_decode_resizes_to_the_model_input(classifier):
 )
 def test_decode_errors_map_to_http_statuses(classifier, data, status, code):
     with pytest.raises(ApiError) as refused:
-        classifier.decode(data)
+        decode_one(classifier, data)
     assert (refused.value.status, refused.value.code) == (status, code)
 
 
 def test_an_image_over_the_pixel_limit_is_413_before_decoding(color_package):
     small_limit = Classifier(ServiceSettings(model=str(color_package), device="cpu", max_image_pixels=100))
     with pytest.raises(ApiError) as refused:
-        small_limit.decode(_encoded("PNG", size=(11, 10)))
+        decode_one(small_limit, _encoded("PNG", size=(11, 10)))
     assert (refused.value.status, refused.value.code) == (413, "too_large")
 
 
-def test_decode_many_keeps_each_images_own_error(classifier):
-    async def scenario():
-        return await classifier.decode_many([encode_png(color_pixels("red")[0]), b"", b"junk"])
-
-    good, empty, junk = asyncio.run(scenario())
-    assert good.shape == (32, 32, 3)
-    assert (empty.code, junk.code) == ("empty", "unsupported_format")
+@pytest.mark.parametrize("big", [False, True])  # on the event loop, and in the pool (a big image in the request)
+def test_decode_many_keeps_each_images_own_error(classifier, big):
+    truncated = _encoded("PNG", size=(100, 100))[:-30]  # its header reads fine; decoding fails
+    images = [encode_png(color_pixels("red")[0]), b"", b"junk", truncated]
+    if big:
+        images.append(_encoded("JPEG", size=(400, 300)))
+    good, empty, junk, cut, *rest = asyncio.run(classifier.decode_many(images))
+    assert good.shape == (32, 32, 3) and [r.shape for r in rest] == ([(32, 32, 3)] if big else [])
+    assert (empty.code, junk.code, cut.code) == ("empty", "unsupported_format", "corrupt")
 
 
 # --- top-k, metadata ----------------------------------------------------------------------------------------------

@@ -415,6 +415,28 @@ def test_ready_only_after_warm_up_then_overload_is_refused_fast_and_recovers(slo
     assert labels(after) == ["blue"]
 
 
+# --- several workers ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_two_workers_each_serve_with_their_share_of_the_threads(tmp_path):
+    package = make_color_package(tmp_path / "package")
+    settings = {"VISIONSERVE_DEVICE": "cpu", "VISIONSERVE_WORKERS": "2", "VISIONSERVE_THREADS": "1"}
+    server = start_server(package, tmp_path, settings)
+    try:
+        worker_pids = subprocess.run(
+            ["pgrep", "-f", "_bentoml_impl.worker", "-P", str(server.process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(worker_pids) == 2
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for label in COLOR_CLASSES * 4:
+                response = client.post("/classify?top_k=1", content=png(label), headers={"content-type": "image/png"})
+                assert labels(response) == [label]
+            assert client.get("/metadata").json()["intra_op_threads"] == 1
+    finally:
+        stop_server(server)
+
+
 # --- a configuration that cannot serve stops `bentoml serve` at once -------------------------------------------------
 
 
