@@ -181,10 +181,36 @@ def test_a_fresh_run_refuses_an_existing_run_folder(tmp_path):
         engine.train(config(tmp_path, epochs=1), dataset=tiny_dataset())
 
 
-def test_amp_on_the_cpu_warns_and_trains_in_float32(tmp_path, caplog):
+def conv_output_dtypes(monkeypatch) -> set[torch.dtype]:
+    """The dtypes that every Conv2d forward pass produces from now on (training and evaluation)."""
+    seen: set[torch.dtype] = set()
+    original = torch.nn.Conv2d.forward
+
+    def forward(self, x):
+        out = original(self, x)
+        seen.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", forward)
+    return seen
+
+
+def test_amp_on_a_cpu_without_native_bfloat16_warns_and_trains_in_float32(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(engine, "native_bfloat16", lambda device: False)
+    dtypes = conv_output_dtypes(monkeypatch)
     result = engine.train(config(tmp_path, epochs=1, amp=True, device="cpu"), dataset=tiny_dataset())
-    assert "--amp needs a CUDA device" in caplog.text
-    assert result.metrics["device"] == "cpu"
+    assert "--amp needs a CUDA GPU or a CPU with native bfloat16" in caplog.text
+    assert result.metrics["precision"] == "float32" and dtypes == {torch.float32}
+
+
+def test_amp_on_a_bfloat16_cpu_trains_in_bfloat16_and_evaluates_in_float32(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "native_bfloat16", lambda device: True)  # autocast works on any CPU, if slowly
+    dtypes = conv_output_dtypes(monkeypatch)
+    result = engine.train(config(tmp_path, epochs=3, amp=True, device="cpu"), dataset=tiny_dataset())
+    assert result.metrics["precision"] == "bfloat16 autocast"
+    assert dtypes == {torch.bfloat16, torch.float32}  # training steps, then the float32 evaluation
+    history = result.history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
 def test_evaluate_with_flip_tta_averages_logits():

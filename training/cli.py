@@ -136,7 +136,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     flag(
         "--amp",
         action=toggle,
-        help="bfloat16 mixed precision on CUDA (ignored with a warning on CPU)",
+        help="bfloat16 mixed precision for training steps, on CUDA or a CPU with AMX / AVX512-BF16 "
+        "(elsewhere ignored with a warning); evaluation stays float32",
     )
     flag("--channels-last", action=toggle, help="channels_last memory format (faster convolutions)")
     flag(

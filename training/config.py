@@ -51,7 +51,7 @@ class TrainConfig:
     contrast: float = 0.2
     seed: int = 0
     device: str = "auto"
-    amp: bool = False  # bfloat16 autocast, CUDA only
+    amp: bool = False  # bfloat16 autocast for training steps: CUDA, or a CPU with AMX / AVX512-BF16
     channels_last: bool = True
     input_size: tuple[int, int] | None = None  # (H, W); None -> the model's default
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments, e.g. airbench widths

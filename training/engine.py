@@ -71,6 +71,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 autocast speeds training up on `device`: any CUDA GPU, or a CPU with AMX or AVX512-BF16
+    instructions (1.5x to 2x faster training steps on this machine's Xeon); elsewhere it would emulate bfloat16."""
+    if device.type == "cuda":
+        return True
+    try:
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    except AttributeError:  # a torch without these probes: stay in float32
+        return False
+
+
 def ema_update(decay: float) -> Callable[[list, list, torch.Tensor], None]:
     """AveragedModel's multi_avg_fn for an EMA whose decay warms up as min(decay, (1 + n) / (10 + n)) after n
     updates, so that a short run's average is not dominated by the random initial weights."""
@@ -177,11 +188,11 @@ def evaluate(
     device: torch.device | str = "cpu",
     batch_size: int = 500,
     tta: bool = False,
-    amp: bool = False,
     progress: bool = False,
 ) -> Evaluation:
     """Accuracy and loss on decoded uint8 images (N, H, W, 3), fed through augment.to_model_input like
-    exported models' in-graph normalisation. With `tta`, logits are averaged over each image and its mirror."""
+    exported models' in-graph normalisation. With `tta`, logits are averaged over each image and its mirror.
+    Always in float32, even after mixed-precision training: the exported models run in float32."""
     device = torch.device(device)
     model.eval()
     labels_t = torch.as_tensor(labels, dtype=torch.long)
@@ -189,10 +200,9 @@ def evaluate(
     for start in tqdm(range(0, len(images), batch_size), desc="evaluate", disable=not progress, leave=False):
         pixels = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
         x = to_model_input(pixels, mean, std).to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+        logits = model(x)
+        if tta:
+            logits = (logits + model(torch.flip(x, dims=[3]))) / 2
         all_logits.append(logits.cpu())
     if not all_logits:
         raise TrainingError("the test split is empty")
@@ -253,9 +263,9 @@ def train(
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device)
-    amp = config.amp and device.type == "cuda"
+    amp = config.amp and native_bfloat16(device)
     if config.amp and not amp:
-        log.warning("--amp needs a CUDA device; training in float32 on %s", device)
+        log.warning("--amp needs a CUDA GPU or a CPU with native bfloat16 (AMX, AVX512-BF16); float32 on %s", device)
 
     if dataset is None:
         dataset = prepare_dataset(config, input_size)
@@ -324,7 +334,7 @@ def train(
         )  # fmt: skip
         evaluation = evaluate(
             evaluated, dataset.test_images, dataset.test_labels, mean=spec.mean, std=spec.std, device=device,
-            tta=config.tta, amp=amp,
+            tta=config.tta,
         )  # fmt: skip
         epoch_seconds = stats["seconds"]
         train_seconds += epoch_seconds
@@ -339,7 +349,7 @@ def train(
             "train_images_per_second": stats["images"] / epoch_seconds,
         }
         history.append(row)
-        metrics = _metrics(config, dataset, evaluated, evaluation, epoch, train_seconds, pretrained, device)
+        metrics = _metrics(config, dataset, evaluated, evaluation, epoch, train_seconds, pretrained, device, amp)
         save_checkpoint(
             run_dir / CHECKPOINT_NAME,
             Checkpoint(
@@ -364,9 +374,9 @@ def train(
     if evaluation is None:  # resumed a run that had already finished: report it as it stands
         evaluation = evaluate(
             evaluated, dataset.test_images, dataset.test_labels, mean=spec.mean, std=spec.std, device=device,
-            tta=config.tta, amp=amp,
+            tta=config.tta,
         )  # fmt: skip
-    metrics = _metrics(config, dataset, evaluated, evaluation, len(history), train_seconds, pretrained, device)
+    metrics = _metrics(config, dataset, evaluated, evaluation, len(history), train_seconds, pretrained, device, amp)
     write_json_atomic(run_dir / "metrics.json", metrics)
     final = raw_module(evaluated).to("cpu").eval()
     return RunResult(
@@ -445,6 +455,7 @@ def _metrics(
     train_seconds: float,
     pretrained: str | None,
     device: torch.device,
+    amp: bool,
 ) -> dict[str, Any]:
     return {
         "model": config.model,
@@ -459,6 +470,7 @@ def _metrics(
         "train_images": len(dataset.train_labels),
         "test_images": len(dataset.test_labels),
         "device": str(device),
+        "precision": "bfloat16 autocast" if amp else "float32",  # of the training steps; evaluation is float32
         "ema": config.ema,
         "tta": config.tta,
     }
