@@ -26,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated fp32 formats from {', '.join(FORMATS)} (onnx is required; default: all)",
     )
     parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static int8, QDQ)")
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flip test-time augmentation inside the graph (twice the compute); default: as the run was evaluated",
+    )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
     parser.add_argument(
         "--calibration-size",
@@ -61,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir=args.out,
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
         int8=args.int8,
+        tta=args.tta,
         opset=args.opset,
         calibration_size=args.calibration_size,
         data=args.data,

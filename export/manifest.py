@@ -58,7 +58,7 @@ def output_contract(spec: ModelSpec) -> list[dict[str, Any]]:
     ]
 
 
-def embedded_metadata(name: str, version: str, spec: ModelSpec) -> dict[str, Any]:
+def embedded_metadata(name: str, version: str, spec: ModelSpec, flip_tta: bool = False) -> dict[str, Any]:
     """What every exported file carries inside itself, so that a lone file still says how to feed it."""
     return {
         "format": PACKAGE_FORMAT,
@@ -67,7 +67,13 @@ def embedded_metadata(name: str, version: str, spec: ModelSpec) -> dict[str, Any
         "spec": spec.to_dict(),
         "input": input_contract(spec),
         "outputs": output_contract(spec),
+        "test_time_augmentation": tta_name(flip_tta),
     }
+
+
+def tta_name(flip_tta: bool) -> str:
+    """How the graph averages its logits: over the image and its mirror ("flip"), or not at all ("none")."""
+    return "flip" if flip_tta else "none"
 
 
 def default_name(run_dir: Path) -> str:
@@ -118,6 +124,7 @@ def build_manifest(
     source: dict[str, Any],
     metrics: dict[str, Any],
     gate: dict[str, Any],
+    flip_tta: bool = False,
     created_at: datetime | None = None,
 ) -> dict[str, Any]:
     check_name_and_version(name, version)
@@ -129,6 +136,7 @@ def build_manifest(
         "spec": spec.to_dict(),
         "input": input_contract(spec),
         "outputs": output_contract(spec),
+        "test_time_augmentation": tta_name(flip_tta),
         "files": files,
         "opset": opset,
         "versions": library_versions(),

@@ -117,7 +117,7 @@ class GateReport:
         return "\n".join(lines)
 
 
-def eager_predictor(model: nn.Module, spec: ModelSpec) -> Predict:
+def eager_predictor(model: nn.Module, spec: ModelSpec, flip_tta: bool = False) -> Predict:
     """The reference: the trained model in eager PyTorch, fed exactly as training's evaluation feeds it."""
     from training.augment import to_model_input  # the training path's own preprocessing
 
@@ -125,7 +125,10 @@ def eager_predictor(model: nn.Module, spec: ModelSpec) -> Predict:
 
     def predict(pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            logits = model(to_model_input(torch.from_numpy(pixels), spec.mean, spec.std))
+            x = to_model_input(torch.from_numpy(pixels), spec.mean, spec.std)
+            logits = model(x)
+            if flip_tta:
+                logits = (logits + model(torch.flip(x, dims=[3]))) / 2
             return torch.softmax(logits.float(), dim=1).numpy()
 
     return predict

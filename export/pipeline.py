@@ -70,6 +70,7 @@ class ExportConfig:
     bentoml: bool = True  # also register the package in the BentoML model store
     overwrite: bool = False  # replace an existing package folder
     seed: int = 0  # picks the evaluation, parity and calibration samples
+    tta: bool | None = None  # flip TTA inside the graph; None -> as the run was evaluated (its --tta)
     thresholds: GateThresholds = field(default_factory=GateThresholds)
 
 
@@ -116,6 +117,7 @@ def export_package(config: ExportConfig, *, progress: Callable[[str], None] = la
     if config.bentoml:
         check_tag_free(name, version)
     model = checkpoint.build_model()
+    flip_tta = bool(checkpoint.config.get("tta")) if config.tta is None else config.tta
     images = load_evaluation_images(config, spec, checkpoint.config)
     progress(f"data: {images.source} ({len(images.eval_images)} test images for accuracy)")
 
@@ -125,9 +127,9 @@ def export_package(config: ExportConfig, *, progress: Callable[[str], None] = la
     staging.chmod(0o755)
     tag = None
     try:
-        files = write_formats(model, spec, staging, config, name, version, images.calibration, progress)
+        files = write_formats(model, spec, staging, config, name, version, images.calibration, flip_tta, progress)
         progress("parity gate: comparing every format with eager PyTorch")
-        report = run_gate(model, spec, staging, files, images, config)
+        report = run_gate(model, spec, staging, files, images, config, flip_tta)
         if not report.passed:
             raise GateFailed(report)
         manifest = manifest_lib.build_manifest(
@@ -145,6 +147,7 @@ def export_package(config: ExportConfig, *, progress: Callable[[str], None] = la
             },
             metrics=report.metrics(),
             gate=report.gate(),
+            flip_tta=flip_tta,
         )
         manifest_lib.write_manifest(staging, manifest)
         load_package(staging)  # the reader's own verification, before anything is published
@@ -198,11 +201,12 @@ def write_formats(
     name: str,
     version: str,
     calibration: np.ndarray,
+    flip_tta: bool,
     progress: Callable[[str], None],
 ) -> dict[str, dict[str, Any]]:
     """Write the requested model files into `folder`; returns their manifest entries by file name."""
-    module = serving_module(model, spec)
-    metadata = manifest_lib.embedded_metadata(name, version, spec)
+    module = serving_module(model, spec, flip_tta)
+    metadata = manifest_lib.embedded_metadata(name, version, spec, flip_tta)
     files: dict[str, dict[str, Any]] = {}
 
     onnx_path = folder / BACKEND_FILES["onnx"]
@@ -239,9 +243,10 @@ def run_gate(
     files: dict[str, dict[str, Any]],
     images: EvaluationImages,
     config: ExportConfig,
+    flip_tta: bool,
 ) -> GateReport:
     """Every written format against eager PyTorch: parity at batch 1 and `parity_batch`, and test accuracy."""
-    eager = eager_predictor(model, spec)
+    eager = eager_predictor(model, spec, flip_tta)
     reference = predict_in_batches(eager, images.parity, EVAL_BATCH)
     reference_accuracy = accuracy(predict_in_batches(eager, images.eval_images, EVAL_BATCH), images.eval_labels)
     batch_sizes = (1, config.parity_batch)

@@ -13,11 +13,14 @@ class ServingModule(nn.Module):
 
     pixels: uint8 (N, H, W, 3) RGB, already resized by inference.imaging.decode_image.
     returns: (probabilities, logits), each float32 (N, num_classes).
+    With `flip_tta`, the logits are averaged over each image and its mirror, as training's evaluation does for
+    a run trained with --tta: the package then serves the accuracy that the run reported.
     """
 
-    def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
+    def __init__(self, model: nn.Module, spec: ModelSpec, flip_tta: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.flip_tta = flip_tta
         self.input_size = tuple(spec.input_size)  # (H, W)
         std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
         mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -28,9 +31,11 @@ class ServingModule(nn.Module):
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = pixels.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift  # (N, 3, H, W)
         logits = self.model(x)
+        if self.flip_tta:
+            logits = (logits + self.model(x.flip(3))) / 2
         return torch.softmax(logits, dim=1), logits
 
 
-def serving_module(model: nn.Module, spec: ModelSpec) -> ServingModule:
+def serving_module(model: nn.Module, spec: ModelSpec, flip_tta: bool = False) -> ServingModule:
     """The eval-mode, CPU, float32 serving module of `model`."""
-    return ServingModule(model.float().cpu(), spec).eval()
+    return ServingModule(model.float().cpu(), spec, flip_tta).eval()

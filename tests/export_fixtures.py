@@ -31,8 +31,10 @@ def write_image_folder(root: Path, classes=CLASSES, size=(32, 32), train=8, test
     return root
 
 
-def write_run(run_dir: Path, arch: str, data: Path, classes=CLASSES, *, fit_steps: int = 0, seed: int = 0) -> Path:
-    """A run folder as `python -m training train` leaves it, written without the training engine.
+def write_run(
+    run_dir: Path, arch: str, data: Path, classes=CLASSES, *, fit_steps: int = 0, seed: int = 0, tta: bool = False
+) -> Path:
+    """A run folder as `python -m training train` leaves it (with `--tta` if asked), without the training engine.
 
     fit_steps=0 keeps random weights; more fits the model on data/train with plain SGD, so that its
     predictions are confident (int8 tests need that: random weights give near-uniform probabilities).
@@ -48,6 +50,7 @@ def write_run(run_dir: Path, arch: str, data: Path, classes=CLASSES, *, fit_step
         "data": str(data),
         "out": str(run_dir),
         "cache_dir": str(run_dir.parent / "cache"),
+        "tta": tta,
     }
     metrics = {
         "model": arch,

@@ -154,6 +154,34 @@ def test_metadata_inside_the_files_and_the_manifest_round_trip(cnn_package):
     assert manifest["metrics"]["onnx"]["test_accuracy"] == manifest["metrics"]["pytorch"]["test_accuracy"]
     assert manifest["gate"]["passed"] is True
     assert manifest["gate"]["thresholds"]["fp32_max_abs_diff"] == 1e-4
+    assert manifest["test_time_augmentation"] == onnx_meta["test_time_augmentation"] == "none"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tta", [None, False])  # as the run was evaluated (with --tta), and --no-tta
+def test_a_run_evaluated_with_flip_tta_serves_it_from_inside_the_graph(tmp_path, data_32, tta):
+    from training.augment import to_model_input
+
+    run = write_run(tmp_path / "run", "cnn_bn", data_32, tta=True)
+    package_dir = export_package(export_config(run, tmp_path / "package", tta=tta)).package_dir
+    checkpoint = load_checkpoint(run)
+    model = checkpoint.build_model().eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        x = to_model_input(torch.from_numpy(pixels), checkpoint.spec.mean, checkpoint.spec.std)
+        plain = model(x).numpy()
+        expected = (plain + model(x.flip(3)).numpy()) / 2 if tta is None else plain
+    assert np.abs(expected - plain).max() > 1e-3 or tta is False  # the mirror really changes the answer
+    session = ort.InferenceSession(str(package_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run([OUTPUT_LOGITS], {INPUT_NAME: pixels})
+    np.testing.assert_allclose(onnx_logits, expected, atol=1e-4)
+    module, ts_meta = load_torchscript(package_dir / "model.ts")
+    with torch.no_grad():
+        _, ts_logits = module(torch.from_numpy(pixels))
+    np.testing.assert_allclose(ts_logits.numpy(), expected, atol=1e-4)
+    name = "flip" if tta is None else "none"
+    manifest = json.loads((package_dir / "manifest.json").read_text())
+    assert manifest["test_time_augmentation"] == ts_meta["test_time_augmentation"] == name
 
 
 @pytest.mark.slow
