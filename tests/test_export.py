@@ -109,13 +109,18 @@ def test_exported_graphs_match_the_trained_model_on_the_same_pixels(cnn_package)
     pixels = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     with torch.no_grad():
         expected = model(to_model_input(torch.from_numpy(pixels), checkpoint.spec.mean, checkpoint.spec.std)).numpy()
+    assert_both_graphs_give(package_dir, pixels, expected)
+
+
+def assert_both_graphs_give(package_dir: Path, pixels: np.ndarray, logits: np.ndarray) -> None:
+    """model.onnx and model.ts both map `pixels` to `logits` (within 1e-4)."""
     session = ort.InferenceSession(str(package_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     (onnx_logits,) = session.run([OUTPUT_LOGITS], {INPUT_NAME: pixels})
-    np.testing.assert_allclose(onnx_logits, expected, atol=1e-4)
+    np.testing.assert_allclose(onnx_logits, logits, atol=1e-4)
     module, _ = load_torchscript(package_dir / "model.ts")
     with torch.no_grad():
         _, ts_logits = module(torch.from_numpy(pixels))
-    np.testing.assert_allclose(ts_logits.numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(ts_logits.numpy(), logits, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -172,16 +177,13 @@ def test_a_run_evaluated_with_flip_tta_serves_it_from_inside_the_graph(tmp_path,
         plain = model(x).numpy()
         expected = (plain + model(x.flip(3)).numpy()) / 2 if tta is None else plain
     assert np.abs(expected - plain).max() > 1e-3 or tta is False  # the mirror really changes the answer
-    session = ort.InferenceSession(str(package_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    (onnx_logits,) = session.run([OUTPUT_LOGITS], {INPUT_NAME: pixels})
-    np.testing.assert_allclose(onnx_logits, expected, atol=1e-4)
-    module, ts_meta = load_torchscript(package_dir / "model.ts")
-    with torch.no_grad():
-        _, ts_logits = module(torch.from_numpy(pixels))
-    np.testing.assert_allclose(ts_logits.numpy(), expected, atol=1e-4)
+    assert_both_graphs_give(package_dir, pixels, expected)
     name = "flip" if tta is None else "none"
     manifest = json.loads((package_dir / "manifest.json").read_text())
-    assert manifest["test_time_augmentation"] == ts_meta["test_time_augmentation"] == name
+    _, ts_meta = load_torchscript(package_dir / "model.ts")
+    onnx_meta = read_metadata(package_dir / "model.onnx")
+    assert manifest["test_time_augmentation"] == onnx_meta["test_time_augmentation"] == name
+    assert ts_meta["test_time_augmentation"] == name
 
 
 @pytest.mark.slow
