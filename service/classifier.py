@@ -220,6 +220,8 @@ class Classifier:
             "version": self.package.version,
             "arch": self.spec.arch,
             "classes": list(self.spec.class_names),
+            # "flip": the graph averages each image with its mirror (twice the compute per image).
+            "test_time_augmentation": self.package.manifest.get("test_time_augmentation", "none"),
             "input": {
                 "height": height,
                 "width": width,

@@ -311,6 +311,7 @@ def test_metadata_names_the_model_and_runtime(classifier, color_package):
     metadata = classifier.metadata()
     assert metadata["name"] == "color" and metadata["version"] == "1"
     assert metadata["classes"] == list(COLOR_CLASSES)
+    assert metadata["test_time_augmentation"] == "none"  # a package written before the field existed
     assert (metadata["input"]["height"], metadata["input"]["width"]) == (32, 32)
     assert metadata["backend"] == "onnx" and metadata["execution_provider"] == CPU_PROVIDER
     assert metadata["sha256"] == classifier.package.manifest["files"]["model.onnx"]["sha256"]
