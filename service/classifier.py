@@ -7,6 +7,7 @@ runtime directly, so every inference path goes through the same batching, limits
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -100,6 +101,11 @@ class Classifier:
             log.exception("model warm-up failed; the service stays unready")
             return
         self._warmed_up = True
+        # What is alive now (modules, the framework, the session) lives as long as the server: move it out of the
+        # cyclic garbage collector's reach. Its full collections of those objects stalled requests for about
+        # 100 ms (small CNN, 8 clients, probes side by side: p99 107-121 ms before, 28-31 ms after).
+        gc.collect()
+        gc.freeze()
         log.info(
             "model %s %s ready: backend=%s provider=%s device=%s",
             self.package.name,

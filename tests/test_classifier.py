@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import os
@@ -194,6 +195,23 @@ def test_ready_only_after_start_and_warm_up(color_package):
     before, not_ready, after, stopped = asyncio.run(scenario())
     assert (before, after, stopped) == (False, True, False)
     assert not_ready.status == 503 and not_ready.headers["Retry-After"]
+
+
+def test_start_up_objects_are_frozen_out_of_the_garbage_collector(color_package):
+    gc.unfreeze()
+    try:
+        classifier = Classifier(ServiceSettings(model=str(color_package), device="cpu"))
+
+        async def scenario():
+            await classifier.start()
+            await classifier.stop()
+
+        asyncio.run(scenario())
+        # Frozen objects sit in the permanent generation, which collections (and gc.get_objects) never visit.
+        assert gc.get_freeze_count() > 0
+        assert not any(tracked is classifier for tracked in gc.get_objects())
+    finally:
+        gc.unfreeze()
 
 
 def test_infer_returns_each_images_own_probabilities(classifier):
