@@ -67,13 +67,9 @@ def embedded_metadata(name: str, version: str, spec: ModelSpec, flip_tta: bool =
         "spec": spec.to_dict(),
         "input": input_contract(spec),
         "outputs": output_contract(spec),
-        "test_time_augmentation": tta_name(flip_tta),
+        # "flip": the graph averages the logits of each image and its mirror; "none": one view.
+        "test_time_augmentation": "flip" if flip_tta else "none",
     }
-
-
-def tta_name(flip_tta: bool) -> str:
-    """How the graph averages its logits: over the image and its mirror ("flip"), or not at all ("none")."""
-    return "flip" if flip_tta else "none"
 
 
 def default_name(run_dir: Path) -> str:
@@ -131,12 +127,7 @@ def build_manifest(
     return {
         "format": PACKAGE_FORMAT,
         "format_version": PACKAGE_FORMAT_VERSION,
-        "name": name,
-        "version": version,
-        "spec": spec.to_dict(),
-        "input": input_contract(spec),
-        "outputs": output_contract(spec),
-        "test_time_augmentation": tta_name(flip_tta),
+        **embedded_metadata(name, version, spec, flip_tta),
         "files": files,
         "opset": opset,
         "versions": library_versions(),

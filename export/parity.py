@@ -119,16 +119,14 @@ class GateReport:
 
 def eager_predictor(model: nn.Module, spec: ModelSpec, flip_tta: bool = False) -> Predict:
     """The reference: the trained model in eager PyTorch, fed exactly as training's evaluation feeds it."""
-    from training.augment import to_model_input  # the training path's own preprocessing
+    from training.augment import flip_averaged_logits, to_model_input  # the training path's own evaluation
 
     model = model.eval()
 
     def predict(pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = to_model_input(torch.from_numpy(pixels), spec.mean, spec.std)
-            logits = model(x)
-            if flip_tta:
-                logits = (logits + model(torch.flip(x, dims=[3]))) / 2
+            logits = flip_averaged_logits(model, x) if flip_tta else model(x)
             return torch.softmax(logits.float(), dim=1).numpy()
 
     return predict

@@ -117,7 +117,7 @@ def export_package(config: ExportConfig, *, progress: Callable[[str], None] = la
     if config.bentoml:
         check_tag_free(name, version)
     model = checkpoint.build_model()
-    flip_tta = bool(checkpoint.config.get("tta")) if config.tta is None else config.tta
+    flip_tta = checkpoint.evaluated_with_tta if config.tta is None else config.tta
     images = load_evaluation_images(config, spec, checkpoint.config)
     progress(f"data: {images.source} ({len(images.eval_images)} test images for accuracy)")
 

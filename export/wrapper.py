@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from inference.spec import ModelSpec
+from training.augment import flip_averaged_logits  # training's evaluation: the package serves what it measured
 
 
 class ServingModule(nn.Module):
@@ -30,9 +31,7 @@ class ServingModule(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = pixels.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift  # (N, 3, H, W)
-        logits = self.model(x)
-        if self.flip_tta:
-            logits = (logits + self.model(x.flip(3))) / 2
+        logits = flip_averaged_logits(self.model, x) if self.flip_tta else self.model(x)
         return torch.softmax(logits, dim=1), logits
 
 

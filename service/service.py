@@ -49,8 +49,8 @@ app = http_api.create_app()
 )
 class ImageClassifier:
     def __init__(self) -> None:
-        # Verifies the package's checksums and creates the runtime session; fails loudly (e.g. device=cuda
-        # without a usable GPU, a tampered file) so the server never starts half-working.
+        # Creates the runtime session for the package verified at import; fails loudly (e.g. device=cuda without
+        # a usable GPU) so the server never starts half-working.
         self.classifier = Classifier(SETTINGS, PACKAGE)
         http_api.attach(app, self.classifier)
         self._warm_up: asyncio.Task | None = None

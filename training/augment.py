@@ -27,6 +27,11 @@ def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return _normalise(x, mean, std)
 
 
+def flip_averaged_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Flip test-time augmentation: the model's logits averaged over each image (N, 3, H, W) and its mirror."""
+    return (model(x) + model(torch.flip(x, dims=[3]))) / 2
+
+
 def _normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(N, 3, H, W) float in [0, 1] -> normalised, channels_last."""
     mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

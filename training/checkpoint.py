@@ -34,6 +34,11 @@ class Checkpoint:
     # plain containers only, so that torch.load(weights_only=True) can read it.
     training_state: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def evaluated_with_tta(self) -> bool:
+        """Whether the run's test accuracy was measured with flip test-time augmentation (its --tta)."""
+        return bool(self.config.get("tta", False))
+
     def build_model(self) -> nn.Module:
         """The trained model in eval mode, on the CPU."""
         model = build_model(self.spec.arch, self.spec.num_classes, self.spec.input_size, **self.spec.arch_kwargs)

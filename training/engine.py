@@ -22,7 +22,7 @@ from tqdm import tqdm
 from inference.files import atomic_write
 from inference.spec import ModelSpec
 from training import optim, transfer
-from training.augment import Augmenter, iterate_batches, to_model_input
+from training.augment import Augmenter, flip_averaged_logits, iterate_batches, to_model_input
 from training.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -200,9 +200,7 @@ def evaluate(
     for start in tqdm(range(0, len(images), batch_size), desc="evaluate", disable=not progress, leave=False):
         pixels = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
         x = to_model_input(pixels, mean, std).to(device, non_blocking=True)
-        logits = model(x)
-        if tta:
-            logits = (logits + model(torch.flip(x, dims=[3]))) / 2
+        logits = flip_averaged_logits(model, x) if tta else model(x)
         all_logits.append(logits.cpu())
     if not all_logits:
         raise TrainingError("the test split is empty")
@@ -234,7 +232,7 @@ def evaluate_run(
     model = checkpoint.build_model().to(target, memory_format=torch.channels_last)
     evaluation = evaluate(
         model, dataset.test_images, dataset.test_labels, mean=spec.mean, std=spec.std, device=target,
-        batch_size=batch_size, tta=checkpoint.config.get("tta", False) if tta is None else tta,
+        batch_size=batch_size, tta=checkpoint.evaluated_with_tta if tta is None else tta,
     )  # fmt: skip
     return evaluation, checkpoint, len(dataset.test_labels)
 
