@@ -2,7 +2,7 @@
 
 For each model (a training run, or random weights when none is given) the export stage's own functions write
 the formats into a scratch folder and run the parity gate; then every format is timed at each batch size on
-the same real test images, in interleaved rounds (best round reported: these machines are shared and noisy).
+the same real test images, in interleaved rounds (the median round reported: these machines are shared and noisy).
 
     python benchmarks/export_formats.py --run cnn_bn=runs/cnn_bn --run resnet18=runs/resnet18 \\
         --out benchmarks/results/export_formats.md
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -70,7 +71,7 @@ class ModelResult:
     name: str
     weights: str  # where the weights came from
     report: GateReport
-    throughput: dict[str, dict[int, float]]  # format -> batch size -> images/s (best round)
+    throughput: dict[str, dict[int, float]]  # format -> batch size -> images/s (median round)
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,7 +89,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--parity-images", type=int, default=256, help="test images for the parity figures")
     parser.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes to time")
     parser.add_argument("--seconds", type=float, default=0.6, help="timed seconds per format, batch size and round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best is reported")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; the median is reported")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads per runtime")
     parser.add_argument("--out", type=Path, help="write the results as markdown here")
     return parser.parse_args()
@@ -135,15 +136,18 @@ def benchmark_model(name: str, run: Path | None, args: argparse.Namespace, scrat
     folder = scratch / f"{name}-package"
     folder.mkdir()
     print(f"{name}: exporting ({weights})", file=sys.stderr)
-    files = write_formats(model, spec, folder, config, name, default_version(), images.calibration, lambda m: None)
+    flip_tta = False  # one pass per image in every format, whatever the run evaluated with: the runtimes' own speed
+    files = write_formats(
+        model, spec, folder, config, name, default_version(), images.calibration, flip_tta, lambda message: None
+    )
     print(
         f"{name}: parity gate and accuracy on {len(images.eval_images)} test images",
         file=sys.stderr,
     )
-    report = run_gate(model, spec, folder, files, images, config)
+    report = run_gate(model, spec, folder, files, images, config, flip_tta)
 
     predictors: dict[str, Predict] = {
-        "pytorch": eager_predictor(model, spec),
+        "pytorch": eager_predictor(model, spec, flip_tta),
         "torchscript": torchscript_predictor(folder / BACKEND_FILES["torchscript"]),
         "onnx": onnx_predictor(folder / BACKEND_FILES["onnx"], CPU_PROVIDER, args.threads),
         "onnx-int8": onnx_predictor(folder / BACKEND_FILES["onnx-int8"], CPU_PROVIDER, args.threads),
@@ -153,13 +157,15 @@ def benchmark_model(name: str, run: Path | None, args: argparse.Namespace, scrat
             predictors[f"{backend} cuda"] = onnx_predictor(folder / BACKEND_FILES[backend], CUDA_PROVIDER)
     batches = [int(b) for b in args.batches.split(",")]
     pixels = {b: np.ascontiguousarray(images.eval_images[:b]) for b in batches}
-    throughput: dict[str, dict[int, float]] = {f: {} for f in predictors}
+    rounds: dict[str, dict[int, list[float]]] = {f: {b: [] for b in batches} for f in predictors}
     for round_index in range(args.rounds):
         print(f"{name}: timing round {round_index + 1}/{args.rounds}", file=sys.stderr)
         for b in batches:
             for label, predict in predictors.items():
-                rate = images_per_second(predict, pixels[b], args.seconds)
-                throughput[label][b] = max(throughput[label].get(b, 0.0), rate)
+                rounds[label][b].append(images_per_second(predict, pixels[b], args.seconds))
+    throughput = {
+        label: {b: statistics.median(rates) for b, rates in by_batch.items()} for label, by_batch in rounds.items()
+    }
     return ModelResult(name, weights, report, throughput)
 
 
@@ -174,7 +180,7 @@ def markdown(results: list[ModelResult], args: argparse.Namespace, seconds: floa
         f"- Machine: {cpu}, {os.cpu_count()} cores, {args.threads} threads per runtime; "
         f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
         f"- Versions: torch {torch.__version__}, onnxruntime {ort.__version__}",
-        f"- Images/s: uint8 pixels in, probabilities out, best of {args.rounds} interleaved rounds of "
+        f"- Images/s: uint8 pixels in, probabilities out, median of {args.rounds} interleaved rounds of "
         f"{args.seconds} s per cell; the machine is shared, so compare within a table, not across runs.",
         f"- Accuracy: {results[0].report.eval_images} test images of {args.data}; parity: "
         f"{results[0].report.parity_images} test images against eager PyTorch at batch 1 and 33.",

@@ -18,13 +18,12 @@ from torch import nn
 
 from export.torchscript_export import load_torchscript
 from inference.package import INPUT_NAME, OUTPUT_PROBABILITIES
+from inference.runtime import CPU_PROVIDER, CUDA_PROVIDER, cpu_threads, onnx_session
 from inference.spec import ModelSpec
 
 # uint8 (N, H, W, 3) pixels -> float32 (N, C) probabilities
 Predict = Callable[[np.ndarray], np.ndarray]
 
-CPU_PROVIDER = "CPUExecutionProvider"
-CUDA_PROVIDER = "CUDAExecutionProvider"
 EVAL_BATCH = 64  # batch size for accuracy passes (parity batches are separate)
 
 
@@ -133,19 +132,17 @@ def eager_predictor(model: nn.Module, spec: ModelSpec, flip_tta: bool = False) -
 
 
 def onnx_predictor(path: Path, provider: str = CPU_PROVIDER, threads: int | None = None) -> Predict:
-    """An ONNX Runtime session on exactly `provider`; raises RuntimeError if the session did not get it.
+    """An ONNX Runtime session on exactly `provider`, set up as the service sets it up; raises RuntimeError if
+    the session did not get the provider.
 
-    threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
+    threads: intra-op threads (None: one per CPU core available to this process).
     """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
     if provider == CUDA_PROVIDER:
         ort.preload_dlls(msvc=False)  # CUDA/cuDNN from the nvidia-* wheels beside torch, when installed
     providers = [provider] if provider == CPU_PROVIDER else [provider, CPU_PROVIDER]
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    session = onnx_session(path, providers, threads or cpu_threads())
     if session.get_providers()[0] != provider:
         raise RuntimeError(f"ONNX Runtime could not use {provider} for {path.name}")
 

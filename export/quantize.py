@@ -3,8 +3,12 @@
 Dynamic quantisation of convolutions was about 10x slower on these CPUs, so only static QDQ is offered.
 Weights are int8 per output channel, activations uint8 (the u8s8 pair that ONNX Runtime's x86 kernels
 favour; int8 activations measured no faster). Three parts stay in float32:
-- the input stage (uint8 pixels -> NCHW -> (x - mean) / std): quantised, its broadcast Mul/Add ran as
-  QLinearMul/QLinearAdd and took 45% of the lesson CNN's int8 time; in float they cost about 10%;
+- the input stage (uint8 pixels -> NCHW -> (x - mean) / std) and the first convolution: quantised, the
+  broadcast Mul/Add ran as QLinearMul/QLinearAdd and took 45% of the lesson CNN's int8 time; with only the
+  convolution quantised, ONNX Runtime moved the normalisation after the layout change, where broadcasting
+  over the 3 innermost channels took 26%, and the convolution's 3 input channels (a 27-deep product) ran
+  3.6x slower in int8 than in float. Kept in float, the lesson CNN's int8 graph runs 1.6-1.8x faster than
+  its float one at batch 16 and 64 instead of 0.85x; the first convolution is ~0.3% of ResNet-18's work;
 - the classifier head (the last Gemm/MatMul): quantised, it cost most of the top-1 agreement lost on
   a briefly trained lesson CNN (98.8% -> 99.3% with it in float, 3,000 CIFAR-10 test images) for
   about 2% of the run time;
@@ -30,7 +34,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from inference.package import INPUT_NAME
 
 CALIBRATION_BATCH = 32
-FIRST_QUANTISED_OPS = ("Conv", "Gemm", "MatMul")  # the input stage ends at the first of these
+FIRST_COMPUTE_OPS = ("Conv", "Gemm", "MatMul")  # the float input stage ends with the first of these
 HEAD_OPS = ("Gemm", "MatMul")  # the last of these is the classifier head
 FLOAT_OPS = ("Softmax",)
 
@@ -71,14 +75,15 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: np.ndarr
 
 def float_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes to keep in float32: the input stage (every node fed, directly or not, by the
-    pixels before the first convolution or matrix product), the classifier head and every softmax."""
+    pixels, up to and including the first convolution or matrix product), the classifier head and every
+    softmax."""
     names, fed_by_pixels = [], {INPUT_NAME}
     for node in model.graph.node:  # ONNX graphs are topologically sorted
         if not fed_by_pixels.intersection(node.input):
             continue
-        if node.op_type in FIRST_QUANTISED_OPS:
-            break
         names.append(node.name)
+        if node.op_type in FIRST_COMPUTE_OPS:
+            break
         fed_by_pixels.update(node.output)
     heads = [node.name for node in model.graph.node if node.op_type in HEAD_OPS][-1:]
     return names + heads + [node.name for node in model.graph.node if node.op_type in FLOAT_OPS]

@@ -109,7 +109,7 @@ def test_compare_refuses_a_wrong_output_shape():
         compare(REFERENCE, REFERENCE[:, :2], "cpu", 1)
 
 
-def test_quantisation_keeps_the_input_stage_the_head_and_softmax_in_float():
+def test_quantisation_keeps_the_input_stage_the_first_conv_the_head_and_softmax_in_float():
     from onnx import TensorProto, helper
 
     from export.quantize import float_nodes
@@ -119,7 +119,8 @@ def test_quantisation_keeps_the_input_stage_the_head_and_softmax_in_float():
         helper.make_node("Cast", ["nchw"], ["x"], name="to_float", to=TensorProto.FLOAT),
         helper.make_node("Mul", ["x", "scale"], ["scaled"], name="normalise_scale"),
         helper.make_node("Conv", ["scaled", "w"], ["features"], name="conv"),
-        helper.make_node("Mul", ["features", "scale"], ["later"], name="later_mul"),
+        helper.make_node("Conv", ["features", "w"], ["deeper"], name="second_conv"),
+        helper.make_node("Mul", ["deeper", "scale"], ["later"], name="later_mul"),
         helper.make_node("Gemm", ["later", "w1"], ["hidden"], name="hidden_layer"),
         helper.make_node("Gemm", ["hidden", "w2"], ["logits"], name="head"),
         helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax"),
@@ -131,4 +132,4 @@ def test_quantisation_keeps_the_input_stage_the_head_and_softmax_in_float():
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, None)],
     )
     names = float_nodes(helper.make_model(graph))
-    assert names == ["to_nchw", "to_float", "normalise_scale", "head", "softmax"]
+    assert names == ["to_nchw", "to_float", "normalise_scale", "conv", "head", "softmax"]
