@@ -2,7 +2,8 @@
 
     python -m benchmarks.batch_scoring [--resnet PACKAGE] [--cnn PACKAGE] [--workers 2] [--no-ray]
 
-Side by side in one run (these machines are shared and noisy: compare the ratios):
+Side by side in one run, in rounds that each measure their limits right before their jobs (these machines are
+shared and noisy: compare the ratios, medians over the rounds):
 - ResNet-18 (compute-bound): the local engine's images/s (folder and archive) against the raw engine
   (Predictor.predict on already-decoded arrays) at its best batch size;
 - the small CNN (decode-bound): the local engine against min(decode-only images/s with the same worker count,
@@ -22,6 +23,7 @@ import functools
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -46,6 +48,7 @@ CACHE = REPO / ".cache" / "batch_bench"
 RESULTS = REPO / "benchmarks" / "results" / "batch_scoring.md"
 DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"  # the offline copy beside the repo
 BATCH_SIZES = (16, 32, 64, 128, 256)
+SIZE = (32, 32)  # both packages' input size
 
 
 # ---- data and packages -----------------------------------------------------------------------------------------
@@ -192,6 +195,49 @@ def raw_pass(package: Path, pixels: np.ndarray, batch_size: int) -> float:
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Round:
+    """One round's limits, measured right before its jobs, and the jobs."""
+
+    engine: float  # images/s of one raw pass over the decoded images at the jobs' batch size
+    decode: dict[str, float]  # kind -> decode-only images/s
+    jobs: list[JobResult]
+
+    def limit(self, key: str, job: JobResult) -> float:
+        return self.engine if key == "resnet" else min(self.decode[job.kind], self.engine)
+
+    def bound(self, job: JobResult) -> float:
+        """Decoding and inference share the same CPU cores here: together they cannot beat this rate."""
+        return 1 / (1 / self.decode[job.kind] + 1 / self.engine)
+
+
+def measure_round(key: str, package: Path, sources: dict[str, Path], pixels: np.ndarray, local: dict) -> Round:
+    engine = raw_pass(package, pixels, local["batch_size"])
+    decode = {kind: decode_only(path, SIZE, local["workers"], local["batch_size"]) for kind, path in sources.items()}
+    print(f"  decode only: {', '.join(f'{k} {v:.0f}' for k, v in decode.items())} images/s", flush=True)
+    jobs = [score(f"local, {kind}", package, path, kind, f"{key}-{kind}", **local) for kind, path in sources.items()]
+    if key == "resnet":
+        # Inline decoding (--workers 0): on a CPU-only machine decoding workers compete with the model's
+        # threads for the same cores; for a compute-bound model decoding in turn costs less.
+        inline = {**local, "workers": 0}
+        jobs += [
+            score(f"local, {kind}, inline decoding", package, path, kind, f"{key}-{kind}-inline", **inline)
+            for kind, path in sources.items()
+        ]
+    return Round(engine, decode, jobs)
+
+
+def cnn_variants(package: Path, folder: Path, local: dict, ray: bool) -> list[JobResult]:
+    """Other ways to run the small CNN's folder job, measured once after the rounds."""
+    jobs = [
+        score("local, folder, thread pool", package, folder, "folder", "cnn-thr", pool="thread", **local),
+        score("local, folder, 1 ORT thread", package, folder, "folder", "cnn-t1", threads=1, **local),
+    ]
+    if ray:
+        jobs.append(score("ray, folder", package, folder, "folder", "cnn-ray", engine="ray", **local))
+    return jobs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resnet", type=Path, help="ResNet-18 package (default: random weights)")
@@ -199,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE, help="CIFAR-10 JPEG archive")
     parser.add_argument("--workers", type=int, default=cpu_threads(), help="decoding workers")
     parser.add_argument("--seconds", type=float, default=3.0, help="raw engine: time per batch size")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of limits and jobs per model; medians reported")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray engine")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown results file")
     args = parser.parse_args(argv)
@@ -209,9 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         "resnet": args.resnet or random_weight_package("resnet18", args.data),
         "cnn": args.cnn or random_weight_package("cnn_bn", args.data),
     }
-    size = (32, 32)  # both packages' input size
     records = list(open_input(folder).records())
-    pixels = np.stack([decode_image(Path(r.path).read_bytes(), size) for r in records])
+    pixels = np.stack([decode_image(Path(r.path).read_bytes(), SIZE) for r in records])
     print(f"{len(records)} test images; {args.workers} workers; {cpu_threads()} cores", flush=True)
     sources = {"folder": folder, "archive": archive}
 
@@ -219,59 +265,28 @@ def main(argv: list[str] | None = None) -> int:
         "packages": {key: describe(package) for key, package in packages.items()},
         "workers": args.workers,
         "burst_seconds": args.seconds,
+        "rounds": args.rounds,
     }
     for key, package in packages.items():
         print(f"{key}: {package}", flush=True)
         raw = raw_engine(package, pixels, args.seconds)
-        # Measured next to each model's jobs rather than once per run: the machine's load drifts.
-        decode = {kind: decode_only(path, size, args.workers, raw.batch_size) for kind, path in sources.items()}
-        print(
-            f"  decode only: {', '.join(f'{k} {v:.0f}' for k, v in decode.items())} images/s",
-            flush=True,
-        )
         local = {"batch_size": raw.batch_size, "workers": args.workers}
-        passes = [raw_pass(package, pixels, raw.batch_size)]
-        jobs = [
-            score(f"local, {kind}", package, path, kind, f"{key}-{kind}", **local) for kind, path in sources.items()
-        ]
-        if key == "resnet":
-            # Inline decoding (--workers 0): on a CPU-only machine decoding workers compete with the model's
-            # threads for the same cores; for a compute-bound model decoding in turn costs less.
-            inline = {**local, "workers": 0}
-            jobs += [
-                score(f"local, {kind}, inline decoding", package, path, kind, f"{key}-{kind}-inline", **inline)
-                for kind, path in sources.items()
-            ]
-        if key == "cnn":
-            jobs += [
-                score(
-                    "local, folder, thread pool",
-                    package,
-                    folder,
-                    "folder",
-                    "cnn-thr",
-                    pool="thread",
-                    **local,
-                ),
-                score(
-                    "local, folder, 1 ORT thread",
-                    package,
-                    folder,
-                    "folder",
-                    "cnn-t1",
-                    threads=1,
-                    **local,
-                ),
-            ]
-            if not args.no_ray:
-                jobs.append(score("ray, folder", package, folder, "folder", "cnn-ray", engine="ray", **local))
-        after = raw_engine(package, pixels, args.seconds, (raw.batch_size,))
-        passes.append(raw_pass(package, pixels, raw.batch_size))
-        report[key] = {"raw": raw, "raw_after": after, "passes": passes, "decode": decode, "jobs": jobs}
+        rounds = []
+        for index in range(args.rounds):
+            print(f"{key}: round {index + 1}/{args.rounds}", flush=True)
+            rounds.append(measure_round(key, package, sources, pixels, local))
+        variants = cnn_variants(package, folder, local, not args.no_ray) if key == "cnn" else []
+        report[key] = {"raw": raw, "rounds": rounds, "variants": variants}
     markdown = render(report, time.perf_counter() - started)
     args.out.write_text(markdown)
     print(markdown)
     return 0
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """The median, and the range when there are several values."""
+    median = format(statistics.median(values), fmt)
+    return median if len(values) == 1 else f"{median} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
 def render(report: dict, seconds: float) -> str:
@@ -285,6 +300,9 @@ def render(report: dict, seconds: float) -> str:
         f"jobs. {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; the whole run took {seconds:.0f} s.  ",
         f"Decoding workers: {report['workers']} processes unless said otherwise. Images/s count scoring time (first "
         'record to the assembled output file); "with setup" adds model load, worker start and, for Ray, ray.init.  ',
+        f"Each model runs {report['rounds']} rounds; a round measures its limits (one raw-engine pass over the "
+        "decoded images, decode only) right before its jobs, and each job is compared with its own round's limits. "
+        "Cells give the median over the rounds and, in brackets, the range.",
         "",
         "| role | package | arch | weights | offline accuracy (export, onnx) |",
         "|---|---|---|---|---|",
@@ -298,47 +316,53 @@ def render(report: dict, seconds: float) -> str:
         ("cnn", "small CNN (decode-bound)"),
     ):
         entry = report[key]
-        raw, jobs, decode = entry["raw"], entry["jobs"], entry["decode"]
-        # The limit: the better of the two full passes over the 10,000 decoded images (before and after the jobs).
-        engine = max(entry["passes"])
+        raw, rounds = entry["raw"], entry["rounds"]
         offline = report["packages"][key]["offline_accuracy"]
         target = "the raw engine" if key == "resnet" else "min(decode only, raw engine)"
+        decode_kinds = rounds[0].decode
         lines += [
             "",
             f"## {title}",
             "",
-            f"Raw engine on decoded arrays: its best batch size in {report['burst_seconds']:g}-second bursts is {raw.batch_size} "
-            f"(used by the jobs) at {raw.images_per_second:.0f} images/s, "
-            f"{entry['raw_after'].images_per_second:.0f} images/s in a burst after the jobs; one pass over the "
-            f"10,000 decoded images at that batch size, the engine's limit here: "
-            + " and ".join(f"{rate:.0f}" for rate in entry["passes"])
-            + f" images/s (before and after the jobs; the better counts). Decode only ({report['workers']} process workers, no model): "
-            + ", ".join(f"{kind} {rate:.0f}" for kind, rate in decode.items())
+            f"Raw engine on decoded arrays: its best batch size in {report['burst_seconds']:g}-second bursts is "
+            f"{raw.batch_size} (used by the jobs) at {raw.images_per_second:.0f} images/s. Per round, one pass over "
+            f"the 10,000 decoded images at that batch size (the engine's limit): "
+            + ", ".join(f"{r.engine:.0f}" for r in rounds)
+            + f" images/s. Decode only ({report['workers']} process workers, no model): "
+            + "; ".join(f"{kind} " + ", ".join(f"{r.decode[kind]:.0f}" for r in rounds) for kind in decode_kinds)
             + f" images/s. Target limit: {target}.",
             "",
             "| job | images/s | with setup | target limit | vs target | shared-CPU bound | vs bound "
             "| accuracy from output | = offline |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for job in jobs:
-            limit = engine if key == "resnet" else min(decode[job.kind], engine)
-            # Decoding and inference share the same CPU cores here: together they cannot beat this rate.
-            bound = 1 / (1 / decode[job.kind] + 1 / engine)
-            same = "n/a" if offline is None else ("yes" if round(job.accuracy, 4) == round(offline, 4) else "no")
+        by_label: dict[str, list[tuple[Round, JobResult]]] = {}
+        for r in rounds:
+            for job in r.jobs:
+                by_label.setdefault(job.label, []).append((r, job))
+        last = rounds[-1]
+        by_label |= {job.label: [(last, job)] for job in entry["variants"]}  # measured once, after the last round
+        for label, runs in by_label.items():
+            accuracies = {round(job.accuracy, 4) for _, job in runs}
+            same = "n/a" if offline is None else ("yes" if accuracies == {round(offline, 4)} else "no")
             lines.append(
-                f"| {job.label} | {job.images_per_second:.0f} | {job.end_to_end:.0f} | {limit:.0f} | "
-                f"{job.images_per_second / limit:.0%} | {bound:.0f} | {job.images_per_second / bound:.0%} | "
-                f"{job.accuracy:.4f} | {same} |"
+                f"| {label} | {spread([j.images_per_second for _, j in runs], '.0f')} | "
+                f"{spread([j.end_to_end for _, j in runs], '.0f')} | "
+                f"{spread([r.limit(key, j) for r, j in runs], '.0f')} | "
+                f"{spread([j.images_per_second / r.limit(key, j) for r, j in runs], '.0%')} | "
+                f"{spread([r.bound(j) for r, j in runs], '.0f')} | "
+                f"{spread([j.images_per_second / r.bound(j) for r, j in runs], '.0%')} | "
+                f"{' '.join(f'{a:.4f}' for a in sorted(accuracies))} | {same} |"
             )
-        ray = next((job for job in jobs if job.label.startswith("ray")), None)
+        ray = next((job for job in entry["variants"] if job.label.startswith("ray")), None)
         if ray is not None:
-            local = jobs[0]
+            local = last.jobs[0]
             lines += [
                 "",
                 f"Ray engine on one machine vs the local engine (same folder and batch size, {report['workers']} "
-                f"actors of 1 thread): {ray.images_per_second / local.images_per_second:.0%} of its images/s "
-                f"while scoring (actor start included), {ray.end_to_end / local.end_to_end:.0%} with setup "
-                f"({ray.summary.setup_seconds:.1f} s vs {local.summary.setup_seconds:.1f} s).",
+                f"actors of 1 thread; the local job of the last round): {ray.images_per_second / local.images_per_second:.0%} "
+                f"of its images/s while scoring (actor start included), {ray.end_to_end / local.end_to_end:.0%} with "
+                f"setup ({ray.summary.setup_seconds:.1f} s vs {local.summary.setup_seconds:.1f} s).",
             ]
     lines += [
         "",
@@ -349,7 +373,7 @@ def render(report: dict, seconds: float) -> str:
         "CPU-only machine both run on the same cores, so with a steady load a job's images/s cannot exceed the "
         "shared-CPU bound 1/(1/decode + 1/engine); the column against that bound shows what the pipeline itself "
         "loses. The machine is shared with other engineers' jobs and its load changes within a run (see the raw "
-        "engine measured before and after): ratios above 100% mean a job ran at a quieter moment than its limits.",
+        "engine per round): ratios above 100% mean a job ran at a quieter moment than its limits.",
         "- Accuracy from output: top-1 of the output file's label_1 against the folder name of each image; "
         "offline: `python -m export`'s evaluation of the same ONNX file on the same 10,000 images (manifest "
         "metrics.onnx.test_accuracy). Random-weight packages give about 10%; the check is that the two agree.",
