@@ -4,7 +4,9 @@
 
 Each server is started here on a free loopback port, timed from process start to /readyz = 200, loaded and
 stopped. Requests are single CIFAR-10 test JPEGs (multipart field `image`) sent to POST /classify by `c`
-workers that each send the next request as soon as the last one is answered (concurrency 1, 8, 32, 128).
+workers that each send the next request as soon as the last one is answered (concurrency 1, 8, 32, 128), by
+wrk when it is installed (`apt-get install wrk`: a C client takes far less of the shared cores than Python
+would), else by this script's aiohttp client (`--client python`).
 Compared in the same run:
 - the small CNN's /classify vs a no-op BentoML endpoint taking the same upload (benchmarks/noop_service.py);
 - the ResNet-18's /classify vs its raw ONNX Runtime session in-process at its best batch size
@@ -24,8 +26,10 @@ import collections
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -49,8 +53,13 @@ CIFAR10_CLASSES = (
 )  # fmt: skip
 SERVICE = "service.service:ImageClassifier"
 NOOP_SERVICE = "benchmarks.noop_service:NoopClassifier"
+WRK_SCRIPT = REPO / "benchmarks" / "wrk_classify.lua"
 NAIVE_SERVICE = "benchmarks.naive_service:NaiveClassifier"
 READY_TIMEOUT_S = 180.0
+CLIENTS = {
+    "wrk": "wrk (C, one thread; benchmarks/wrk_classify.lua)",
+    "python": "this script's aiohttp workers",
+}
 REQUEST_TIMEOUT_S = 30.0  # client side; a request still unanswered by then counts as "timeout"
 
 
@@ -357,10 +366,62 @@ async def open_loop(
     return phase
 
 
-def sweep(server: Server, images: list[bytes], concurrencies: list[int], duration: float, warmup: float) -> list[Phase]:
+def write_image_files(images: list[bytes]) -> Path:
+    """The test JPEGs as files for wrk, and the list of their paths (returned)."""
+    folder = CACHE / "wrk-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        path = folder / f"{index:05d}.jpg"
+        path.write_bytes(image)
+        paths.append(str(path))
+    listing = folder / "images.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    return listing
+
+
+def wrk_closed_loop(server: str, url: str, listing: Path, concurrency: int, duration: float, warmup: float) -> Phase:
+    """closed_loop's measurement made by wrk (C, one thread): `concurrency` connections, each sending its next
+    request when the last is answered. It costs a fraction of the Python client's CPU, which shares the cores
+    with the server under test. Warm-up is a separate wrk run whose figures are dropped."""
+
+    def run_wrk(seconds: float) -> dict:
+        command = [
+            "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", f"--timeout={REQUEST_TIMEOUT_S:g}s",
+            "-s", str(WRK_SCRIPT), url, "--", str(listing),
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    if warmup > 0:
+        run_wrk(warmup)
+    figures = run_wrk(duration)
+    seconds = figures["duration_us"] / 1e6
+    failed = figures["status"]  # answers with a status of 400 or more
+    errors = {
+        "timeout": figures["timeout"],
+        "connection_error": figures["connect"] + figures["read"] + figures["write"],
+    }
+    ok = figures["requests"] - failed
+    phase = Phase(server, "closed", concurrency, round(seconds, 2), figures["requests"], ok)
+    phase.statuses = {"2xx": ok, **({"4xx/5xx": failed} if failed else {}), **{k: v for k, v in errors.items() if v}}
+    phase.requests_per_second = round(ok / seconds, 1)
+    # wrk's percentiles cover every answer; with no failed answers they are those of the OK ones.
+    phase.p50_ms, phase.p95_ms, phase.p99_ms = (round(figures[f"p{p}_us"] / 1000, 1) for p in (50, 95, 99))
+    return phase
+
+
+def sweep(
+    server: Server, images: list[bytes], listing: Path | None, concurrencies: list[int], duration: float, warmup: float
+) -> list[Phase]:
+    """Closed-loop phases at each concurrency; by wrk when `listing` (its image list) is given, else in Python."""
     phases = []
+    url = f"{server.url}/classify"
     for concurrency in concurrencies:
-        phase = asyncio.run(closed_loop(server.name, f"{server.url}/classify", images, concurrency, duration, warmup))
+        if listing is not None:
+            phase = wrk_closed_loop(server.name, url, listing, concurrency, duration, warmup)
+        else:
+            phase = asyncio.run(closed_loop(server.name, url, images, concurrency, duration, warmup))
         print(
             f"[{server.name}] c={concurrency:4d}: {phase.requests_per_second:7.1f} req/s  p50 {phase.p50_ms} ms  "
             f"p99 {phase.p99_ms} ms  statuses {phase.statuses}",
@@ -390,8 +451,12 @@ def machine() -> dict:
     }
 
 
+def best_phase(phases: list[Phase]) -> Phase:
+    return max(phases, key=lambda p: p.requests_per_second)
+
+
 def best_rate(phases: list[Phase]) -> float:
-    return max(p.requests_per_second for p in phases)
+    return best_phase(phases).requests_per_second
 
 
 def worker_suffix(workers: int) -> str:
@@ -412,6 +477,7 @@ def run(args: argparse.Namespace) -> dict:
         resnet_package, resnet_run = random_weight_package("resnet18", args.data)
     images = read_test_jpegs(args.data, args.images)
     print(f"{len(images)} CIFAR-10 test JPEGs loaded from {args.data}", flush=True)
+    listing = write_image_files(images) if args.client == "wrk" else None
     results: dict = {
         "command": " ".join(["python -m benchmarks.load_test", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -421,7 +487,9 @@ def run(args: argparse.Namespace) -> dict:
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "images": len(images),
+            "client": args.client,
             "small_workers": small_workers,
+            "rounds": args.rounds,
             "overload_queue": args.overload_queue,
             "overload_concurrency": args.overload_concurrency,
         },  # fmt: skip
@@ -433,8 +501,8 @@ def run(args: argparse.Namespace) -> dict:
         "phases": [],
     }
 
-    # The raw engine with no server running, right before and right after the ResNet's server: the machine's
-    # limit for the ResNet, measured twice because the shared machine's load drifts; the better run counts.
+    # The raw engine at every batch size with no server running, right before and right after the ResNet's server
+    # (reported); the best batch size before it is the one the paired rounds measure.
     engine_pixels = decode_all(images[:512], tuple(describe_spec(resnet_package)["input_size"]))
     engine_runs: list[list] = []
 
@@ -451,31 +519,60 @@ def run(args: argparse.Namespace) -> dict:
     def model_env(package: Path, **extra: str) -> dict[str, str]:
         return {"VISIONSERVE_MODEL": str(package), "VISIONSERVE_DEVICE": "cpu", **extra}
 
-    # The small CNN and its no-op floor at each worker count, side by side (a pair per count).
-    servers = []
+    def closed(server: Server, concurrency: int) -> Phase:
+        return sweep(server, images, listing, [concurrency], args.duration, args.warmup)[0]
+
+    # Paired rounds after the sweeps: the two sides of each comparison alternate phase by phase at their best
+    # concurrency (or batch size), so both see the same load on this shared machine; the median ratio counts.
+    rounds: dict[str, list[dict]] = {}
+    sweeps: dict[str, list[Phase]] = {}
     for workers in small_workers:
         env = {"VISIONSERVE_WORKERS": str(workers)}
-        servers.append((f"noop{worker_suffix(workers)}", NOOP_SERVICE, env))
-        servers.append((f"small-cnn{worker_suffix(workers)}", SERVICE, model_env(small_package, **env)))
-    servers.append(("resnet18", SERVICE, model_env(resnet_package)))
+        noop_name, small_name = f"noop{worker_suffix(workers)}", f"small-cnn{worker_suffix(workers)}"
+        with (
+            Server(noop_name, NOOP_SERVICE, env) as noop,
+            Server(small_name, SERVICE, model_env(small_package, **env)) as small,
+        ):
+            for server in (noop, small):
+                results["ready_seconds"][server.name] = round(server.ready_seconds, 2)
+                sweeps[server.name] = sweep(server, images, listing, concurrencies, args.duration, args.warmup)
+            noop_c, small_c = best_phase(sweeps[noop_name]).concurrency, best_phase(sweeps[small_name]).concurrency
+            pairs = []
+            for _ in range(args.rounds):
+                floor, real = closed(noop, noop_c).requests_per_second, closed(small, small_c).requests_per_second
+                pairs.append({"noop_rps": floor, "small_rps": real, "ratio": round(real / floor, 3)})
+                print(f"[{small_name} vs {noop_name}] {real} / {floor} req/s = {real / floor:.1%}", flush=True)
+            rounds[f"small_cnn_vs_noop{worker_suffix(workers)}"] = pairs
+
+    measure_raw_engine()
+    with Server("resnet18", SERVICE, model_env(resnet_package)) as server:
+        results["ready_seconds"][server.name] = round(server.ready_seconds, 2)
+        sweeps[server.name] = sweep(server, images, listing, concurrencies, args.duration, args.warmup)
+        best_c, batch = best_phase(sweeps[server.name]).concurrency, best(engine_runs[0]).batch_size
+        predictor = Predictor.from_path(resnet_package, device="cpu")  # in this process; the server idles meanwhile
+        pairs = []
+        for _ in range(args.rounds):
+            [engine] = measure_engine(predictor, engine_pixels, (batch,), seconds=args.engine_seconds)
+            served = closed(server, best_c).requests_per_second
+            pairs.append({"engine_ips": round(engine.images_per_second, 1), "service_rps": served})
+            pairs[-1]["ratio"] = round(served / engine.images_per_second, 3)
+            print(
+                f"[resnet18 vs raw engine @ {batch}] {served} / {engine.images_per_second:.1f} = {pairs[-1]['ratio']:.1%}"
+            )
+        rounds["resnet18_vs_raw_engine"] = pairs
+        del predictor
+        rate = 0.8 * best_rate(sweeps[server.name])
+        phase = asyncio.run(open_loop(server.name, f"{server.url}/classify", images, rate, args.duration, args.warmup))
+        print(f"[{server.name}] open loop at {rate:.0f} req/s: statuses {phase.statuses} p99 {phase.p99_ms} ms")
+        sweeps[server.name].append(phase)
+    measure_raw_engine()
     if resnet_run:
-        servers.append(("resnet18-naive", NAIVE_SERVICE, {"VISIONSERVE_NAIVE_RUN": str(resnet_run)}))
-    sweeps: dict[str, list[Phase]] = {}
-    for name, target, env in servers:
-        if name == "resnet18":
-            measure_raw_engine()
-        with Server(name, target, env) as server:
-            results["ready_seconds"][name] = round(server.ready_seconds, 2)
-            sweeps[name] = sweep(server, images, concurrencies, args.duration, args.warmup)
-            if name == "resnet18":
-                rate = 0.8 * best_rate(sweeps[name])
-                phase = asyncio.run(open_loop(name, f"{server.url}/classify", images, rate, args.duration, args.warmup))
-                print(f"[{name}] open loop at {rate:.0f} req/s: statuses {phase.statuses} p99 {phase.p99_ms} ms")
-                sweeps[name].append(phase)
-        if name == "resnet18":
-            measure_raw_engine()
+        with Server("resnet18-naive", NAIVE_SERVICE, {"VISIONSERVE_NAIVE_RUN": str(resnet_run)}) as server:
+            results["ready_seconds"][server.name] = round(server.ready_seconds, 2)
+            sweeps[server.name] = sweep(server, images, listing, concurrencies, args.duration, args.warmup)
     for phases in sweeps.values():
         results["phases"].extend(asdict(p) for p in phases)
+    results["rounds"] = rounds
 
     # Overload: a small queue, far more clients than it holds, then light load again.
     name = "resnet18-overload"
@@ -499,19 +596,10 @@ def run(args: argparse.Namespace) -> dict:
             overload.append(phase)
         results["phases"].extend(asdict(p) for p in overload)
 
-    resnet = best_rate(sweeps["resnet18"][:-1])
-    raw = best([result for run in engine_runs for result in run])
-    results["comparisons"] = {
-        f"small_cnn_vs_noop{worker_suffix(w)}": round(
-            best_rate(sweeps[f"small-cnn{worker_suffix(w)}"]) / best_rate(sweeps[f"noop{worker_suffix(w)}"]), 3
-        )
-        for w in small_workers
-    }
-    results["comparisons"] |= {
-        "resnet18_vs_raw_engine": round(resnet / raw.images_per_second, 3),
-        "raw_engine_best_batch": raw.batch_size,
-    }
+    results["comparisons"] = {name: statistics.median(p["ratio"] for p in pairs) for name, pairs in rounds.items()}
+    results["comparisons"]["raw_engine_best_batch"] = best(engine_runs[0]).batch_size
     if "resnet18-naive" in sweeps:
+        resnet = best_rate(sweeps["resnet18"][:-1])
         results["comparisons"]["resnet18_vs_naive"] = round(resnet / best_rate(sweeps["resnet18-naive"]), 2)
     results["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     return results
@@ -525,8 +613,12 @@ def write_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
+def round_ratios(pairs: list[dict]) -> str:
+    return ", ".join(f"{p['ratio']:.0%}" for p in pairs)
+
+
 def markdown(results: dict) -> str:
-    m, s, c = results["machine"], results["settings"], results["comparisons"]
+    m, s, c, r = results["machine"], results["settings"], results["comparisons"], results["rounds"]
     lines = [
         "# Service load benchmark",
         "",
@@ -537,7 +629,8 @@ def markdown(results: dict) -> str:
         f"(1/5/15 min) {m['load_average_at_start']} at the start, {m['load_average_at_end']} at the end.",
         f"- Load: closed-loop workers at concurrency {s['concurrency']}, {s['duration_s']} s measured after "
         f"{s['warmup_s']} s of warm-up per phase; single-image multipart uploads drawn from {s['images']} "
-        "CIFAR-10 test JPEGs (32x32, q75).",
+        f"CIFAR-10 test JPEGs (32x32, q75). Closed-loop client: {CLIENTS[s['client']]}; the open-loop and "
+        "overload phases use the Python client (it records each answer's status and Retry-After).",
     ]
     for role, p in results["packages"].items():
         accuracy = f", training test accuracy {p['training_test_accuracy']:.4f}" if p["training_test_accuracy"] else ""
@@ -548,13 +641,19 @@ def markdown(results: dict) -> str:
         "",
         "## Comparisons",
         "",
+        f"Paired rounds: after the sweeps, the two sides of each comparison alternate {s['rounds']} times, phase by "
+        "phase, at their best concurrency (the ResNet-18's raw engine at its best batch size, in this process while "
+        "the server idles); the median of the rounds' ratios, with the rounds in brackets.",
+        "",
         *(
-            f"- small CNN /classify vs the no-op endpoint, {w} worker{'s' * (w > 1)} each (best requests/s each): "
-            f"**{c['small_cnn_vs_noop' + worker_suffix(w)]:.1%}** (target >= 90%)"
+            f"- small CNN /classify vs the no-op endpoint, {w} worker{'s' * (w > 1)} each: "
+            f"**{c['small_cnn_vs_noop' + worker_suffix(w)]:.1%}** ({round_ratios(r['small_cnn_vs_noop' + worker_suffix(w)])}; "
+            "target >= 90%)"
             for w in s["small_workers"]
         ),
         f"- ResNet-18 /classify vs the raw ONNX Runtime session at its best batch size ({c['raw_engine_best_batch']}): "
-        f"**{c['resnet18_vs_raw_engine']:.1%}** of its images/s (target >= 80%)",
+        f"**{c['resnet18_vs_raw_engine']:.1%}** of its images/s ({round_ratios(r['resnet18_vs_raw_engine'])}; "
+        "target >= 80%)",
     ]
     if "resnet18_vs_naive" in c:
         lines.append(
@@ -573,7 +672,7 @@ def markdown(results: dict) -> str:
         "",
         "## Raw ONNX Runtime session (ResNet-18, in-process, no HTTP, no decoding)",
         "",
-        "Measured right before and right after the ResNet-18 server ran; the best figure of both is the reference.",
+        "Measured right before and right after the ResNet-18 server ran; the paired rounds use the best batch size before.",
         "",
         "| batch | images/s before | images/s after |",
         "|---:|---:|---:|",
@@ -634,7 +733,14 @@ def main(argv: list[str] | None = None) -> int:
         default="1,2",
         help="comma-separated worker counts (VISIONSERVE_WORKERS) for the no-op and small-CNN servers",
     )
+    parser.add_argument(
+        "--client",
+        choices=sorted(CLIENTS),
+        default="wrk" if shutil.which("wrk") else "python",
+        help="closed-loop load generator (default: wrk when installed: apt-get install wrk)",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per phase")
+    parser.add_argument("--rounds", type=int, default=3, help="paired rounds per comparison; the median ratio counts")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each phase's window")
     parser.add_argument("--engine-seconds", type=float, default=3.0, help="raw engine measuring time per batch size")
     parser.add_argument(

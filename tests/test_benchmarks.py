@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,3 +30,29 @@ def test_export_formats_benchmark_writes_its_table(tmp_path, image_tree_factory)
     assert "## simple_cnn" in table
     for row in ("| PyTorch eager |", "| TorchScript |", "| ONNX fp32 |", "| ONNX int8 (QDQ) |"):
         assert row in table
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("client", ["python", "wrk"])
+def test_load_test_clients_measure_a_running_server(tmp_path, client):
+    if client == "wrk" and shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    from benchmarks.load_test import NOOP_SERVICE, Server, closed_loop, wrk_closed_loop
+    from inference.imaging import encode_png
+
+    images = [encode_png(np.full((32, 32, 3), value, dtype=np.uint8)) for value in (0, 128, 255)]
+    with Server("noop-smoke", NOOP_SERVICE, {"VISIONSERVE_WORKERS": "1"}) as server:
+        url = f"{server.url}/classify"
+        if client == "wrk":
+            listing = tmp_path / "images.txt"
+            paths = []
+            for index, image in enumerate(images):
+                (tmp_path / f"{index}.png").write_bytes(image)
+                paths.append(str(tmp_path / f"{index}.png"))
+            listing.write_text("\n".join(paths) + "\n")
+            phase = wrk_closed_loop("noop-smoke", url, listing, concurrency=2, duration=1, warmup=0)
+        else:
+            phase = asyncio.run(closed_loop("noop-smoke", url, images, concurrency=2, duration=1, warmup=0))
+    assert phase.ok > 0 and phase.ok == phase.requests
+    assert phase.requests_per_second > 0 and phase.p50_ms <= phase.p99_ms
