@@ -171,9 +171,10 @@ def decode_only(source: Path, size: tuple[int, int], workers: int, batch_size: i
         return decoded / (time.perf_counter() - start)
 
 
-def raw_engine(package: Path, pixels: np.ndarray, seconds: float, batch_sizes=BATCH_SIZES):
+def raw_engine(package: Path, pixels: np.ndarray, seconds: float):
+    """The best batch size in short bursts of each of BATCH_SIZES."""
     predictor = Predictor.from_path(package, device="cpu")
-    results = measure_engine(predictor, pixels, batch_sizes, seconds)
+    results = measure_engine(predictor, pixels, BATCH_SIZES, seconds)
     for r in results:
         print(f"  raw engine batch {r.batch_size}: {r.images_per_second:.0f} images/s", flush=True)
     return best(results)

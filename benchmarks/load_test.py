@@ -366,9 +366,8 @@ async def open_loop(
     return phase
 
 
-def write_image_files(images: list[bytes]) -> Path:
-    """The test JPEGs as files for wrk, and the list of their paths (returned)."""
-    folder = CACHE / "wrk-images"
+def write_image_files(images: list[bytes], folder: Path) -> Path:
+    """The images as files in `folder` for wrk, and the list of their paths (returned)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, image in enumerate(images):
@@ -477,7 +476,7 @@ def run(args: argparse.Namespace) -> dict:
         resnet_package, resnet_run = random_weight_package("resnet18", args.data)
     images = read_test_jpegs(args.data, args.images)
     print(f"{len(images)} CIFAR-10 test JPEGs loaded from {args.data}", flush=True)
-    listing = write_image_files(images) if args.client == "wrk" else None
+    listing = write_image_files(images, CACHE / "wrk-images") if args.client == "wrk" else None
     results: dict = {
         "command": " ".join(["python -m benchmarks.load_test", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -522,6 +521,10 @@ def run(args: argparse.Namespace) -> dict:
     def closed(server: Server, concurrency: int) -> Phase:
         return sweep(server, images, listing, [concurrency], args.duration, args.warmup)[0]
 
+    def record_and_sweep(server: Server) -> None:
+        results["ready_seconds"][server.name] = round(server.ready_seconds, 2)
+        sweeps[server.name] = sweep(server, images, listing, concurrencies, args.duration, args.warmup)
+
     # Paired rounds after the sweeps: the two sides of each comparison alternate phase by phase at their best
     # concurrency (or batch size), so both see the same load on this shared machine; the median ratio counts.
     rounds: dict[str, list[dict]] = {}
@@ -533,9 +536,8 @@ def run(args: argparse.Namespace) -> dict:
             Server(noop_name, NOOP_SERVICE, env) as noop,
             Server(small_name, SERVICE, model_env(small_package, **env)) as small,
         ):
-            for server in (noop, small):
-                results["ready_seconds"][server.name] = round(server.ready_seconds, 2)
-                sweeps[server.name] = sweep(server, images, listing, concurrencies, args.duration, args.warmup)
+            record_and_sweep(noop)
+            record_and_sweep(small)
             noop_c, small_c = best_phase(sweeps[noop_name]).concurrency, best_phase(sweeps[small_name]).concurrency
             pairs = []
             for _ in range(args.rounds):
@@ -546,19 +548,15 @@ def run(args: argparse.Namespace) -> dict:
 
     measure_raw_engine()
     with Server("resnet18", SERVICE, model_env(resnet_package)) as server:
-        results["ready_seconds"][server.name] = round(server.ready_seconds, 2)
-        sweeps[server.name] = sweep(server, images, listing, concurrencies, args.duration, args.warmup)
+        record_and_sweep(server)
         best_c, batch = best_phase(sweeps[server.name]).concurrency, best(engine_runs[0]).batch_size
         predictor = Predictor.from_path(resnet_package, device="cpu")  # in this process; the server idles meanwhile
         pairs = []
         for _ in range(args.rounds):
             [engine] = measure_engine(predictor, engine_pixels, (batch,), seconds=args.engine_seconds)
-            served = closed(server, best_c).requests_per_second
-            pairs.append({"engine_ips": round(engine.images_per_second, 1), "service_rps": served})
-            pairs[-1]["ratio"] = round(served / engine.images_per_second, 3)
-            print(
-                f"[resnet18 vs raw engine @ {batch}] {served} / {engine.images_per_second:.1f} = {pairs[-1]['ratio']:.1%}"
-            )
+            served, limit = closed(server, best_c).requests_per_second, engine.images_per_second
+            pairs.append({"engine_ips": round(limit, 1), "service_rps": served, "ratio": round(served / limit, 3)})
+            print(f"[resnet18 vs raw engine @ {batch}] {served} / {limit:.1f} = {served / limit:.1%}", flush=True)
         rounds["resnet18_vs_raw_engine"] = pairs
         del predictor
         rate = 0.8 * best_rate(sweeps[server.name])
@@ -568,8 +566,7 @@ def run(args: argparse.Namespace) -> dict:
     measure_raw_engine()
     if resnet_run:
         with Server("resnet18-naive", NAIVE_SERVICE, {"VISIONSERVE_NAIVE_RUN": str(resnet_run)}) as server:
-            results["ready_seconds"][server.name] = round(server.ready_seconds, 2)
-            sweeps[server.name] = sweep(server, images, listing, concurrencies, args.duration, args.warmup)
+            record_and_sweep(server)
     for phases in sweeps.values():
         results["phases"].extend(asdict(p) for p in phases)
     results["rounds"] = rounds

@@ -7,8 +7,10 @@ favour; int8 activations measured no faster). Three parts stay in float32:
   broadcast Mul/Add ran as QLinearMul/QLinearAdd and took 45% of the lesson CNN's int8 time; with only the
   convolution quantised, ONNX Runtime moved the normalisation after the layout change, where broadcasting
   over the 3 innermost channels took 26%, and the convolution's 3 input channels (a 27-deep product) ran
-  3.6x slower in int8 than in float. Kept in float, the lesson CNN's int8 graph runs 1.6-1.8x faster than
-  its float one at batch 16 and 64 instead of 0.85x; the first convolution is ~0.3% of ResNet-18's work;
+  3.6x slower in int8 than in float. Kept in float, and with ONNX Runtime's QDQ propagation off (see
+  inference/runtime.py), the lesson CNN's int8 graph runs 1.33-1.50x faster than its float one at batch 1
+  to 64 instead of 0.85-0.93x (benchmarks/results/export_formats.md); the first convolution is ~0.3% of
+  ResNet-18's work;
 - the classifier head (the last Gemm/MatMul): quantised, it cost most of the top-1 agreement lost on
   a briefly trained lesson CNN (98.8% -> 99.3% with it in float, 3,000 CIFAR-10 test images) for
   about 2% of the run time;

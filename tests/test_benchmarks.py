@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.load_test import CIFAR10_CLASSES
+
 REPO = Path(__file__).resolve().parents[1]
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 @pytest.mark.slow
@@ -38,19 +39,14 @@ def test_export_formats_benchmark_writes_its_table(tmp_path, image_tree_factory)
 def test_load_test_clients_measure_a_running_server(tmp_path, client):
     if client == "wrk" and shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (apt-get install wrk)")
-    from benchmarks.load_test import NOOP_SERVICE, Server, closed_loop, wrk_closed_loop
+    from benchmarks.load_test import NOOP_SERVICE, Server, closed_loop, write_image_files, wrk_closed_loop
     from inference.imaging import encode_png
 
     images = [encode_png(np.full((32, 32, 3), value, dtype=np.uint8)) for value in (0, 128, 255)]
     with Server("noop-smoke", NOOP_SERVICE, {"VISIONSERVE_WORKERS": "1"}) as server:
         url = f"{server.url}/classify"
         if client == "wrk":
-            listing = tmp_path / "images.txt"
-            paths = []
-            for index, image in enumerate(images):
-                (tmp_path / f"{index}.png").write_bytes(image)
-                paths.append(str(tmp_path / f"{index}.png"))
-            listing.write_text("\n".join(paths) + "\n")
+            listing = write_image_files(images, tmp_path / "images")
             phase = wrk_closed_loop("noop-smoke", url, listing, concurrency=2, duration=1, warmup=0)
         else:
             phase = asyncio.run(closed_loop("noop-smoke", url, images, concurrency=2, duration=1, warmup=0))
