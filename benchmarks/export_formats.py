@@ -152,6 +152,9 @@ def benchmark_model(name: str, run: Path | None, args: argparse.Namespace, scrat
         "onnx": onnx_predictor(folder / BACKEND_FILES["onnx"], CPU_PROVIDER, args.threads),
         "onnx-int8": onnx_predictor(folder / BACKEND_FILES["onnx-int8"], CPU_PROVIDER, args.threads),
     }
+    if torch.cuda.is_available():
+        predictors["pytorch cuda"] = eager_predictor(model, spec, flip_tta, device="cuda")
+        predictors["torchscript cuda"] = torchscript_predictor(folder / BACKEND_FILES["torchscript"], device="cuda")
     if cuda_available():
         for backend in ("onnx", "onnx-int8"):
             predictors[f"{backend} cuda"] = onnx_predictor(folder / BACKEND_FILES[backend], CUDA_PROVIDER)
@@ -191,13 +194,16 @@ def markdown(results: list[ModelResult], args: argparse.Namespace, seconds: floa
         accuracies = {"pytorch": report.reference_accuracy} | {f.backend: f.test_accuracy for f in report.formats}
         parity = {f.backend: f for f in report.formats}
         header = "| format | test acc | " + " | ".join(f"img/s @{b}" for b in batches)
-        header += " | x eager @" + ", @".join(map(str, batches)) + " | max abs dp (cpu) | top-1 agree | gate |"
+        header += (
+            " | x eager, same device @" + ", @".join(map(str, batches)) + " | max abs dp (cpu) | top-1 agree | gate |"
+        )
         lines += [f"## {result.name}", "", f"Weights: {result.weights}.", "", header]
         lines.append("|" + "---|" * (header.count("|") - 1))
         for label, rates in result.throughput.items():
             backend = label.split(" ")[0]
             name = FORMAT_LABELS[backend] + (" CUDA" if label.endswith("cuda") else "")
-            ratios = ", ".join(f"{rates[b] / result.throughput['pytorch'][b]:.1f}x" for b in batches)
+            eager = result.throughput["pytorch cuda" if label.endswith("cuda") else "pytorch"]  # same device
+            ratios = ", ".join(f"{rates[b] / eager[b]:.1f}x" for b in batches)
             row = f"| {name} | {accuracies[backend]:.4f} | " + " | ".join(_rate(rates[b]) for b in batches)
             if backend in parity and not label.endswith("cuda"):
                 figures = [p for p in parity[backend].parity if p.device == "cpu"]
@@ -206,7 +212,7 @@ def markdown(results: list[ModelResult], args: argparse.Namespace, seconds: floa
                 verdict = "pass" if parity[backend].passed else "FAIL"
                 row += f" | {ratios} | {worst_dp:.1e} | {agreement:.1%} | {verdict} |"
             else:
-                row += f" | {ratios} | reference | | |" if backend == "pytorch" else f" | {ratios} | | | |"
+                row += f" | {ratios} | reference | | |" if label == "pytorch" else f" | {ratios} | | | |"
             lines.append(row)
         int8, fp32 = result.throughput["onnx-int8"], result.throughput["onnx"]
         drop = (report.reference_accuracy - accuracies["onnx-int8"]) * 100
@@ -217,12 +223,17 @@ def markdown(results: list[ModelResult], args: argparse.Namespace, seconds: floa
             + f"; int8 accuracy change: {-drop:+.2f} points.",
             "",
         ]
-        if cuda_gap := [p for f in report.formats for p in f.parity if p.device == "cuda"]:
-            worst = max(p.max_abs_diff for p in cuda_gap)
-            lines += [
-                f"CUDA vs eager PyTorch (CPU): max abs difference in probabilities {worst:.1e}.",
-                "",
-            ]
+        for precision, backends in (("fp32", ("onnx", "torchscript")), ("int8", ("onnx-int8",))):
+            gap = [p for f in report.formats if f.backend in backends for p in f.parity if p.device == "cuda"]
+            if gap:
+                worst, agreement = max(p.max_abs_diff for p in gap), min(p.top1_agreement for p in gap)
+                lines += [
+                    f"ONNX Runtime CUDA {precision} vs eager PyTorch (CPU): max abs difference in probabilities "
+                    f"{worst:.1e}, top-1 agreement {agreement:.1%}.",
+                    "",
+                ]
+        if report.failures:
+            lines += ["Gate failures: " + "; ".join(report.failures) + ".", ""]
     return "\n".join(lines)
 
 
@@ -240,16 +251,21 @@ def _cpu_model() -> str:
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    # Float32 on every runtime, as the ONNX Runtime sessions run (inference.runtime.CUDA_PROVIDER_OPTIONS).
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     runs = dict(item.split("=", 1) for item in args.run)
     models = [m for m in args.models.split(",") if m] + [m for m in runs if m not in args.models.split(",")]
     start = time.perf_counter()
+    results: list[ModelResult] = []
     with tempfile.TemporaryDirectory(prefix="export-bench-") as scratch:
-        results = [benchmark_model(m, Path(runs[m]) if m in runs else None, args, Path(scratch)) for m in models]
-    text = markdown(results, args, time.perf_counter() - start)
+        for model in models:
+            results.append(benchmark_model(model, Path(runs[model]) if model in runs else None, args, Path(scratch)))
+            text = markdown(results, args, time.perf_counter() - start)
+            if args.out:  # after each model: a run cut short still leaves the tables it finished
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(text + "\n")
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
     return 0
 
 

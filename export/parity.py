@@ -7,6 +7,7 @@ when a GPU is present, with ONNX Runtime's CUDA provider; test accuracy is measu
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,17 +117,18 @@ class GateReport:
         return "\n".join(lines)
 
 
-def eager_predictor(model: nn.Module, spec: ModelSpec, flip_tta: bool = False) -> Predict:
-    """The reference: the trained model in eager PyTorch, fed exactly as training's evaluation feeds it."""
+def eager_predictor(model: nn.Module, spec: ModelSpec, flip_tta: bool = False, device: str = "cpu") -> Predict:
+    """The reference: the trained model in eager PyTorch, fed exactly as training's evaluation feeds it.
+    On another device than the CPU it runs a copy of `model`, which stays where it is."""
     from training.augment import flip_averaged_logits, to_model_input  # the training path's own evaluation
 
-    model = model.eval()
+    model = (model if device == "cpu" else copy.deepcopy(model).to(device)).eval()
 
     def predict(pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            x = to_model_input(torch.from_numpy(pixels), spec.mean, spec.std)
+            x = to_model_input(torch.from_numpy(pixels).to(device), spec.mean, spec.std)
             logits = flip_averaged_logits(model, x) if flip_tta else model(x)
-            return torch.softmax(logits.float(), dim=1).numpy()
+            return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     return predict
 
@@ -152,13 +154,14 @@ def onnx_predictor(path: Path, provider: str = CPU_PROVIDER, threads: int | None
     return predict
 
 
-def torchscript_predictor(path: Path) -> Predict:
+def torchscript_predictor(path: Path, device: str = "cpu") -> Predict:
     module, _ = load_torchscript(path)
+    module = module.to(device)
 
     def predict(pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            probabilities, _ = module(torch.from_numpy(pixels))
-            return probabilities.numpy()
+            probabilities, _ = module(torch.from_numpy(pixels).to(device))
+            return probabilities.cpu().numpy()
 
     return predict
 

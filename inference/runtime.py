@@ -22,6 +22,10 @@ CPU_PROVIDER = "CPUExecutionProvider"
 # the pool runs in the fast float or NHWC kernels (int8 at batch 64: 0.4x -> 1.8x of float; ResNet-18
 # unchanged). Float graphs have no quantise nodes for it to move.
 DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
+# TF32, on by default in ONNX Runtime's CUDA provider and cuDNN, rounds convolution inputs to 10-bit mantissas:
+# on an H100 it moved the lesson CNN's probabilities by up to 5e-4 from the CPU's, over the export gate's 1e-4.
+# The GPU serves the float32 arithmetic that the gate verified.
+CUDA_PROVIDER_OPTIONS = {"use_tf32": "0"}
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -114,8 +118,9 @@ def onnx_session(path: Path, providers: list[str], threads: int):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle intra-op threads would otherwise spin and take CPU from request parsing and decoding.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    with_options = [(p, CUDA_PROVIDER_OPTIONS) if p == CUDA_PROVIDER else p for p in providers]
     return ort.InferenceSession(
-        str(path), sess_options=options, providers=providers, disabled_optimizers=DISABLED_OPTIMIZERS
+        str(path), sess_options=options, providers=with_options, disabled_optimizers=DISABLED_OPTIMIZERS
     )
 
 
@@ -166,6 +171,9 @@ def _torchscript_runner(path: Path, backend: str, device: str, threads: int):
         use_cuda = False
     torch_device = torch.device("cuda" if use_cuda else "cpu")
     torch.set_num_threads(threads)
+    if use_cuda:  # float32 as verified by the export gate, not TF32 (see CUDA_PROVIDER_OPTIONS)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     # The archive's sha256 was verified against the manifest before this point.
     module = torch.jit.load(str(path), map_location=torch_device).eval()
 

@@ -273,3 +273,18 @@ def test_mismatched_normalisation_is_refused():
     images, labels = _numbered(4)
     with pytest.raises(ValueError, match="mean/std"):
         _batches(images, labels, 2, seed=0, augmenter=Augmenter((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batches_are_augmented_on_the_gpu_as_on_the_cpu():
+    images, labels = _images(64).numpy(), np.arange(64, dtype=np.int64)
+    full = dict(flip=True, rotate_degrees=10, brightness=0.2, contrast=0.2, translate=0.1, crop_padding=4)
+    augmenter = _augmenter(**full)
+    on_cpu = _batches(images, labels, 16, seed=3, augmenter=augmenter)
+    on_gpu = _batches(images, labels, 16, seed=3, augmenter=augmenter, device="cuda")
+    for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(on_cpu, on_gpu, strict=True):
+        assert x_gpu.is_cuda and y_gpu.is_cuda
+        # Same draws from the same generator; only the arithmetic's rounding differs between the devices.
+        torch.testing.assert_close(x_gpu.cpu(), x_cpu, atol=1e-3, rtol=0)
+        assert torch.equal(y_gpu.cpu(), y_cpu)

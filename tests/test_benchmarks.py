@@ -33,6 +33,26 @@ def test_export_formats_benchmark_writes_its_table(tmp_path, image_tree_factory)
         assert row in table
 
 
+@pytest.mark.slow
+def test_gpu_check_reports_the_cpu_fallback(tmp_path, image_tree_factory, tar_archive_factory):
+    from benchmarks.gpu_check import main
+    from tests.color_package import COLOR_CLASSES, make_color_package
+
+    package = make_color_package(tmp_path / "package")
+    tree = image_tree_factory(tmp_path / "data", COLOR_CLASSES, {"test": 3}, size=(32, 32), suffix=".jpg")
+    archive = tar_archive_factory(tree, tmp_path / "data.tar.gz")
+    out = tmp_path / "gpu_check.md"
+    argv = [
+        "--package", str(package), "--data", str(archive), "--images", "9", "--batch-sizes", "1,4",
+        "--seconds", "0.01", "--rounds", "1", "--concurrency", "4", "--no-batch-job", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    report = out.read_text()
+    # No GPU in CI: device=auto runs on the CPU and says why; every request got its own image's answer.
+    assert "| ONNX Runtime, device=auto | cpu | CPUExecutionProvider | CUDAExecutionProvider" in report
+    assert report.count("| 0 of 9 |") == 2
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("client", ["python", "wrk"])

@@ -98,6 +98,16 @@ def test_onnx_graph_takes_uint8_pixels_with_a_dynamic_batch(cnn_package):
         np.testing.assert_allclose(probabilities, torch.softmax(torch.from_numpy(logits), 1).numpy(), atol=1e-6)
 
 
+def test_torchscript_convolutions_run_float32_not_tf32_on_a_gpu(cnn_package):
+    _, package_dir = cnn_package
+    module, _ = load_torchscript(package_dir / "model.ts")
+    convolutions = [node for node in module.inlined_graph.nodes() if node.kind() == "aten::_convolution"]
+    assert convolutions
+    for node in convolutions:
+        *_, cudnn_enabled, allow_tf32 = (value.toIValue() for value in node.inputs())
+        assert (cudnn_enabled, allow_tf32) == (True, False)
+
+
 @pytest.mark.slow
 def test_exported_graphs_match_the_trained_model_on_the_same_pixels(cnn_package):
     """The in-graph normalisation equals training's: the ONNX and TorchScript outputs equal eager logits."""

@@ -170,6 +170,14 @@ def resnet50_transfer(num_classes: int, input_size=(64, 64)) -> nn.Module:
     return _transfer_resnet(torchvision.models.resnet50, num_classes)
 
 
+class GlobalMaxPool(nn.Module):
+    """(N, C, H, W) -> (N, C): the maximum over each channel. Written as amax rather than AdaptiveMaxPool2d(1),
+    which the ONNX exporter of torch 2.11 could not translate (it exports as ReduceMax)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3))
+
+
 class AirbenchNet(nn.Module):
     """A fast CIFAR net after Keller Jordan's airbench (2024): a frozen 2x2 patch-whitening stem, three
     conv-pool-BN-GELU groups and a linear head on max-pooled features, logits scaled down.
@@ -192,7 +200,7 @@ class AirbenchNet(nn.Module):
                 nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.GELU(),
             ]  # fmt: skip
             channels = width
-        self.features = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(*layers, GlobalMaxPool())
         self.head = nn.Linear(channels, num_classes, bias=False)
         # airbench's: small initial logits, which suits label smoothing 0.2
         self.logit_scale = 1 / 9
