@@ -251,7 +251,7 @@ def _cpu_model() -> str:
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    # Float32 on every runtime, as the ONNX Runtime sessions run (inference.runtime.CUDA_PROVIDER_OPTIONS).
+    # Float32 on every runtime, as the ONNX Runtime sessions run by default (inference.runtime.onnx_session).
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     runs = dict(item.split("=", 1) for item in args.run)

@@ -2,7 +2,8 @@
 
     python -m benchmarks.gpu_check --package PACKAGE [--data ARCHIVE] [--out benchmarks/results/gpu_check.md]
 
-1. Runtime: the provider that the service's and batch jobs' runtime (`Predictor`, device=auto) really got.
+1. Runtime: the provider that the service's and batch jobs' runtime (`Predictor`, device=auto) really got, with
+   float32 (the default) and with TF32 allowed.
 2. Outputs: its probabilities against the CPU's on real test images (max abs difference, top-1 agreement).
 3. Engine: images/s of `Predictor.predict` at several batch sizes, each runtime (interleaved rounds, median).
 4. Service path without HTTP: the service's `Classifier` (adaptive batching) under many concurrent single-image
@@ -47,11 +48,13 @@ class Runtime:
     label: str
     backend: str  # onnx | onnx-int8 | torchscript
     device: str  # as asked: auto | cpu
+    tf32: bool = False
 
 
 RUNTIMES = (
     Runtime("ONNX Runtime, device=auto", "onnx", "auto"),
     Runtime("ONNX Runtime, device=cpu", "onnx", "cpu"),
+    Runtime("ONNX Runtime, device=auto, tf32", "onnx", "auto", tf32=True),
     Runtime("TorchScript, device=auto", "torchscript", "auto"),
 )
 
@@ -69,10 +72,12 @@ def environment() -> list[str]:
 
 
 def runtime_rows(predictors: dict[Runtime, Predictor]) -> list[str]:
-    lines = ["| runtime | device in use | provider | fallback reason |", "|---|---|---|---|"]
+    lines = ["| runtime | device in use | provider | TF32 | fallback reason |", "|---|---|---|---|---|"]
     for runtime, predictor in predictors.items():
         info = predictor.info
-        lines.append(f"| {runtime.label} | {info.device} | {info.provider} | {info.fallback_reason or ''} |")
+        lines.append(
+            f"| {runtime.label} | {info.device} | {info.provider} | {info.tf32} | {info.fallback_reason or ''} |"
+        )
     return lines
 
 
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     package = load_package(args.package)
     pixels = decode_all(read_test_jpegs(args.data, args.images), package.spec.input_size)
     runtimes = [r for r in RUNTIMES if r.backend in package.backends]  # a package may lack model.ts
-    predictors = {r: Predictor(package, backend=r.backend, device=r.device) for r in runtimes}
+    predictors = {r: Predictor(package, backend=r.backend, device=r.device, tf32=r.tf32) for r in runtimes}
     lines = [
         "# GPU check",
         "",

@@ -24,8 +24,8 @@ CPU_PROVIDER = "CPUExecutionProvider"
 DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
 # TF32, on by default in ONNX Runtime's CUDA provider and cuDNN, rounds convolution inputs to 10-bit mantissas:
 # on an H100 it moved the lesson CNN's probabilities by up to 5e-4 from the CPU's, over the export gate's 1e-4.
-# The GPU serves the float32 arithmetic that the gate verified.
-CUDA_PROVIDER_OPTIONS = {"use_tf32": "0"}
+# So the GPU serves the float32 arithmetic that the gate verified, unless `tf32=True` trades that for speed
+# (ResNet-18 at batch 256 on an H100: about 4x; benchmarks/results/gpu/README.md).
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -42,6 +42,7 @@ class RuntimeInfo:
     provider: str  # CUDAExecutionProvider | CPUExecutionProvider | torch
     fallback_reason: str | None  # why CUDA is not used although auto asked for it; None otherwise
     intra_op_threads: int
+    tf32: bool = False  # TF32 convolutions and matrix products on the GPU (ONNX Runtime's CUDA provider only)
 
 
 def cpu_threads() -> int:
@@ -65,7 +66,11 @@ class Predictor:
         backend: str = "onnx",
         device: str = "auto",
         intra_op_threads: int | None = None,
+        tf32: bool = False,
     ) -> None:
+        """tf32: let ONNX Runtime's CUDA provider use TF32 (faster on Ampere and later GPUs, outputs no longer
+        within the export gate's 1e-4 of float32). No effect on the CPU, nor on TorchScript, whose exported
+        graph keeps float32 convolutions."""
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
         self.package = package
@@ -75,7 +80,7 @@ class Predictor:
         if backend == "torchscript":
             self._run, self.info = _torchscript_runner(model_path, backend, device, threads)
         else:
-            self._run, self.info = _onnx_runner(model_path, backend, device, threads)
+            self._run, self.info = _onnx_runner(model_path, backend, device, threads, tf32)
         if self.info.fallback_reason:
             log.warning("CUDA requested (device=auto) but not used: %s; running on the CPU", self.info.fallback_reason)
 
@@ -106,9 +111,9 @@ class Predictor:
         self.predict(np.zeros((batch_size, *self.input_shape), dtype=np.uint8))
 
 
-def onnx_session(path: Path, providers: list[str], threads: int):
+def onnx_session(path: Path, providers: list[str], threads: int, tf32: bool = False):
     """An ONNX Runtime session with the settings every ONNX path uses: the service, batch jobs, the export
-    gate and the benchmarks measure the same thing."""
+    gate and the benchmarks measure the same thing. TF32 stays off on a GPU unless `tf32` (see above)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -118,13 +123,14 @@ def onnx_session(path: Path, providers: list[str], threads: int):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle intra-op threads would otherwise spin and take CPU from request parsing and decoding.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    with_options = [(p, CUDA_PROVIDER_OPTIONS) if p == CUDA_PROVIDER else p for p in providers]
+    cuda_options = {"use_tf32": "1" if tf32 else "0"}
+    with_options = [(p, cuda_options) if p == CUDA_PROVIDER else p for p in providers]
     return ort.InferenceSession(
         str(path), sess_options=options, providers=with_options, disabled_optimizers=DISABLED_OPTIMIZERS
     )
 
 
-def _onnx_runner(path: Path, backend: str, device: str, threads: int):
+def _onnx_runner(path: Path, backend: str, device: str, threads: int, tf32: bool):
     import onnxruntime as ort
 
     fallback_reason = None
@@ -137,10 +143,12 @@ def _onnx_runner(path: Path, backend: str, device: str, threads: int):
                 # Load CUDA/cuDNN from the nvidia-* wheels when they are installed (e.g. beside torch);
                 # a system-wide CUDA needs nothing from this.
                 ort.preload_dlls(msvc=False)
-                cuda_session = onnx_session(path, [CUDA_PROVIDER, CPU_PROVIDER], threads)
+                cuda_session = onnx_session(path, [CUDA_PROVIDER, CPU_PROVIDER], threads, tf32)
                 # Ask the session what it really got: without a driver or libraries it silently keeps only the CPU.
                 if cuda_session.get_providers()[0] == CUDA_PROVIDER:
-                    return _onnx_run(cuda_session), RuntimeInfo(backend, device, "cuda", CUDA_PROVIDER, None, threads)
+                    in_use = cuda_session.get_provider_options()[CUDA_PROVIDER].get("use_tf32") == "1"
+                    info = RuntimeInfo(backend, device, "cuda", CUDA_PROVIDER, None, threads, in_use)
+                    return _onnx_run(cuda_session), info
                 problem = f"{CUDA_PROVIDER} could not be initialised (no GPU, driver or CUDA libraries)"
             except Exception as exc:  # ORT raises its own Fail/RuntimeException types
                 problem = f"{CUDA_PROVIDER} failed: {str(exc).splitlines()[0][:200]}"
@@ -171,7 +179,7 @@ def _torchscript_runner(path: Path, backend: str, device: str, threads: int):
         use_cuda = False
     torch_device = torch.device("cuda" if use_cuda else "cpu")
     torch.set_num_threads(threads)
-    if use_cuda:  # float32 as verified by the export gate, not TF32 (see CUDA_PROVIDER_OPTIONS)
+    if use_cuda:  # float32 as the export gate verified it, for anything the graph leaves to these flags
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     # The archive's sha256 was verified against the manifest before this point.

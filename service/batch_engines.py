@@ -46,6 +46,7 @@ class EngineSettings:
     pool: str = "process"  # local decoding workers: process | thread
     backend: str = "onnx"
     device: str = "auto"
+    tf32: bool = False
     threads: int | None = None  # ONNX Runtime intra-op threads; None: the Predictor's default
     max_pixels: int = DEFAULT_MAX_PIXELS
     ray_address: str | None = None
@@ -101,7 +102,9 @@ class LocalEngine:
 
     def __enter__(self) -> LocalEngine:
         s = self.settings
-        self.predictor = Predictor(self.package, backend=s.backend, device=s.device, intra_op_threads=s.threads)
+        self.predictor = Predictor(
+            self.package, backend=s.backend, device=s.device, intra_op_threads=s.threads, tf32=s.tf32
+        )
         self.predictor.warm_up(s.batch_size)
         info = self.predictor.info
         log.info(

@@ -40,6 +40,7 @@ class BatchJob:
     pool: str = "process"
     backend: str = "onnx"
     device: str = "auto"
+    tf32: bool = False  # TF32 on the GPU (inference.runtime.Predictor)
     threads: int | None = None
     rows_per_part: int = 4096
     resume: bool = False
@@ -96,6 +97,7 @@ def run_job(job: BatchJob, *, progress: bool = False) -> BatchSummary:
         pool=job.pool,
         backend=job.backend,
         device=job.device,
+        tf32=job.tf32,
         threads=job.threads,
         max_pixels=job.max_pixels,
         ray_address=job.ray_address,

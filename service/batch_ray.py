@@ -38,13 +38,14 @@ class ScoringActor:
         package_root: str,
         backend: str,
         device: str,
+        tf32: bool,
         threads: int,
         top_k: int,
         max_pixels: int,
     ) -> None:
         package = load_package(package_root)
         self.spec = package.spec
-        self.predictor = Predictor(package, backend=backend, device=device, intra_op_threads=threads)
+        self.predictor = Predictor(package, backend=backend, device=device, intra_op_threads=threads, tf32=tf32)
         self.top_k = top_k
         self.max_pixels = max_pixels
         self.schema = output_schema(top_k)
@@ -105,6 +106,7 @@ class RayEngine:
                     "package_root": str(s.package.root),
                     "backend": s.backend,
                     "device": s.device,
+                    "tf32": s.tf32,
                     "threads": self.threads,
                     "top_k": s.top_k,
                     "max_pixels": s.max_pixels,

@@ -332,6 +332,7 @@ def model_metadata(classifier) -> dict[str, Any]:
             "execution_provider": info.provider,
             "device": info.device,
             "fallback_reason": info.fallback_reason or "",
+            "tf32": info.tf32,
             "alternative_input": f"{BYTES_INPUT_NAME} BYTES [-1] encoded JPEG/PNG/WebP (base64 in JSON)",
         },
     }

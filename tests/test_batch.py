@@ -209,6 +209,14 @@ def test_decoding_pools_give_the_same_rows_as_inline_decoding(package, tmp_path,
     assert read_output(tmp_path / "pool.parquet") == read_output(tmp_path / "inline.parquet")
 
 
+def test_tf32_switch_changes_nothing_on_the_cpu(package, tmp_path):
+    source = write_folder(tmp_path / "images", color_files())
+    common = ["--model", package, "--input", source, "--device", "cpu"]
+    assert run_cli(*common, "--output", tmp_path / "float32.parquet") == 0
+    assert run_cli(*common, "--output", tmp_path / "tf32.parquet", "--tf32") == 0
+    assert read_output(tmp_path / "tf32.parquet") == read_output(tmp_path / "float32.parquet")
+
+
 def test_probabilities_equal_the_services_decode_and_predictor(package, tmp_path):
     """The same decode_image and Predictor as the service: the output holds exactly their numbers."""
     rng = np.random.default_rng(1)

@@ -49,7 +49,7 @@ def test_gpu_check_reports_the_cpu_fallback(tmp_path, image_tree_factory, tar_ar
     assert main(argv) == 0
     report = out.read_text()
     # No GPU in CI: device=auto runs on the CPU and says why; every request got its own image's answer.
-    assert "| ONNX Runtime, device=auto | cpu | CPUExecutionProvider | CUDAExecutionProvider" in report
+    assert "| ONNX Runtime, device=auto | cpu | CPUExecutionProvider | False | CUDAExecutionProvider" in report
     assert report.count("| 0 of 9 |") == 2
 
 

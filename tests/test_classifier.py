@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import io
 import json
@@ -53,6 +54,14 @@ def test_settings_read_the_environment_with_types():
 
 
 @pytest.mark.parametrize(
+    ("value", "expected"), [("1", True), ("True", True), ("yes", True), ("0", False), ("off", False)]
+)
+def test_the_tf32_switch_reads_words_and_digits(value, expected):
+    assert ServiceSettings.from_env({"VISIONSERVE_TF32": value}).tf32 is expected
+    assert ServiceSettings().tf32 is False
+
+
+@pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
         ("VISIONSERVE_DEVICE", "tpu", "valid: auto, cuda, cpu"),
@@ -62,6 +71,7 @@ def test_settings_read_the_environment_with_types():
         ("VISIONSERVE_REQUEST_TIMEOUT_S", "-1", "must be > 0"),
         ("VISIONSERVE_MAX_BATCH_IMAGES", "1000", "must not exceed"),
         ("VISIONSERVE_WORKERS", "0", "must be >= 1"),
+        ("VISIONSERVE_TF32", "maybe", "not a valid bool"),
     ],
 )
 def test_settings_refuse_bad_values_naming_the_variable(variable, value, message):
@@ -195,6 +205,22 @@ def test_ready_only_after_start_and_warm_up(color_package):
     before, not_ready, after, stopped = asyncio.run(scenario())
     assert (before, after, stopped) == (False, True, False)
     assert not_ready.status == 503 and not_ready.headers["Retry-After"]
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cpu", [1, 8]), ("cuda", list(range(1, 9)))])
+def test_warm_up_covers_every_batch_size_on_a_gpu(color_package, monkeypatch, device, expected):
+    classifier = Classifier(ServiceSettings(model=str(color_package), device="cpu", max_batch_size=8))
+    # As if the session had got the GPU: only the device in use decides which sizes are warmed up.
+    monkeypatch.setattr(classifier, "info", dataclasses.replace(classifier.info, device=device))
+    warmed: list[int] = []
+    monkeypatch.setattr(classifier.predictor, "warm_up", warmed.append)
+
+    async def scenario():
+        await classifier.start()
+        await classifier.stop()
+
+    asyncio.run(scenario())
+    assert warmed == expected
 
 
 def test_start_up_objects_are_frozen_out_of_the_garbage_collector(color_package):

@@ -65,6 +65,17 @@ def test_cuda_provider_is_really_active_and_matches_cpu(package_dir):
     np.testing.assert_allclose(gpu.predict(pixels), cpu.predict(pixels), atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_WORKS, reason="needs a CUDA GPU")
+def test_tf32_is_off_unless_asked_for(package_dir):
+    assert Predictor.from_path(package_dir, device="cuda").info.tf32 is False
+    assert Predictor.from_path(package_dir, device="cuda", tf32=True).info.tf32 is True
+
+
+def test_tf32_has_no_effect_on_the_cpu(package_dir):
+    assert Predictor.from_path(package_dir, device="cpu", tf32=True).info.tf32 is False
+
+
 def test_cpu_is_used_without_fallback_note(package_dir):
     info = Predictor.from_path(package_dir, device="cpu").info
     assert (info.device, info.fallback_reason, info.intra_op_threads >= 1) == ("cpu", None, True)
