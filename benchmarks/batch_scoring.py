@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import io
 import json
 import os
@@ -55,12 +56,15 @@ SIZE = (32, 32)  # both packages' input size
 
 
 def test_split(archive: Path) -> tuple[Path, Path]:
-    """(folder, archive) of the 10,000 test images as <class>/<file>.jpg, extracted once under CACHE."""
-    folder, test_archive = CACHE / "cifar10-test", CACHE / "cifar10-test.tar.gz"
+    """(folder, archive) of the archive's test images as <class>/<file>.jpg, extracted once under CACHE (per
+    archive: its path, size and modification time name the copy)."""
+    info = archive.stat()
+    key = hashlib.sha256(f"{archive.resolve()}:{info.st_size}:{info.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder, test_archive = CACHE / f"test-{key}", CACHE / f"test-{key}.tar.gz"
     if test_archive.is_file() and folder.is_dir():
         return folder, test_archive
     CACHE.mkdir(parents=True, exist_ok=True)
-    partial = CACHE / "cifar10-test.tar.gz.tmp"
+    partial = CACHE / f"test-{key}.tar.gz.tmp"
     with tarfile.open(archive, "r|*") as source, tarfile.open(partial, "w:gz") as target:
         for member in source:
             parts = Path(member.name).parts
@@ -250,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray engine")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown results file")
     args = parser.parse_args(argv)
+    command = " ".join(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
 
     folder, archive = test_split(args.data)
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append(measure_round(key, package, sources, pixels, local))
         variants = cnn_variants(package, folder, local, not args.no_ray) if key == "cnn" else []
         report[key] = {"raw": raw, "rounds": rounds, "variants": variants}
-    markdown = render(report, time.perf_counter() - started)
+    markdown = render(report, command, time.perf_counter() - started)
     args.out.write_text(markdown)
     print(markdown)
     return 0
@@ -290,13 +295,13 @@ def spread(values: list[float], fmt: str) -> str:
     return median if len(values) == 1 else f"{median} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
-def render(report: dict, seconds: float) -> str:
+def render(report: dict, command: str, seconds: float) -> str:
     cpu_lines = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in cpu_lines if line.startswith("model name")), "?")
     lines = [
         "# Batch scoring: the 10,000 CIFAR-10 test images (JPEG q75)",
         "",
-        f"Command: `python -m benchmarks.batch_scoring {' '.join(sys.argv[1:])}`  ",
+        f"Command: `python -m benchmarks.batch_scoring {command}`  ",
         f"Machine: {cpu_threads()} cores ({cpu}), no GPU: ONNX Runtime on its CPU provider; shared with other "
         f"jobs. {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; the whole run took {seconds:.0f} s.  ",
         f"Decoding workers: {report['workers']} processes unless said otherwise. Images/s count scoring time (first "

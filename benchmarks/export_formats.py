@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.load_test import CIFAR10_CLASSES  # noqa: E402
 from export.manifest import default_version  # noqa: E402
 from export.parity import (  # noqa: E402
     CPU_PROVIDER,
@@ -46,18 +47,6 @@ from training.models import build_model, get_model_info  # noqa: E402
 
 DEFAULT_MODELS = ("cnn_bn", "resnet18")
 DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz")  # beside the repo
-CIFAR10_CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
 FORMAT_LABELS = {
     "pytorch": "PyTorch eager",
     "torchscript": "TorchScript",

@@ -53,6 +53,52 @@ def test_gpu_check_reports_the_cpu_fallback(tmp_path, image_tree_factory, tar_ar
     assert report.count("| 0 of 9 |") == 2
 
 
+@pytest.mark.slow
+def test_batch_scoring_benchmark_writes_its_report(tmp_path, monkeypatch, image_tree_factory, tar_archive_factory):
+    from benchmarks import batch_scoring
+    from tests.color_package import COLOR_CLASSES, make_color_package
+
+    monkeypatch.setattr(batch_scoring, "CACHE", tmp_path / "cache")
+    package = make_color_package(tmp_path / "package")
+    tree = image_tree_factory(tmp_path / "data", COLOR_CLASSES, {"test": 4}, size=(32, 32), suffix=".jpg")
+    archive = tar_archive_factory(tree, tmp_path / "data.tar.gz")
+    out = tmp_path / "batch_scoring.md"
+    argv = [
+        "--resnet", str(package), "--cnn", str(package), "--data", str(archive), "--workers", "1",
+        "--seconds", "0.05", "--rounds", "1", "--no-ray", "--out", str(out),
+    ]  # fmt: skip
+    assert batch_scoring.main(argv) == 0
+    report = out.read_text()
+    assert f"Command: `python -m benchmarks.batch_scoring {' '.join(argv)}`" in report
+    assert "| job | images/s |" in report and "| accuracy from output |" in report
+
+
+def test_raw_engine_prints_a_rate_per_batch_size(tmp_path, capsys, image_tree_factory, tar_archive_factory):
+    from benchmarks.raw_engine import main
+    from tests.color_package import COLOR_CLASSES, make_color_package
+
+    package = make_color_package(tmp_path / "package")
+    tree = image_tree_factory(tmp_path / "data", COLOR_CLASSES, {"test": 2}, size=(32, 32), suffix=".jpg")
+    archive = tar_archive_factory(tree, tmp_path / "data.tar.gz")
+    argv = ["--package", str(package), "--data", str(archive), "--batch-sizes", "1,4", "--seconds", "0.02"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["batch    1", "batch    4"]
+    assert main(["--package", str(tmp_path / "missing"), "--data", str(archive)]) == 2
+
+
+def test_batch_scoring_extracts_each_archives_test_split_apart(tmp_path, monkeypatch, image_tree_factory,
+                                                              tar_archive_factory):  # fmt: skip
+    from benchmarks import batch_scoring
+
+    monkeypatch.setattr(batch_scoring, "CACHE", tmp_path / "cache")
+    splits = []
+    for name, count in (("a", 1), ("b", 2)):
+        tree = image_tree_factory(tmp_path / name, ("cat", "dog"), {"test": count}, suffix=".jpg")
+        splits.append(batch_scoring.test_split(tar_archive_factory(tree, tmp_path / f"{name}.tar.gz")))
+    assert [len(list(folder.rglob("*.jpg"))) for folder, _ in splits] == [2, 4]
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("client", ["python", "wrk"])
