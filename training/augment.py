@@ -146,7 +146,8 @@ def iterate_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (x (B, 3, H, W) float32 channels_last, y (B,) int64) batches on `device`, prepared in a
     background thread. Each batch moves to `device` as uint8, before augmentation: a quarter of float32's bytes,
-    and on a GPU the augmentation arithmetic runs there, where one CPU thread could not keep up with the steps.
+    and on a GPU the augmentation arithmetic runs there (one CPU thread augments about 11,500 images/s on this
+    project's machine; an H100 trained airbench at about 61,000 with the augmentation on the GPU).
 
     The epoch's order and one augmentation seed are drawn from `generator` when this is called, so the
     batches depend only on the generator's state then, and `generator` advances by the same amount
