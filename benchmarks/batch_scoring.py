@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     sources = {"folder": folder, "archive": archive}
 
     report: dict = {
+        "images": len(records),
         "packages": {key: describe(package) for key, package in packages.items()},
         "workers": args.workers,
         "burst_seconds": args.seconds,
@@ -299,7 +300,7 @@ def render(report: dict, command: str, seconds: float) -> str:
     cpu_lines = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in cpu_lines if line.startswith("model name")), "?")
     lines = [
-        "# Batch scoring: the 10,000 CIFAR-10 test images (JPEG q75)",
+        f"# Batch scoring: the {report['images']:,} CIFAR-10 test images (JPEG q75)",
         "",
         f"Command: `python -m benchmarks.batch_scoring {command}`  ",
         f"Machine: {cpu_threads()} cores ({cpu}), no GPU: ONNX Runtime on its CPU provider; shared with other "
@@ -332,7 +333,7 @@ def render(report: dict, command: str, seconds: float) -> str:
             "",
             f"Raw engine on decoded arrays: its best batch size in {report['burst_seconds']:g}-second bursts is "
             f"{raw.batch_size} (used by the jobs) at {raw.images_per_second:.0f} images/s. Per round, one pass over "
-            f"the 10,000 decoded images at that batch size (the engine's limit): "
+            f"the {report['images']:,} decoded images at that batch size (the engine's limit): "
             + ", ".join(f"{r.engine:.0f}" for r in rounds)
             + f" images/s. Decode only ({report['workers']} process workers, no model): "
             + "; ".join(f"{kind} " + ", ".join(f"{r.decode[kind]:.0f}" for r in rounds) for kind in decode_kinds)
@@ -381,7 +382,7 @@ def render(report: dict, command: str, seconds: float) -> str:
         "loses. The machine is shared with other engineers' jobs and its load changes within a run (see the raw "
         "engine per round): ratios above 100% mean a job ran at a quieter moment than its limits.",
         "- Accuracy from output: top-1 of the output file's label_1 against the folder name of each image; "
-        "offline: `python -m export`'s evaluation of the same ONNX file on the same 10,000 images (manifest "
+        f"offline: `python -m export`'s evaluation of the same ONNX file on the same {report['images']:,} images (manifest "
         "metrics.onnx.test_accuracy). Random-weight packages give about 10%; the check is that the two agree.",
     ]
     return "\n".join(lines) + "\n"

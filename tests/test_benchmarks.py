@@ -71,6 +71,7 @@ def test_batch_scoring_benchmark_writes_its_report(tmp_path, monkeypatch, image_
     report = out.read_text()
     assert f"Command: `python -m benchmarks.batch_scoring {' '.join(argv)}`" in report
     assert "| job | images/s |" in report and "| accuracy from output |" in report
+    assert report.startswith("# Batch scoring: the 12 CIFAR-10 test images")  # what the archive held
 
 
 def test_raw_engine_prints_a_rate_per_batch_size(tmp_path, capsys, image_tree_factory, tar_archive_factory):
