@@ -33,7 +33,7 @@ import numpy as np
 from benchmarks import batch_scoring
 from benchmarks.load_test import DEFAULT_ARCHIVE, decode_all, read_test_jpegs
 from benchmarks.raw_engine import measure_engine
-from inference.package import load_package
+from inference.package import ModelPackage, load_package
 from inference.runtime import Predictor, cpu_threads
 from service.classifier import Classifier
 from service.settings import ServiceSettings
@@ -51,9 +51,10 @@ class Runtime:
     tf32: bool = False
 
 
+CPU_REFERENCE = Runtime("ONNX Runtime, device=cpu", "onnx", "cpu")  # what every other runtime is compared with
 RUNTIMES = (
     Runtime("ONNX Runtime, device=auto", "onnx", "auto"),
-    Runtime("ONNX Runtime, device=cpu", "onnx", "cpu"),
+    CPU_REFERENCE,
     Runtime("ONNX Runtime, device=auto, tf32", "onnx", "auto", tf32=True),
     Runtime("TorchScript, device=auto", "torchscript", "auto"),
 )
@@ -87,13 +88,13 @@ def output_rows(predictors: dict[Runtime, Predictor], pixels: np.ndarray) -> lis
         runtime: np.concatenate([p.predict(pixels[i : i + 64]) for i in range(0, len(pixels), 64)])
         for runtime, p in predictors.items()
     }
-    reference = outputs[RUNTIMES[1]]
+    reference = outputs[CPU_REFERENCE]
     lines = [
         f"| runtime | max abs difference vs ONNX Runtime CPU ({len(pixels)} test images) | top-1 agreement |",
         "|---|---:|---:|",
     ]
     for runtime, probabilities in outputs.items():
-        if runtime == RUNTIMES[1]:
+        if runtime == CPU_REFERENCE:
             continue
         difference = float(np.abs(probabilities - reference).max())
         agreement = float((probabilities.argmax(1) == reference.argmax(1)).mean())
@@ -116,12 +117,12 @@ def engine_rows(predictors: dict[Runtime, Predictor], pixels: np.ndarray, args: 
     return lines
 
 
-async def service_path(package: Path, device: str, pixels: np.ndarray, concurrency: int, max_batch: int) -> str:
+async def service_path(package: ModelPackage, device: str, pixels: np.ndarray, concurrency: int, max_batch: int) -> str:
     """One row: the service's Classifier under `concurrency` concurrent one-image requests, one per test image."""
     settings = ServiceSettings(
-        model=str(package), device=device, max_batch_size=max_batch, max_queue=max(512, concurrency)
+        model=str(package.root), device=device, max_batch_size=max_batch, max_queue=max(512, concurrency)
     )
-    classifier = Classifier(settings)
+    classifier = Classifier(settings, package)
     await classifier.start()
     if not classifier.ready:
         raise RuntimeError(f"the classifier did not become ready: {classifier.failure}")
@@ -145,12 +146,12 @@ async def service_path(package: Path, device: str, pixels: np.ndarray, concurren
     answers = await asyncio.gather(*(request(i) for i in range(len(pixels))))
     elapsed = time.perf_counter() - start
     await classifier.stop()
-    answers, alone = np.stack(answers), np.stack(alone)
-    crossed = int((np.abs(answers - alone).max(axis=1) > SAME_RESULT_ATOL).sum())
+    differences = np.abs(np.stack(answers) - np.stack(alone)).max(axis=1)  # per request
+    crossed = int((differences > SAME_RESULT_ATOL).sum())
     info = classifier.info
     return (
         f"| {device} ({info.device}, {info.provider}) | {concurrency} | {len(pixels) / elapsed:,.0f} | "
-        f"{statistics.mean(batch_sizes):.1f} (max {max(batch_sizes)}) | {np.abs(answers - alone).max():.1e} | "
+        f"{statistics.mean(batch_sizes):.1f} (max {max(batch_sizes)}) | {differences.max():.1e} | "
         f"{crossed} of {len(pixels)} |"
     )
 
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for device in ("auto", "cpu"):
-        lines.append(asyncio.run(service_path(args.package, device, pixels, args.concurrency, args.max_batch)))
+        lines.append(asyncio.run(service_path(package, device, pixels, args.concurrency, args.max_batch)))
     if args.batch_job:
         lines += ["", f"## 5. Batch job: the archive's test images as a folder, {args.workers} workers", ""]
         lines += batch_job_rows(args.package, args.data, args.workers)

@@ -179,9 +179,6 @@ def _torchscript_runner(path: Path, backend: str, device: str, threads: int):
         use_cuda = False
     torch_device = torch.device("cuda" if use_cuda else "cpu")
     torch.set_num_threads(threads)
-    if use_cuda:  # float32 as the export gate verified it, for anything the graph leaves to these flags
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
     # The archive's sha256 was verified against the manifest before this point.
     module = torch.jit.load(str(path), map_location=torch_device).eval()
 
