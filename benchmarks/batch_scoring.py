@@ -25,7 +25,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tarfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from benchmarks.random_weights import random_package
 from benchmarks.raw_engine import best, measure_engine
 from inference.imaging import decode_image
 from inference.runtime import Predictor, cpu_threads
@@ -81,31 +81,8 @@ def test_split(archive: Path) -> tuple[Path, Path]:
 
 def random_weight_package(arch: str, archive: Path) -> Path:
     """A random-weight CIFAR-10 package of `arch`, exported once with the whole test split evaluated."""
-    run, package = CACHE / "runs" / arch, CACHE / "packages" / arch
-    if (package / "manifest.json").is_file():
-        return package
-    import torch
-
-    from inference.spec import ModelSpec
-    from training.checkpoint import Checkpoint, save_checkpoint
-    from training.models import build_model, get_model_info
-
-    torch.manual_seed(0)
-    classes = tuple(sorted(p.name for p in test_split(archive)[0].iterdir()))
-    spec = ModelSpec(arch=arch, class_names=classes, input_size=get_model_info(arch).input_size)
-    model = build_model(arch, spec.num_classes, spec.input_size)
-    config = {
-        "data": str(archive),
-        "note": "random weights for the batch scoring benchmark; never trained",
-    }
-    save_checkpoint(run / "checkpoint.pt", Checkpoint(spec, model.state_dict(), config=config, epoch=0))
-    command = [
-        sys.executable, "-m", "export", "--run", str(run), "--out", str(package), "--formats", "onnx",
-        "--name", f"random-{arch.replace('_', '-')}", "--version", "1", "--no-bentoml", "--overwrite",
-    ]  # fmt: skip
-    print(f"building a random-weight {arch} package: {' '.join(command)}", flush=True)
-    subprocess.run(command, cwd=REPO, check=True)
-    return package
+    classes = sorted(p.name for p in test_split(archive)[0].iterdir())
+    return random_package(CACHE, arch, classes, archive)[0]
 
 
 def describe(package: Path) -> dict:

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.load_test import CIFAR10_CLASSES  # noqa: E402
+from benchmarks.random_weights import random_run  # noqa: E402
 from export.manifest import default_version  # noqa: E402
 from export.parity import (  # noqa: E402
     CPU_PROVIDER,
@@ -41,9 +42,7 @@ from export.parity import (  # noqa: E402
 )
 from export.pipeline import ExportConfig, load_evaluation_images, run_gate, write_formats  # noqa: E402
 from inference.package import BACKEND_FILES  # noqa: E402
-from inference.spec import ModelSpec  # noqa: E402
-from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from training.models import build_model, get_model_info  # noqa: E402
+from training.checkpoint import load_checkpoint  # noqa: E402
 
 DEFAULT_MODELS = ("cnn_bn", "resnet18")
 DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz")  # beside the repo
@@ -84,15 +83,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def random_run(folder: Path, arch: str) -> Path:
-    """A run folder holding a random-weight checkpoint, for models without a trained run."""
-    torch.manual_seed(0)
-    spec = ModelSpec(arch=arch, class_names=CIFAR10_CLASSES, input_size=get_model_info(arch).input_size)
-    model = build_model(arch, spec.num_classes, spec.input_size)
-    save_checkpoint(folder / "checkpoint.pt", Checkpoint(spec, model.state_dict(), {"data": DEFAULT_DATA}, 0))
-    return folder
-
-
 def images_per_second(predict: Predict, pixels: np.ndarray, seconds: float) -> float:
     predict(pixels)  # warm-up: allocators, kernels
     calls, start = 0, time.perf_counter()
@@ -104,7 +94,7 @@ def images_per_second(predict: Predict, pixels: np.ndarray, seconds: float) -> f
 
 def benchmark_model(name: str, run: Path | None, args: argparse.Namespace, scratch: Path) -> ModelResult:
     if run is None:
-        run = random_run(scratch / f"{name}-run", name)
+        run = random_run(scratch / f"{name}-run", name, CIFAR10_CLASSES, DEFAULT_DATA)
         weights = "random weights (no trained run given)"
     checkpoint = load_checkpoint(run)
     if checkpoint.epoch:

@@ -27,27 +27,25 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.random_weights import random_package
+from benchmarks.servers import BentoServer
 from inference.files import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"  # the offline copy beside the repo
 CACHE = REPO / ".cache" / "bench"
 RESULTS = REPO / "benchmarks" / "results"
+LOGS = CACHE / "logs"  # the servers' output
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
@@ -55,7 +53,6 @@ SERVICE = "service.service:ImageClassifier"
 NOOP_SERVICE = "benchmarks.noop_service:NoopClassifier"
 WRK_SCRIPT = REPO / "benchmarks" / "wrk_classify.lua"
 NAIVE_SERVICE = "benchmarks.naive_service:NaiveClassifier"
-READY_TIMEOUT_S = 180.0
 CLIENTS = {
     "wrk": "wrk (C, one thread; benchmarks/wrk_classify.lua)",
     "python": "this script's aiohttp workers",
@@ -90,32 +87,6 @@ def decode_all(blobs: list[bytes], size: tuple[int, int]) -> np.ndarray:
 # ---- packages --------------------------------------------------------------------------------------------------
 
 
-def random_weight_package(arch: str, archive: Path) -> tuple[Path, Path]:
-    """(package, run) of a random-weight `arch` for CIFAR-10, built once under .cache/bench/ (reused after)."""
-    run = CACHE / "runs" / arch
-    package = CACHE / "packages" / arch
-    if (package / "manifest.json").is_file() and (run / "checkpoint.pt").is_file():
-        return package, run
-    import torch
-
-    from inference.spec import ModelSpec
-    from training.checkpoint import Checkpoint, save_checkpoint
-    from training.models import build_model, get_model_info
-
-    torch.manual_seed(0)
-    spec = ModelSpec(arch=arch, class_names=CIFAR10_CLASSES, input_size=get_model_info(arch).input_size)
-    model = build_model(arch, spec.num_classes, spec.input_size)
-    config = {"data": str(archive), "note": "random weights for the load benchmark; never trained"}
-    save_checkpoint(run / "checkpoint.pt", Checkpoint(spec, model.state_dict(), config=config, epoch=0))
-    command = [
-        sys.executable, "-m", "export", "--run", str(run), "--out", str(package), "--formats", "onnx",
-        "--eval-limit", "500", "--name", f"random-{arch}", "--version", "1", "--no-bentoml", "--overwrite",
-    ]  # fmt: skip
-    print(f"building a random-weight {arch} package: {' '.join(command)}", flush=True)
-    subprocess.run(command, cwd=REPO, check=True)
-    return package, run
-
-
 def describe_spec(root: Path) -> dict:
     return json.loads((root / "manifest.json").read_text())["spec"]
 
@@ -132,86 +103,6 @@ def describe_package(root: Path) -> dict:
         "weights": "trained" if accuracy is not None else "random (untrained)",
         "training_test_accuracy": accuracy,
     }
-
-
-# ---- servers ---------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`bentoml serve TARGET` on 127.0.0.1 in its own process group; started, timed to ready, stopped."""
-
-    def __init__(self, name: str, target: str, env: dict[str, str]) -> None:
-        self.name = name
-        self.target = target
-        self.env = env
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = CACHE / "logs" / f"{name}.log"
-        self.process: subprocess.Popen | None = None
-        self.ready_seconds: float | None = None
-
-    def __enter__(self) -> Server:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        bentoml = Path(sys.executable).parent / "bentoml"
-        command = [
-            str(bentoml),
-            "serve",
-            self.target,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
-        started = time.perf_counter()
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=REPO,
-                env={**os.environ, **self.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: stopped as a whole, and only it
-            )
-        try:
-            self._wait_ready(started)
-        except BaseException:
-            self.stop()
-            raise
-        print(f"[{self.name}] ready in {self.ready_seconds:.1f} s at {self.url}", flush=True)
-        return self
-
-    def _wait_ready(self, started: float) -> None:
-        while time.perf_counter() - started < READY_TIMEOUT_S:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        self.ready_seconds = time.perf_counter() - started
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} not ready after {READY_TIMEOUT_S:.0f} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
 
 # ---- load ------------------------------------------------------------------------------------------------------
@@ -411,7 +302,12 @@ def wrk_closed_loop(server: str, url: str, listing: Path, concurrency: int, dura
 
 
 def sweep(
-    server: Server, images: list[bytes], listing: Path | None, concurrencies: list[int], duration: float, warmup: float
+    server: BentoServer,
+    images: list[bytes],
+    listing: Path | None,
+    concurrencies: list[int],
+    duration: float,
+    warmup: float,
 ) -> list[Phase]:
     """Closed-loop phases at each concurrency; by wrk when `listing` (its image list) is given, else in Python."""
     phases = []
@@ -469,11 +365,17 @@ def run(args: argparse.Namespace) -> dict:
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     small_workers = [int(w) for w in args.small_workers.split(",")]
-    small_package = args.small_package or random_weight_package(args.small_arch, args.data)[0]
+    # Fewer images in the export's accuracy check: these packages only carry load.
+    small_package = (
+        args.small_package
+        or random_package(CACHE, args.small_arch, CIFAR10_CLASSES, args.data, "--eval-limit", "500")[0]
+    )
     if args.resnet_package:
         resnet_package, resnet_run = args.resnet_package, args.resnet_run
     else:
-        resnet_package, resnet_run = random_weight_package("resnet18", args.data)
+        resnet_package, resnet_run = random_package(
+            CACHE, "resnet18", CIFAR10_CLASSES, args.data, "--eval-limit", "500"
+        )
     images = read_test_jpegs(args.data, args.images)
     print(f"{len(images)} CIFAR-10 test JPEGs loaded from {args.data}", flush=True)
     listing = write_image_files(images, CACHE / "wrk-images") if args.client == "wrk" else None
@@ -518,10 +420,10 @@ def run(args: argparse.Namespace) -> dict:
     def model_env(package: Path, **extra: str) -> dict[str, str]:
         return {"VISIONSERVE_MODEL": str(package), "VISIONSERVE_DEVICE": "cpu", **extra}
 
-    def closed(server: Server, concurrency: int) -> Phase:
+    def closed(server: BentoServer, concurrency: int) -> Phase:
         return sweep(server, images, listing, [concurrency], args.duration, args.warmup)[0]
 
-    def record_and_sweep(server: Server) -> None:
+    def record_and_sweep(server: BentoServer) -> None:
         results["ready_seconds"][server.name] = round(server.ready_seconds, 2)
         sweeps[server.name] = sweep(server, images, listing, concurrencies, args.duration, args.warmup)
 
@@ -533,8 +435,8 @@ def run(args: argparse.Namespace) -> dict:
         env = {"VISIONSERVE_WORKERS": str(workers)}
         noop_name, small_name = f"noop{worker_suffix(workers)}", f"small-cnn{worker_suffix(workers)}"
         with (
-            Server(noop_name, NOOP_SERVICE, env) as noop,
-            Server(small_name, SERVICE, model_env(small_package, **env)) as small,
+            BentoServer(NOOP_SERVICE, env, LOGS, noop_name) as noop,
+            BentoServer(SERVICE, model_env(small_package, **env), LOGS, small_name) as small,
         ):
             record_and_sweep(noop)
             record_and_sweep(small)
@@ -547,7 +449,7 @@ def run(args: argparse.Namespace) -> dict:
             rounds[f"small_cnn_vs_noop{worker_suffix(workers)}"] = pairs
 
     measure_raw_engine()
-    with Server("resnet18", SERVICE, model_env(resnet_package)) as server:
+    with BentoServer(SERVICE, model_env(resnet_package), LOGS, "resnet18") as server:
         record_and_sweep(server)
         best_c, batch = best_phase(sweeps[server.name]).concurrency, best(engine_runs[0]).batch_size
         predictor = Predictor.from_path(resnet_package, device="cpu")  # in this process; the server idles meanwhile
@@ -565,7 +467,7 @@ def run(args: argparse.Namespace) -> dict:
         sweeps[server.name].append(phase)
     measure_raw_engine()
     if resnet_run:
-        with Server("resnet18-naive", NAIVE_SERVICE, {"VISIONSERVE_NAIVE_RUN": str(resnet_run)}) as server:
+        with BentoServer(NAIVE_SERVICE, {"VISIONSERVE_NAIVE_RUN": str(resnet_run)}, LOGS, "resnet18-naive") as server:
             record_and_sweep(server)
     for phases in sweeps.values():
         results["phases"].extend(asdict(p) for p in phases)
@@ -575,7 +477,7 @@ def run(args: argparse.Namespace) -> dict:
     name = "resnet18-overload"
     queue = str(args.overload_queue)  # a request may hold no more images than the queue
     env = model_env(resnet_package, VISIONSERVE_MAX_QUEUE=queue, VISIONSERVE_MAX_BATCH_IMAGES=queue)
-    with Server(name, target=SERVICE, env=env) as server:
+    with BentoServer(SERVICE, env, LOGS, name) as server:
         results["ready_seconds"][name] = round(server.ready_seconds, 2)
         url = f"{server.url}/classify"
         overload = []

@@ -7,20 +7,15 @@ depend on), to observe warm-up, a busy model and a full queue from outside.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from benchmarks.servers import BentoServer
 from inference.package import MANIFEST_NAME, OUTPUT_LOGITS, sha256_file
 from tests.color_package import color_model, make_color_package
 
@@ -30,86 +25,43 @@ SERVICE = "service.service:ImageClassifier"
 
 @dataclass
 class RunningServer:
-    url: str  # http://127.0.0.1:PORT
+    server: BentoServer
     package: Path  # the model package folder it serves
-    process: subprocess.Popen
-    log_path: Path
 
-    def log_tail(self, characters: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-characters:]
+    @property
+    def url(self) -> str:  # http://127.0.0.1:PORT
+        return self.server.url
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    @property
+    def process(self) -> subprocess.Popen:
+        return self.server.process
 
 
 def start_server(package: Path, work_dir: Path, settings: dict[str, str], wait_ready: bool = True) -> RunningServer:
     """Start the service on `package` with VISIONSERVE_* `settings`; wait for /readyz (or only /livez)."""
-    port = free_port()
     env = {
-        **os.environ,
         "VISIONSERVE_MODEL": str(package),
         "BENTOML_HOME": str(work_dir / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "True",
         **settings,
     }
-    log_path = work_dir / f"server-{port}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bentoml",
-                "serve",
-                SERVICE,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop_server ends the workers too
-        )
-    server = RunningServer(f"http://127.0.0.1:{port}", package, process, log_path)
-    try:
-        wait_for(server, "/readyz" if wait_ready else "/livez", timeout_s=120)
-    except BaseException:
-        stop_server(server)
-        raise
-    return server
+    server = BentoServer(SERVICE, env, log_dir=work_dir)
+    server.start("/readyz" if wait_ready else "/livez", timeout_s=120)
+    return RunningServer(server, package)
 
 
-def wait_for(server: RunningServer, path: str, timeout_s: float) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.process.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(server.url + path, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{server.url}{path} not 200 after {timeout_s} s:\n{server.log_tail()}")
+def wait_for(running: RunningServer, path: str, timeout_s: float) -> None:
+    running.server.wait_for(path, timeout_s)
 
 
-def stop_server(server: RunningServer) -> None:
-    if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        try:
-            server.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait(timeout=15)
+def stop_server(running: RunningServer) -> None:
+    running.server.stop()
 
 
-def make_slow_color_package(root: Path, matmuls: int = 200, side: int = 512) -> Path:
-    """The colour package whose model also multiplies a (side, side) matrix `matmuls` times (~5 ms each here).
+def make_slow_color_package(root: Path, matmuls: int = 600, side: int = 512) -> Path:
+    """The colour package whose model also multiplies a (side, side) matrix `matmuls` times (~3 ms each here
+    on one thread, so about two seconds a call: longer than the server takes to answer its first request after
+    its warm-up began, which the readiness test needs to see it unready).
 
     The product depends on the input (so ONNX Runtime cannot fold it away) and is added times zero to the
     logits: answers are the colour model's, only slower, whatever the batch size.

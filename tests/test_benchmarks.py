@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,20 @@ def test_gpu_check_reports_the_cpu_fallback(tmp_path, image_tree_factory, tar_ar
     # No GPU in CI: device=auto runs on the CPU and says why; every request got its own image's answer.
     assert "| ONNX Runtime, device=auto | cpu | CPUExecutionProvider | False | CUDAExecutionProvider" in report
     assert report.count("| 0 of 9 |") == 2
+
+
+def test_random_package_is_exported_once_then_reused(tmp_path, image_tree_factory):
+    from benchmarks.random_weights import random_package
+
+    data = image_tree_factory(tmp_path / "data", CIFAR10_CLASSES, {"train": 1, "test": 2}, size=(32, 32))
+    package, run = random_package(tmp_path / "cache", "simple_cnn", CIFAR10_CLASSES, data, "--eval-limit", "10")
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert (manifest["name"], manifest["spec"]["arch"]) == ("random-simple-cnn", "simple_cnn")
+    assert tuple(manifest["spec"]["class_names"]) == CIFAR10_CLASSES
+    assert (run / "checkpoint.pt").is_file()
+    written = (package / "manifest.json").stat().st_mtime_ns
+    assert random_package(tmp_path / "cache", "simple_cnn", CIFAR10_CLASSES, data) == (package, run)
+    assert (package / "manifest.json").stat().st_mtime_ns == written
 
 
 @pytest.mark.slow
@@ -106,11 +121,12 @@ def test_batch_scoring_extracts_each_archives_test_split_apart(tmp_path, monkeyp
 def test_load_test_clients_measure_a_running_server(tmp_path, client):
     if client == "wrk" and shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (apt-get install wrk)")
-    from benchmarks.load_test import NOOP_SERVICE, Server, closed_loop, write_image_files, wrk_closed_loop
+    from benchmarks.load_test import NOOP_SERVICE, closed_loop, write_image_files, wrk_closed_loop
+    from benchmarks.servers import BentoServer
     from inference.imaging import encode_png
 
     images = [encode_png(np.full((32, 32, 3), value, dtype=np.uint8)) for value in (0, 128, 255)]
-    with Server("noop-smoke", NOOP_SERVICE, {"VISIONSERVE_WORKERS": "1"}) as server:
+    with BentoServer(NOOP_SERVICE, {"VISIONSERVE_WORKERS": "1"}, tmp_path, "noop-smoke") as server:
         url = f"{server.url}/classify"
         if client == "wrk":
             listing = write_image_files(images, tmp_path / "images")

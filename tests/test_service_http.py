@@ -17,6 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from benchmarks.servers import free_port
 from inference.imaging import encode_png
 from service.errors import ApiError
 from service.http_api import decode_base64, parse_json_image
@@ -24,7 +25,6 @@ from tests.color_package import COLOR_CLASSES, color_pixels, make_color_package
 from tests.service_servers import (
     REPO,
     SERVICE,
-    free_port,
     make_slow_color_package,
     start_server,
     stop_server,
@@ -353,7 +353,7 @@ def test_metrics_show_batching_runtime_and_rejections(client):
 
 @pytest.fixture(scope="module")
 def slow_service(tmp_path_factory):
-    """One model call takes one to two seconds here; one image per batch; one image may wait."""
+    """One model call takes about two seconds here; one image per batch; one image may wait."""
     work_dir = tmp_path_factory.mktemp("slow-service")
     package = make_slow_color_package(work_dir / "slow")
     settings = {
@@ -373,7 +373,7 @@ def slow_service(tmp_path_factory):
 @pytest.mark.slow
 def test_ready_only_after_warm_up_then_overload_is_refused_fast_and_recovers(slow_service):
     url = slow_service.url
-    # Alive at once, but not ready while the warm-up batch runs (about a second).
+    # Alive at once, but not ready while the warm-up batch runs (about two seconds).
     assert httpx.get(url + "/livez").status_code == 200
     assert httpx.get(url + "/readyz").status_code == 503
     not_ready = httpx.post(url + "/classify", content=png("red"), headers={"content-type": "image/png"})
@@ -403,7 +403,7 @@ def test_ready_only_after_warm_up_then_overload_is_refused_fast_and_recovers(slo
         assert int(response.headers["retry-after"]) >= 1
     for response, i, _ in answered:
         assert labels(response) == [COLOR_CLASSES[i % 3]]
-    # Refused at once: every refusal came back before the first answer (a model call of about a second).
+    # Refused at once: every refusal came back before the first answer (a model call of about two seconds).
     assert max(seconds for _, seconds in refused) < min(seconds for *_, seconds in answered)
     # After the burst the service answers normally.
     after = httpx.post(

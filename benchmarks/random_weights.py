@@ -1,0 +1,46 @@
+"""Random-weight runs and model packages, for the benchmarks whose figures do not depend on what a model learnt
+(throughput, overhead): any registered architecture, without training it first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_run(folder: Path, arch: str, classes: Sequence[str], data: str) -> Path:
+    """A run folder holding a checkpoint of `arch` with seeded random weights, as training would write it."""
+    import torch  # here, not at the top: the load generator imports this module and must stay light
+
+    from inference.spec import ModelSpec
+    from training.checkpoint import Checkpoint, save_checkpoint
+    from training.models import build_model, get_model_info
+
+    torch.manual_seed(0)
+    spec = ModelSpec(arch=arch, class_names=tuple(classes), input_size=get_model_info(arch).input_size)
+    model = build_model(arch, spec.num_classes, spec.input_size)
+    config = {"data": data, "note": "random weights for a benchmark; never trained"}
+    save_checkpoint(folder / "checkpoint.pt", Checkpoint(spec, model.state_dict(), config=config, epoch=0))
+    return folder
+
+
+def random_package(
+    cache: Path, arch: str, classes: Sequence[str], data: Path, *export_options: str
+) -> tuple[Path, Path]:
+    """(package, run) of a random-weight `arch`, exported to ONNX by `python -m export` (its parity gate
+    evaluated on `data`, with `export_options` added); built once under `cache` and reused after."""
+    run, package = cache / "runs" / arch, cache / "packages" / arch
+    if (package / "manifest.json").is_file() and (run / "checkpoint.pt").is_file():
+        return package, run
+    random_run(run, arch, classes, str(data))
+    command = [
+        sys.executable, "-m", "export", "--run", str(run), "--out", str(package), "--formats", "onnx",
+        "--name", f"random-{arch.replace('_', '-')}", "--version", "1", "--no-bentoml", "--overwrite",
+        *export_options,
+    ]  # fmt: skip
+    print(f"building a random-weight {arch} package: {' '.join(command)}", flush=True)
+    subprocess.run(command, cwd=REPO, check=True)
+    return package, run
