@@ -117,6 +117,20 @@ def test_airbench_stem_whitens_patches_and_stays_frozen():
     assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
 
 
+def test_airbench_convs_start_as_identity_and_its_norms_only_shift():
+    model = build_model("airbench", 10, widths=(8, 16, 16))
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 6
+    with torch.no_grad():
+        for conv in convs:
+            x = torch.randn(2, conv.in_channels, 6, 6)
+            kept = min(conv.in_channels, conv.out_channels)  # the filters initialised as the identity
+            assert torch.allclose(conv(x)[:, :kept], x[:, :kept])
+    norms = [m for m in model.features if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 6
+    assert all(not n.weight.requires_grad and n.bias.requires_grad for n in norms)
+
+
 # ---- train(): run folder, metrics, checkpoint ------------------------------------------------------------------
 
 

@@ -178,9 +178,27 @@ class GlobalMaxPool(nn.Module):
         return x.amax(dim=(2, 3))
 
 
+def _identity_conv(channels_in: int, channels_out: int) -> nn.Conv2d:
+    """A 3x3 conv whose first filters start as the identity (airbench's dirac init): each block begins close
+    to passing its input through, an implicit residual that lets a plain stack of convs train fast."""
+    conv = nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:channels_in])
+    return conv
+
+
+def _shift_only_norm(channels: int) -> nn.BatchNorm2d:
+    """airbench's batch norm: the scale stays 1 (only the shift trains) and the running statistics follow
+    the batches fast (PyTorch momentum 0.4), which suits the short runs and the weight averaging (EMA)."""
+    norm = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)
+    norm.weight.requires_grad_(False)
+    return norm
+
+
 class AirbenchNet(nn.Module):
     """A fast CIFAR net after Keller Jordan's airbench (2024): a frozen 2x2 patch-whitening stem, three
-    conv-pool-BN-GELU groups and a linear head on max-pooled features, logits scaled down.
+    conv-pool-BN-GELU groups (convolutions starting as the identity, batch norm with a fixed scale) and a
+    linear head on max-pooled features, logits scaled down.
 
     The stem is set from the training data by `init_from_data` (the engine calls it before training): its
     filters are the eigenvectors of the 2x2 patch covariance scaled by 1/sqrt(eigenvalue), and their
@@ -196,8 +214,8 @@ class AirbenchNet(nn.Module):
         channels = 2 * patch_dims
         for width in widths:
             layers += [
-                nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(width), nn.GELU(),
-                nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.GELU(),
+                _identity_conv(channels, width), nn.MaxPool2d(2), _shift_only_norm(width), nn.GELU(),
+                _identity_conv(width, width), _shift_only_norm(width), nn.GELU(),
             ]  # fmt: skip
             channels = width
         self.features = nn.Sequential(*layers, GlobalMaxPool())
