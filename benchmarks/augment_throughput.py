@@ -25,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from inference.files import atomic_write  # noqa: E402
 from inference.spec import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from training.augment import Augmenter, iterate_batches, to_model_input  # noqa: E402
 from training.models import build_model  # noqa: E402
@@ -175,8 +176,8 @@ def main() -> None:
         "with the step (both share the same cores), so it is not the bottleneck.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    with atomic_write(args.out, "w") as f:
+        f.write("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from benchmarks.random_weights import random_package
 from benchmarks.raw_engine import best, measure_engine
+from inference.files import atomic_write
 from inference.imaging import decode_image
 from inference.runtime import Predictor, cpu_threads
 from service.batch_engines import batched, decode_pool, ordered_map
@@ -262,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         variants = cnn_variants(package, folder, local, not args.no_ray) if key == "cnn" else []
         report[key] = {"raw": raw, "rounds": rounds, "variants": variants}
     markdown = render(report, command, time.perf_counter() - started)
-    args.out.write_text(markdown)
+    with atomic_write(args.out, "w") as f:
+        f.write(markdown)
     print(markdown)
     return 0
 

@@ -41,6 +41,7 @@ from export.parity import (  # noqa: E402
     torchscript_predictor,
 )
 from export.pipeline import ExportConfig, load_evaluation_images, run_gate, write_formats  # noqa: E402
+from inference.files import atomic_write  # noqa: E402
 from inference.package import BACKEND_FILES  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
 
@@ -242,8 +243,8 @@ def main() -> int:
             results.append(benchmark_model(model, Path(runs[model]) if model in runs else None, args, Path(scratch)))
             text = markdown(results, args, time.perf_counter() - start)
             if args.out:  # after each model: a run cut short still leaves the tables it finished
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(text + "\n")
+                with atomic_write(args.out, "w") as f:
+                    f.write(text + "\n")
     print(text)
     return 0
 

@@ -33,6 +33,7 @@ import numpy as np
 from benchmarks import batch_scoring
 from benchmarks.load_test import DEFAULT_ARCHIVE, decode_all, read_test_jpegs
 from benchmarks.raw_engine import measure_engine
+from inference.files import atomic_write
 from inference.package import ModelPackage, load_package
 from inference.runtime import Predictor, cpu_threads
 from service.classifier import Classifier
@@ -233,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines)
     print(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+        with atomic_write(args.out, "w") as f:
+            f.write(report + "\n")
     return 0
 
 

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.batch_scoring import CACHE, DEFAULT_ARCHIVE, output_accuracy, test_split
-from benchmarks.load_test import machine
+from benchmarks.load_test import SERVICE, machine
 from benchmarks.servers import BentoServer
 from inference.files import atomic_write
 from service.batch_job import BatchJob, run_job
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     output.unlink(missing_ok=True)
     host = machine()
     env = {"VISIONSERVE_MODEL": str(args.package.resolve())}
-    with BentoServer("service.service:ImageClassifier", env, CACHE / "logs", "service") as server:
+    with BentoServer(SERVICE, env, CACHE / "logs", "service") as server:
         started = time.perf_counter()
         summary = run_job(
             BatchJob(input=str(folder), output=output, url=server.url, top_k=1, batch_size=args.batch_size)
