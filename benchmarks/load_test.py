@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.random_weights import random_package
-from benchmarks.servers import BentoServer
+from benchmarks.servers import SERVICE, BentoServer
 from inference.files import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,6 @@ LOGS = CACHE / "logs"  # the servers' output
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
-SERVICE = "service.service:ImageClassifier"
 NOOP_SERVICE = "benchmarks.noop_service:NoopClassifier"
 WRK_SCRIPT = REPO / "benchmarks" / "wrk_classify.lua"
 NAIVE_SERVICE = "benchmarks.naive_service:NaiveClassifier"

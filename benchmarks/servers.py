@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SERVICE = "service.service:ImageClassifier"  # the real service, as `bentoml serve` names it
 
 
 def free_port() -> int:

@@ -17,8 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.batch_scoring import CACHE, DEFAULT_ARCHIVE, output_accuracy, test_split
-from benchmarks.load_test import SERVICE, machine
-from benchmarks.servers import BentoServer
+from benchmarks.load_test import machine
+from benchmarks.servers import SERVICE, BentoServer
 from inference.files import atomic_write
 from service.batch_job import BatchJob, run_job
 

@@ -111,12 +111,16 @@ class Predictor:
         self.predict(np.zeros((batch_size, *self.input_shape), dtype=np.uint8))
 
 
-def onnx_session(path: Path, providers: list[str], threads: int, tf32: bool = False):
+def onnx_session(path: Path, providers: list[str], threads: int, tf32: bool = False, profile_prefix: str | None = None):
     """An ONNX Runtime session with the settings every ONNX path uses: the service, batch jobs, the export
-    gate and the benchmarks measure the same thing. TF32 stays off on a GPU unless `tf32` (see above)."""
+    gate and the benchmarks measure the same thing. TF32 stays off on a GPU unless `tf32` (see above).
+    `profile_prefix`: record ONNX Runtime's per-node profile, written by `end_profiling()` to PREFIX_<date>.json."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

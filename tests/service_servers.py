@@ -15,12 +15,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from benchmarks.servers import BentoServer
+from benchmarks.servers import SERVICE, BentoServer
 from inference.package import MANIFEST_NAME, OUTPUT_LOGITS, sha256_file
 from tests.color_package import color_model, make_color_package
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICE = "service.service:ImageClassifier"
 
 
 @dataclass

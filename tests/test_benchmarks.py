@@ -135,3 +135,21 @@ def test_load_test_clients_measure_a_running_server(tmp_path, client):
             phase = asyncio.run(closed_loop("noop-smoke", url, images, concurrency=2, duration=1, warmup=0))
     assert phase.ok > 0 and phase.ok == phase.requests
     assert phase.requests_per_second > 0 and phase.p50_ms <= phase.p99_ms
+
+
+def test_onnx_profile_reports_every_node_of_each_batch(tmp_path, capsys):
+    from benchmarks.onnx_profile import main
+    from tests.color_package import make_color_package
+
+    package = make_color_package(tmp_path / "package")
+    out = tmp_path / "profile.md"
+    assert main(["--package", str(package), "--batch-sizes", "1,3", "--runs", "5", "--out", str(out)]) == 0
+    report = out.read_text()
+    assert "| onnx | 1 |" in report and "| onnx | 3 |" in report
+    sections = report.split("## onnx, batch ")[1:]
+    assert [section.split("\n")[0] for section in sections] == ["1", "3"]
+    for section in sections:  # the colour model's nodes, each with its own time
+        node_rows = [line for line in section.splitlines() if line.startswith("| ") and "`" in line]
+        assert len(node_rows) >= 2
+    assert main(["--package", str(tmp_path / "missing")]) == 2
+    assert "error:" in capsys.readouterr().err
