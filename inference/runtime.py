@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +134,35 @@ def onnx_session(path: Path, providers: list[str], threads: int, tf32: bool = Fa
     return ort.InferenceSession(
         str(path), sess_options=options, providers=with_options, disabled_optimizers=DISABLED_OPTIMIZERS
     )
+
+
+# Run by check_device in a child process: exit 3 with the reason when the device cannot be used.
+_DEVICE_CHECK = """
+import sys
+from inference.runtime import DeviceUnavailableError, Predictor
+try:
+    Predictor.from_path(sys.argv[1], backend=sys.argv[2], device=sys.argv[3], intra_op_threads=1)
+except DeviceUnavailableError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def check_device(package_root: Path, backend: str, device: str, timeout_s: float = 300) -> None:
+    """Raise DeviceUnavailableError unless `backend` of the package can run on `device`, found out by creating the
+    runtime in a short-lived child process: a supervisor (`bentoml serve`'s own process, which starts the workers)
+    learns that device=cuda cannot work before any worker starts, without holding a GPU context of its own."""
+    source_root = Path(__file__).resolve().parents[1]  # the folder holding the `inference` package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(source_root), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-c", _DEVICE_CHECK, str(package_root), backend, device]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise DeviceUnavailableError(f"checking device={device} took more than {timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        reason = lines[-1] if done.returncode == 3 else f"checking device={device} failed: {lines[-1]}"
+        raise DeviceUnavailableError(reason)
 
 
 def _onnx_runner(path: Path, backend: str, device: str, threads: int, tf32: bool):

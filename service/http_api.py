@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from starlette.applications import Starlette
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
@@ -49,7 +50,11 @@ def create_app() -> Starlette:
             Route("/classify_batch", classify_batch, methods=["POST"]),
             Route("/metadata", metadata, methods=["GET"]),
         ],
-        exception_handlers={ApiError: render_api_error, Exception: render_internal_error},
+        exception_handlers={
+            ApiError: render_api_error,
+            HTTPException: render_http_error,
+            Exception: render_internal_error,
+        },
     )
 
 
@@ -64,6 +69,14 @@ def attach(app: Starlette, classifier: Classifier) -> None:
 async def render_api_error(request: Request, exc: ApiError) -> JSONResponse:
     service_metrics().rejected_requests.labels(reason=exc.code).inc()
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def render_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (a route's wrong method: 405) as JSON like every other error. (A path that no route
+    has is answered by BentoML's server before it reaches this app: a plain-text 404.)"""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    service_metrics().rejected_requests.labels(reason=code).inc()
+    return JSONResponse({"error": exc.detail, "code": code}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def render_internal_error(request: Request, exc: Exception) -> JSONResponse:

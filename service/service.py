@@ -13,6 +13,7 @@ import asyncio
 import bentoml
 
 from inference.package import ModelPackage, PackageError
+from inference.runtime import DeviceUnavailableError, check_device
 from service import http_api
 from service.classifier import Classifier, resolve_package
 from service.settings import ServiceSettings, SettingsError
@@ -21,15 +22,18 @@ from service.settings import ServiceSettings, SettingsError
 def checked_configuration() -> tuple[ServiceSettings, ModelPackage]:
     """The settings and the verified package, or exit with the one-line reason.
 
-    Runs at import, so in `bentoml serve`'s own process before any worker starts: a bad variable or a missing,
-    tampered or unknown package (or one without the chosen backend's file) stops the command, instead of a
-    worker that fails in __init__ and that BentoML restarts forever. Each worker re-verifies its own copy.
+    Runs at import, so in `bentoml serve`'s own process before any worker starts: a bad variable, a missing,
+    tampered or unknown package (or one without the chosen backend's file), or device=cuda where CUDA cannot
+    be used stops the command, instead of a worker that fails in __init__ and that BentoML restarts forever.
+    Each worker re-verifies its own copy.
     """
     try:
         settings = ServiceSettings.from_env()
         package = resolve_package(settings.model)
         package.model_path(settings.backend)
-    except (SettingsError, PackageError, FileNotFoundError) as exc:
+        if settings.device == "cuda":  # `auto` falls back to the CPU, `cuda` must work or not start at all
+            check_device(package.root, settings.backend, settings.device)
+    except (SettingsError, PackageError, FileNotFoundError, DeviceUnavailableError) as exc:
         raise SystemExit(f"visionserve: cannot serve: {exc}") from None
     return settings, package
 

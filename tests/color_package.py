@@ -87,3 +87,14 @@ def make_color_package(root: Path, input_size: tuple[int, int] = (32, 32), name:
     }
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return root
+
+
+def cuda_session_works() -> bool:
+    """Whether ONNX Runtime really gets the CUDA provider here (it is listed as available even without a GPU)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    model = color_model((4, 4)).SerializeToString()
+    session = ort.InferenceSession(model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    return session.get_providers()[0] == "CUDAExecutionProvider"

@@ -345,9 +345,16 @@ def test_select_limits_training_images_per_class_reproducibly():
     assert len(picks) > 1  # the seed matters
 
 
-@pytest.mark.parametrize("bad", [["cat", "horse"], [], ["cat", "cat"]])
-def test_select_refuses_unknown_or_repeated_classes(bad):
-    with pytest.raises(DataError, match="cannot select classes"):
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (["cat", "horse"], r"\['horse'\] not in the dataset"),
+        ([], "none given"),
+        (["cat", "cat"], r"\[.cat.\] named more than once"),
+    ],
+)
+def test_select_refuses_unknown_or_repeated_classes(bad, reason):
+    with pytest.raises(DataError, match=f"cannot select classes: {reason}"):
         _labelled_dataset().select(bad)
 
 

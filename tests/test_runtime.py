@@ -5,22 +5,11 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from inference.package import PackageError
 from inference.runtime import CPU_PROVIDER, DeviceUnavailableError, Predictor
-from tests.color_package import COLOR_CLASSES, color_model, color_pixels, make_color_package
-
-
-def cuda_session_works() -> bool:
-    """Whether ONNX Runtime really gets the CUDA provider here (it is listed as available even without a GPU)."""
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    model = color_model((4, 4)).SerializeToString()
-    session = ort.InferenceSession(model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    return session.get_providers()[0] == "CUDAExecutionProvider"
-
+from tests.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
 
 CUDA_WORKS = cuda_session_works()
 
@@ -101,3 +90,17 @@ def test_unknown_device_and_missing_backend(package_dir):
         Predictor.from_path(package_dir, device="tpu")
     with pytest.raises(PackageError, match="no torchscript model"):
         Predictor.from_path(package_dir, backend="torchscript")
+
+
+@pytest.mark.slow  # a child process that imports ONNX Runtime and probes CUDA: seconds
+def test_check_device_reports_in_a_child_process_whether_the_device_works(package_dir):
+    from inference.runtime import check_device
+
+    check_device(package_dir, "onnx", "cpu")  # no error: the CPU always works
+    if CUDA_WORKS:
+        check_device(package_dir, "onnx", "cuda")
+    else:
+        with pytest.raises(DeviceUnavailableError, match=r"^device=cuda was requested but CUDAExecutionProvider"):
+            check_device(package_dir, "onnx", "cuda")
+    with pytest.raises(DeviceUnavailableError, match="checking device=cpu failed: .*PackageError"):
+        check_device(package_dir.parent / "no-such-package", "onnx", "cpu")

@@ -21,7 +21,7 @@ from benchmarks.servers import free_port
 from inference.imaging import encode_png
 from service.errors import ApiError
 from service.http_api import decode_base64, parse_json_image
-from tests.color_package import COLOR_CLASSES, color_pixels, make_color_package
+from tests.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
 from tests.service_servers import (
     REPO,
     SERVICE,
@@ -272,6 +272,16 @@ def test_bad_requests_get_json_errors_never_500(client, path, content, content_t
 
 
 @pytest.mark.e2e
+def test_a_wrong_method_gets_a_json_error(client):
+    wrong_method = client.get("/classify")
+    assert_error(wrong_method, 405, "method_not_allowed")
+    assert wrong_method.headers["allow"] == "POST"
+    assert_error(client.get("/v2/models/color/infer"), 405, "method_not_allowed")
+    # A path that no route has never reaches the service's app: BentoML's own server answers it, in plain text.
+    assert client.get("/no-such-route").status_code == 404
+
+
+@pytest.mark.e2e
 def test_multipart_problems_are_400(client):
     assert_error(client.post("/classify", files={"picture": ("r.png", png("red"))}), 400, "missing_image")
     assert_error(client.post("/classify_batch", files={"other": ("r.png", png("red"))}), 400, "no_images")
@@ -456,10 +466,14 @@ def serve_exit(package, settings: dict[str, str], work_dir) -> tuple[int, str]:
         ("tampered", {}, "fails its checksum"),
         ("no int8 file", {"VISIONSERVE_BACKEND": "onnx-int8"}, "has no onnx-int8 model"),
         ("bad setting", {"VISIONSERVE_MAX_QUEUE": "many"}, "VISIONSERVE_MAX_QUEUE='many' is not a valid int"),
+        ("cuda without a GPU", {"VISIONSERVE_DEVICE": "cuda"}, "device=cuda was requested but"),
     ],
 )
 def test_serve_exits_with_one_line_when_it_cannot_serve(tmp_path, problem, settings, message):
-    # Before, a bad package failed each worker's __init__ and BentoML restarted the worker forever.
+    # Before, a bad package (or device=cuda without a GPU) failed each worker's __init__ and BentoML restarted
+    # the worker forever.
+    if problem == "cuda without a GPU" and cuda_session_works():
+        pytest.skip("a GPU is present")
     package = make_color_package(tmp_path / "package")
     if problem == "missing":
         package = tmp_path / "no-such-package"

@@ -190,3 +190,13 @@ def test_the_module_entry_point_exits_non_zero_without_a_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: unknown model 'nope'")
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", ["widths=[8", 'name="x', "widths"])
+def test_a_mistyped_arch_argument_is_one_line(tree, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(_train_args(tree, tmp_path / "r", "--arch", value))
+    message = _one_line_error(capsys, exit_info.value.code)
+    assert "argument --arch:" in message
+    assert ("not valid JSON" if "=" in value else "expected KEY=VALUE") in message
+    assert not (tmp_path / "r").exists()

@@ -74,7 +74,9 @@ def _arch_kwarg(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
         return key, json.loads(value)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as exc:
+        if value.lstrip()[:1] in ("[", "{", '"'):  # meant as JSON, mistyped: say so, don't pass the text on
+            raise argparse.ArgumentTypeError(f"{key}={value!r}: the value is not valid JSON ({exc.msg})") from None
         return key, value  # a bare string
 
 

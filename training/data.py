@@ -68,10 +68,15 @@ class ImageDataset:
         training images per class drawn with `seed`; all their test images are kept. Dataset order is kept."""
         class_names = tuple(class_names)
         unknown = [name for name in class_names if name not in self.class_names]
-        if unknown or not class_names or len(set(class_names)) != len(class_names):
+        repeated = sorted({name for name in class_names if class_names.count(name) > 1})
+        if not class_names:
+            raise DataError("cannot select classes: none given")
+        if unknown:
             raise DataError(
-                f"cannot select classes {list(class_names)}: need distinct names from {list(self.class_names)}"
+                f"cannot select classes: {unknown} not in the dataset, whose classes are {list(self.class_names)}"
             )
+        if repeated:
+            raise DataError(f"cannot select classes: {repeated} named more than once")
         if train_per_class is not None and train_per_class < 1:
             raise DataError(f"train_per_class must be at least 1, got {train_per_class}")
         rng = np.random.default_rng(seed)
