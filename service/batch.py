@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from inference.package import PackageError
     from inference.runtime import DeviceUnavailableError
+    from service.batch_engines import EngineError
     from service.batch_inputs import InputError
     from service.batch_job import BatchJob, JobError, run_job
     from service.batch_output import OutputError
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     try:
         summary = run_job(job, progress=progress)
-    except (JobError, InputError, OutputError, PackageError, DeviceUnavailableError) as exc:
+    except (JobError, InputError, OutputError, PackageError, DeviceUnavailableError, EngineError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except RemoteError as exc:

@@ -36,6 +36,10 @@ R = TypeVar("R")
 POOLS = ("process", "thread")
 
 
+class EngineError(Exception):
+    """An engine could not start (e.g. the Ray cluster of --ray-address cannot be joined); the message says why."""
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     package: ModelPackage | None  # None only in --url mode, where the service holds the model

@@ -111,13 +111,17 @@ def run_job(job: BatchJob, *, progress: bool = False) -> BatchSummary:
             source.count,
         )
     new_rows = 0
-    with ENGINES[engine_name](settings) as engine:
-        scoring_started = time.perf_counter()
-        with tqdm(total=remaining, unit="img", disable=not progress, desc="scoring", smoothing=0.1) as bar:
-            for rows in engine.score(output.remaining(source.records())):
-                output.add(rows)
-                new_rows += len(rows)
-                bar.update(len(rows))
+    try:
+        with ENGINES[engine_name](settings) as engine:
+            scoring_started = time.perf_counter()
+            with tqdm(total=remaining, unit="img", disable=not progress, desc="scoring", smoothing=0.1) as bar:
+                for rows in engine.score(output.remaining(source.records())):
+                    output.add(rows)
+                    new_rows += len(rows)
+                    bar.update(len(rows))
+    except BaseException:
+        output.abandon()  # e.g. the engine could not start: leave no folder that asks for --resume
+        raise
     scored, failed = output.finish()
     finished = time.perf_counter()
     return BatchSummary(job.output, scored, failed, new_rows, scoring_started - started, finished - scoring_started)

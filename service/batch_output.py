@@ -102,6 +102,12 @@ class ChunkedOutput:
     def _parts(self) -> list[Path]:
         return sorted(self.parts_dir.glob(PART_GLOB))
 
+    def abandon(self) -> None:
+        """After a failure: if no run has written a part yet, remove the parts folder (it holds only the job's
+        state), so that the same command can simply be run again without --resume."""
+        if self.parts_dir.is_dir() and not self._parts():
+            shutil.rmtree(self.parts_dir)
+
     def remaining(self, records: Iterable[Record]) -> Iterator[Record]:
         """The records after those already written, checking that the input still starts with the same ids."""
         iterator = iter(records)

@@ -13,6 +13,7 @@ bytes included for archive and Parquet inputs); order is preserved so the output
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ import pyarrow as pa
 
 from inference.package import load_package
 from inference.runtime import Predictor, cpu_threads
-from service.batch_engines import EngineSettings, batched
+from service.batch_engines import EngineError, EngineSettings, batched
 from service.batch_inputs import Record
 from service.batch_output import output_schema, rows_to_table
 from service.batch_scoring import ScoreRow, decode_chunk, score_chunk
@@ -56,6 +57,20 @@ class ScoringActor:
         return rows_to_table(score_chunk(self.predictor, chunk, self.top_k), self.schema, self.top_k)
 
 
+def _check_listening(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once where nothing listens at a HOST:PORT (or ray://HOST:PORT) address: ray.init keeps retrying
+    a dead address for minutes. Other forms ("auto") are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise EngineError(
+            f"cannot join the Ray cluster at {address}: nothing answers there ({exc.strerror or exc})"
+        ) from None
+
+
 class RayEngine:
     def __init__(self, settings: EngineSettings) -> None:
         assert settings.package is not None
@@ -68,12 +83,26 @@ class RayEngine:
         s = self.settings
         if not ray.is_initialized():
             local = s.ray_address is None
-            ray.init(
-                address=s.ray_address,
-                num_cpus=cpu_threads() if local else None,
-                include_dashboard=False,
-                configure_logging=False,
-            )
+            if not local:
+                _check_listening(s.ray_address)
+            try:
+                ray.init(
+                    # "local": a new instance of our own, even where `ray start` left a cluster that a bare
+                    # ray.init() would join.
+                    address=s.ray_address or "local",
+                    num_cpus=cpu_threads() if local else None,
+                    include_dashboard=False,
+                    configure_logging=False,
+                )
+            except Exception as exc:  # ConnectionError, Ray's own errors: one line for the CLI, not a traceback
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if local:
+                    raise EngineError(f"cannot start a local Ray instance: {reason}") from exc
+                raise EngineError(
+                    f"cannot join the Ray cluster at {s.ray_address}: {reason} (a cluster started with `ray start` "
+                    "uses token authentication by default: set RAY_AUTH_MODE=token here, with the cluster's token "
+                    "in ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+                ) from exc
             self.started_ray = True
         context = ray.data.DataContext.get_current()
         # Parts must be consecutive runs of the input order.
