@@ -374,13 +374,15 @@ def routes(classifier) -> list[Route]:
     async def server(request: Request) -> Response:
         return JSONResponse(server_metadata())
 
+    # The protocol's health answers: "A 200 status code indicates true and a 4xx status code indicates false"
+    # (400, as Triton answers). BentoML's own /livez and /readyz answer 503 for false, as load balancers expect.
     async def live(request: Request) -> Response:
         is_live = classifier.failure is None  # a failed warm-up leaves the server up but dead
-        return JSONResponse({"live": is_live}, status_code=200 if is_live else 503)
+        return JSONResponse({"live": is_live}, status_code=200 if is_live else 400)
 
     async def ready(request: Request) -> Response:
         is_ready = bool(classifier.ready)
-        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 400)
 
     async def metadata(request: Request) -> Response:
         check_model(request)
@@ -391,7 +393,7 @@ def routes(classifier) -> list[Route]:
         is_ready = bool(classifier.ready)
         return JSONResponse(
             {"name": classifier.package.name, "ready": is_ready},
-            status_code=200 if is_ready else 503,
+            status_code=200 if is_ready else 400,
         )
 
     async def infer(request: Request) -> Response:

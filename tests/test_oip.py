@@ -479,14 +479,23 @@ def test_body_over_the_limit_is_413(client):
     assert "limit" in response.json()["error"]
 
 
-def test_not_ready_is_503(client, monkeypatch):
+def test_not_ready_is_false_in_health_and_503_in_inference(client, monkeypatch):
     monkeypatch.setattr(Classifier, "ready", property(lambda self: False))
-    assert client.get("/v2/health/ready").status_code == 503
-    assert client.get("/v2/models/color/ready").json() == {"name": "color", "ready": False}
+    # The protocol: "a 4xx status code indicates false".
+    assert client.get("/v2/health/ready").status_code == 400
+    model_ready = client.get("/v2/models/color/ready")
+    assert model_ready.status_code == 400
+    assert model_ready.json() == {"name": "color", "ready": False}
     response = client.post("/v2/models/color/infer", content=body(_red()))
     assert response.status_code == 503
     assert "Retry-After" in response.headers
     assert client.get("/v2/health/live").status_code == 200
+
+
+def test_a_failed_warm_up_makes_the_server_not_live(client, classifier, monkeypatch):
+    monkeypatch.setattr(classifier, "failure", "warm-up failed: test")
+    response = client.get("/v2/health/live")
+    assert (response.status_code, response.json()) == (400, {"live": False})
 
 
 def test_overload_from_the_batcher_passes_through_with_retry_after(client, classifier, monkeypatch):
