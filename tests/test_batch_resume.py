@@ -69,6 +69,17 @@ def test_an_unfinished_output_is_not_overwritten_without_resume(tmp_path):
         ChunkedOutput(output, JOB, top_k=1, rows_per_part=2, resume=False)
 
 
+def test_abandon_removes_only_a_parts_folder_without_parts(tmp_path):
+    nothing_written = ChunkedOutput(tmp_path / "a.csv", JOB, top_k=1, rows_per_part=2, resume=False)
+    nothing_written.add(rows(["a"]))  # buffered, not yet a part
+    nothing_written.abandon()
+    assert not nothing_written.parts_dir.exists()  # the same command can run again without --resume
+    one_part = ChunkedOutput(tmp_path / "b.csv", JOB, top_k=1, rows_per_part=2, resume=False)
+    one_part.add(rows(["a", "b"]))
+    one_part.abandon()
+    assert ChunkedOutput(tmp_path / "b.csv", JOB, top_k=1, rows_per_part=2, resume=True).done_ids == ["a", "b"]
+
+
 def test_a_resume_of_a_different_job_is_refused(tmp_path):
     output = tmp_path / "s.csv"
     ChunkedOutput(output, JOB, top_k=1, rows_per_part=2, resume=False)
