@@ -81,13 +81,15 @@ def summarise(events: list[dict], backend: str, batch_size: int, first_run: int,
         raise ValueError(
             f"the profile holds {len(run_events)} runs; runs {first_run}..{first_run + runs - 1} asked for"
         )
-    windows = [(e["ts"], e["ts"] + e["dur"]) for e in measured]
+    # A session's trace holds only its own runs, one after another: the measured runs' nodes are those between
+    # the first one's start and the last one's end.
+    begin, end = measured[0]["ts"], measured[-1]["ts"] + measured[-1]["dur"]
     totals: dict[tuple[str, str], float] = defaultdict(float)
     for event in events:
         name = event.get("name", "")
         if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
             continue
-        if any(begin <= event["ts"] <= end for begin, end in windows):
+        if begin <= event["ts"] <= end:
             totals[(event["args"]["op_name"], name.removesuffix("_kernel_time"))] += event["dur"]
     nodes = [NodeTime(op, name, total / runs) for (op, name), total in totals.items()]
     nodes.sort(key=lambda node: node.microseconds, reverse=True)
