@@ -23,7 +23,7 @@ from inference.runtime import CPU_PROVIDER, DeviceUnavailableError
 from service.classifier import Classifier
 from service.errors import ApiError
 from service.settings import ServiceSettings, SettingsError
-from tests.color_package import COLOR_CLASSES, color_pixels, make_color_package
+from tests.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,17 +106,8 @@ def test_a_missing_folder_or_unknown_tag_is_refused_clearly(tmp_path):
 
 @pytest.mark.slow  # ONNX Runtime's CUDA probe takes seconds
 def test_device_cuda_fails_loudly_without_a_gpu(color_package):
-    pytest.importorskip("onnxruntime")
-    import onnxruntime
-
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                pytest.skip("a GPU is present")
-        except ImportError:
-            pass
+    if cuda_session_works():
+        pytest.skip("a GPU is present")
     with pytest.raises(DeviceUnavailableError, match="device=cuda"):
         Classifier(ServiceSettings(model=str(color_package), device="cuda"))
 
