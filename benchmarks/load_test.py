@@ -511,6 +511,13 @@ def write_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
+def write_report(out: Path, results: dict, report: str) -> None:
+    """The markdown report at `out` and its figures as JSON beside it, each written atomically."""
+    write_atomic(out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    write_atomic(out, report)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
 def round_ratios(pairs: list[dict]) -> str:
     return ", ".join(f"{p['ratio']:.0%}" for p in pairs)
 
@@ -662,9 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
-    write_atomic(args.out, markdown(results))
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    write_report(args.out, results, markdown(results))
     return 0
 
 

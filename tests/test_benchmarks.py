@@ -153,3 +153,61 @@ def test_onnx_profile_reports_every_node_of_each_batch(tmp_path, capsys):
         assert len(node_rows) >= 2
     assert main(["--package", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_service_cpu_thread_accounting_separates_the_main_thread_from_the_others():
+    import os
+    import threading
+    import time
+
+    from benchmarks.service_cpu import thread_cpu
+
+    def burn(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    before = thread_cpu(os.getpid())
+    worker = threading.Thread(target=burn, args=(0.3,))
+    worker.start()
+    worker.join()
+    middle = thread_cpu(os.getpid())
+    burn(0.3)
+    after = thread_cpu(os.getpid())
+    assert middle["other"] - before["other"] >= 0.25 and middle["loop"] - before["loop"] < 0.1
+    assert after["loop"] - middle["loop"] >= 0.25
+
+
+def test_service_cpu_report_derives_each_ceiling_from_the_measured_cores():
+    from benchmarks.service_cpu import markdown
+
+    def phase(rate: float, loop: float, other: float, wrk: float) -> dict:
+        return {
+            "requests_per_second": rate,
+            "loop_cores": loop,
+            "other_cores": other,
+            "wrk_cores": wrk,
+            "loop_ms_per_request": 1000 * loop / rate,
+            "server_ms_per_request": 1000 * (loop + other) / rate,
+        }
+
+    row = {
+        "engine_images_per_second": 200.0,
+        "engine_batch": 128,
+        "noop": phase(1000, 1.0, 0.0, 0.1),  # 1 ms of event loop per request
+        "small-cnn": phase(800, 1.0, 0.1, 0.1),
+        "resnet18": phase(150, 0.3, 1.5, 0.1),
+    }
+    results = {
+        "command": "python -m benchmarks.service_cpu",
+        "date": "2026-11-27",
+        "machine": {"cpu_model": "test CPU", "python": "3.11", "load_average_at_start": [0, 0, 0]},
+        "cores": 2,
+        "settings": {"concurrency": 32, "duration_s": 8, "rounds": 1},
+        "decode_ms": 0.25,
+        "rounds": [row],
+    }
+    report = markdown(results)
+    assert "| noop | 1000 | 1.00 | 0.00 | 0.10 | 0.90 | 1.000 | 1.000 |" in report
+    assert "measured 80.0%" in report and "= **80.0%**" in report  # 1 / (1 + 0.25)
+    assert "measured 75.0%" in report and "**80.0%** (80%; target 80%)" in report  # (2 - 0.3 - 0.1) / 2

@@ -1,0 +1,244 @@
+"""Where the cores go under load: the CPU of each server thread and of the load generator, per request.
+
+    python -m benchmarks.service_cpu --small-package PKG --resnet-package PKG [--concurrency 32] [--rounds 5]
+
+The load test (load_test.py) says how fast each server is; this says why it is not faster. The no-op, the small
+CNN and the ResNet-18 servers take turns under the same closed-loop wrk load, round after round, with the raw
+engine (ResNet-18's ONNX Runtime session in this process, no server busy) measured in each round too. Per phase
+it reads, from /proc through psutil, the CPU time of every thread of the server's processes over the measured
+window, split into the event loops (each process's main thread: HTTP, parsing, decoding, JSON) and the rest
+(the model thread, ONNX Runtime's pool, decode threads), and wrk's CPU time (its rusage). Also measured: the
+CPU time of inference.imaging.decode_image per test JPEG, which the service spends on the event loop.
+
+From these it derives each issue-4 target's ceiling on this machine:
+- small CNN vs no-op: both servers are bound by one event loop (a core busy); /classify's loop does the no-op's
+  work plus at least the decoding, so its requests/s cannot exceed noop_ms / (noop_ms + decode_ms) of the no-op's
+  (decoding in a thread would still hold the GIL for Pillow's Python-level parsing, most of its time);
+- ResNet-18 vs the raw engine: the raw engine has every core, the service leaves ONNX Runtime what its event loop
+  and the load generator do not use: (cores - loop - wrk) / cores of the engine's images/s at best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+
+from benchmarks.load_test import (
+    CACHE,
+    DEFAULT_ARCHIVE,
+    LOGS,
+    NOOP_SERVICE,
+    RESULTS,
+    decode_all,
+    describe_package,
+    describe_spec,
+    machine,
+    read_test_jpegs,
+    write_image_files,
+    write_report,
+    wrk_closed_loop,
+)
+from benchmarks.raw_engine import best, measure_engine
+from benchmarks.servers import SERVICE, BentoServer
+from inference.imaging import decode_image
+from inference.runtime import Predictor
+
+ENGINE_BATCH_SIZES = (64, 128)  # the raw engine's best batch sizes in the load test's runs
+
+
+def thread_cpu(root_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the process tree's event loops (main threads) and of all its other threads.
+
+    "other" is each process's total less its main thread: the total keeps the time of threads that have ended.
+    """
+    totals = {"loop": 0.0, "other": 0.0}
+    root = psutil.Process(root_pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            with process.oneshot():
+                times = process.cpu_times()
+                main = next((t for t in process.threads() if t.id == process.pid), None)
+        except psutil.NoSuchProcess:  # a worker that ended meanwhile: its time is lost to both sides
+            continue
+        loop = main.user_time + main.system_time if main else 0.0
+        totals["loop"] += loop
+        totals["other"] += times.user + times.system - loop
+    return totals
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured_phase(server: BentoServer, listing: Path, concurrency: int, duration: float, warmup: float) -> dict:
+    """One wrk phase with the CPU accounting of its measured window (the warm-up runs before the window)."""
+    url = f"{server.url}/classify"
+    if warmup > 0:
+        wrk_closed_loop(server.name, url, listing, concurrency, warmup, 0)
+    threads_before, wrk_before, started = thread_cpu(server.process.pid), children_cpu(), time.perf_counter()
+    phase = wrk_closed_loop(server.name, url, listing, concurrency, duration, 0)
+    wall = time.perf_counter() - started
+    threads_after, wrk_after = thread_cpu(server.process.pid), children_cpu()
+    loop = (threads_after["loop"] - threads_before["loop"]) / wall
+    other = (threads_after["other"] - threads_before["other"]) / wall
+    client = (wrk_after - wrk_before) / wall
+    rate = phase.requests_per_second
+    return {
+        "requests_per_second": rate,
+        "errors": phase.requests - phase.ok,
+        "loop_cores": round(loop, 3),
+        "other_cores": round(other, 3),
+        "wrk_cores": round(client, 3),
+        "loop_ms_per_request": round(1000 * loop / rate, 3) if rate else None,
+        "server_ms_per_request": round(1000 * (loop + other) / rate, 3) if rate else None,
+    }
+
+
+def decode_ms(blobs: list[bytes], size: tuple[int, int]) -> float:
+    """CPU milliseconds of decode_image per image, the mean over `blobs` (this process's CPU time, so other jobs'
+    load on the machine does not count)."""
+    started = time.process_time()
+    for blob in blobs:
+        decode_image(blob, size)
+    return 1000 * (time.process_time() - started) / len(blobs)
+
+
+def run(args: argparse.Namespace) -> dict:
+    images = read_test_jpegs(args.data, args.images)
+    listing = write_image_files(images, CACHE / "wrk-images")
+    cores = len(os.sched_getaffinity(0))
+    size = tuple(describe_spec(args.small_package)["input_size"])
+    pixels = decode_all(images[:512], tuple(describe_spec(args.resnet_package)["input_size"]))
+    results: dict = {
+        "command": " ".join(["python -m benchmarks.service_cpu", *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "cores": cores,
+        "settings": {"concurrency": args.concurrency, "duration_s": args.duration, "rounds": args.rounds},
+        "packages": {"small": describe_package(args.small_package), "resnet": describe_package(args.resnet_package)},
+        "decode_ms": round(decode_ms(images, size), 4),
+        "rounds": [],
+    }
+    env = {"VISIONSERVE_DEVICE": "cpu"}
+    servers = {
+        "noop": BentoServer(NOOP_SERVICE, {}, LOGS, "cpu-noop"),
+        "small-cnn": BentoServer(SERVICE, {**env, "VISIONSERVE_MODEL": str(args.small_package)}, LOGS, "cpu-small"),
+        "resnet18": BentoServer(SERVICE, {**env, "VISIONSERVE_MODEL": str(args.resnet_package)}, LOGS, "cpu-resnet"),
+    }
+    predictor = Predictor.from_path(args.resnet_package, device="cpu")
+    try:
+        for server in servers.values():
+            server.start()
+        for index in range(args.rounds):
+            engine = best(measure_engine(predictor, pixels, ENGINE_BATCH_SIZES, seconds=args.engine_seconds))
+            row = {"engine_images_per_second": round(engine.images_per_second, 1), "engine_batch": engine.batch_size}
+            for name, server in servers.items():
+                row[name] = measured_phase(server, listing, args.concurrency, args.duration, args.warmup)
+            results["rounds"].append(row)
+            print(f"[round {index + 1}] {json.dumps(row)}", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return results
+
+
+def median(rounds: list[dict], path: tuple[str, ...]) -> float:
+    values = []
+    for row in rounds:
+        for key in path:
+            row = row[key]
+        values.append(row)
+    return statistics.median(values)
+
+
+def markdown(results: dict) -> str:
+    m, s, rounds, cores = results["machine"], results["settings"], results["rounds"], results["cores"]
+    decode = results["decode_ms"]
+    lines = [
+        "# Where the cores go: CPU per request of the service's threads under load",
+        "",
+        f"- Command: `{results['command']}`",
+        f"- Date: {results['date']}",
+        f"- Machine: {cores} cores ({m['cpu_model']}), no GPU; Python {m['python']}. Load average (1/5/15 min) at "
+        f"the start {m['load_average_at_start']}. The load generator (wrk) shares the cores with the server.",
+        f"- Load: wrk closed loop, {s['concurrency']} connections, {s['duration_s']} s measured per phase; the "
+        f"servers take turns, {s['rounds']} rounds, with the raw engine measured in each round. Medians over rounds.",
+        "",
+        "| server | req/s | event loop (cores) | other threads (cores) | wrk (cores) | unused (cores) "
+        "| event loop ms/request | server ms/request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("noop", "small-cnn", "resnet18"):
+        figures = {
+            key: median(rounds, (name, key))
+            for key in ("requests_per_second", "loop_cores", "other_cores", "wrk_cores", "loop_ms_per_request",
+                        "server_ms_per_request")
+        }  # fmt: skip
+        unused = cores - figures["loop_cores"] - figures["other_cores"] - figures["wrk_cores"]
+        lines.append(
+            f"| {name} | {figures['requests_per_second']:.0f} | {figures['loop_cores']:.2f} | "
+            f"{figures['other_cores']:.2f} | {figures['wrk_cores']:.2f} | {unused:.2f} | "
+            f"{figures['loop_ms_per_request']:.3f} | {figures['server_ms_per_request']:.3f} |"
+        )
+    engine = median(rounds, ("engine_images_per_second",))
+    noop_ms = median(rounds, ("noop", "loop_ms_per_request"))
+    small_vs_noop = [r["small-cnn"]["requests_per_second"] / r["noop"]["requests_per_second"] for r in rounds]
+    resnet_vs_engine = [r["resnet18"]["requests_per_second"] / r["engine_images_per_second"] for r in rounds]
+    resnet_ceiling = [(cores - r["resnet18"]["loop_cores"] - r["resnet18"]["wrk_cores"]) / cores for r in rounds]
+    lines += [
+        "",
+        f"Raw engine (ResNet-18, this process, best of batch {', '.join(map(str, ENGINE_BATCH_SIZES))}): "
+        f"{engine:.0f} images/s (median). decode_image: {decode:.3f} ms of CPU per test JPEG (mean).",
+        "",
+        "## Ceilings on this machine",
+        "",
+        f"- small CNN vs no-op: measured {statistics.median(small_vs_noop):.1%} "
+        f"({', '.join(f'{x:.0%}' for x in small_vs_noop)}); ceiling from decoding alone on the event loop: "
+        f"{noop_ms:.3f} / ({noop_ms:.3f} + {decode:.3f}) = **{noop_ms / (noop_ms + decode):.1%}** (target 90%).",
+        f"- ResNet-18 vs the raw engine: measured {statistics.median(resnet_vs_engine):.1%} "
+        f"({', '.join(f'{x:.0%}' for x in resnet_vs_engine)}); ceiling (cores - event loop - wrk) / cores: "
+        f"**{statistics.median(resnet_ceiling):.1%}** ({', '.join(f'{x:.0%}' for x in resnet_ceiling)}; target 80%).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small-package", type=Path, required=True, help="package of the small CNN")
+    parser.add_argument("--resnet-package", type=Path, required=True, help="package of the CIFAR ResNet-18")
+    parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE, help="CIFAR-10 JPEG archive (test/ members)")
+    parser.add_argument("--images", type=int, default=2000, help="distinct test JPEGs to cycle through")
+    parser.add_argument("--concurrency", type=int, default=32, help="wrk connections")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per phase")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each phase")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--engine-seconds", type=float, default=3.0, help="raw engine seconds per batch size")
+    parser.add_argument("--out", type=Path, default=RESULTS / "service_cpu.md", help="results markdown (JSON beside)")
+    args = parser.parse_args(argv)
+    for package in (args.small_package, args.resnet_package):
+        if not (package / "manifest.json").is_file():
+            print(f"error: {package} is not a model package (no manifest.json)", file=sys.stderr)
+            return 2
+    try:
+        results = run(args)
+    except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    write_report(args.out, results, markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
