@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from inference.files import atomic_write
 from service.batch_inputs import Record
 from service.batch_scoring import ScoreRow
 
@@ -96,7 +97,8 @@ class ChunkedOutput:
                 return [i for part in self._parts() for i in pq.read_table(part, columns=["id"])["id"].to_pylist()]
             shutil.rmtree(self.parts_dir)  # killed before the state was written: nothing to keep
         self.parts_dir.mkdir()
-        _write_atomic(state_path, lambda tmp: tmp.write_text(json.dumps(job, indent=2), encoding="utf-8"))
+        with atomic_write(state_path, "w") as f:
+            f.write(json.dumps(job, indent=2))
         return []
 
     def _parts(self) -> list[Path]:
@@ -151,7 +153,8 @@ class ChunkedOutput:
     def _write_part(self, rows: list[ScoreRow]) -> None:
         table = rows_to_table(rows, self.schema, self.top_k)
         path = self.parts_dir / f"part-{self._next_part:06d}.parquet"
-        _write_atomic(path, lambda tmp: pq.write_table(table, str(tmp)))
+        with atomic_write(path) as f:
+            pq.write_table(table, f)
         self._next_part += 1
 
 
@@ -164,13 +167,6 @@ def rows_to_table(rows: list[ScoreRow], schema: pa.Schema, k: int) -> pa.Table:
     columns["error"] = [r.error for r in rows]
     columns["error_message"] = [r.message for r in rows]
     return pa.table(columns, schema=schema)
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 def _fsync(path: Path) -> None:
