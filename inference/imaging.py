@@ -9,18 +9,37 @@ Policy (documented in the README):
   YCbCr are converted by Pillow; grayscale is replicated to three channels.
 - Size: the image is scaled so that it covers the model's (H, W) and centre-cropped (aspect ratio kept),
   with bilinear filtering (antialiased when shrinking). An image already of size (H, W) is untouched.
+
+Decoding: Pillow reads every header and applies the policy. The common JPEG (YCbCr or grayscale, no EXIF
+rotation) is then decoded by simplejpeg, which calls the same libjpeg-turbo with the same settings without
+Pillow's Python-level work: the same pixels (tested; equal on all 10,000 CIFAR-10 test JPEGs) in about a third of
+the time for small images, which matters where decoding is most of the work (the service's event loop, batch
+scoring of small images). Anything libjpeg-turbo only warns about is left to Pillow, which decides as before.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import simplejpeg
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to 120 MB of RGB
+
+
+class OpenedImage(NamedTuple):
+    """An image whose header passed the checks (open_image), not decoded yet, with the bytes it came from."""
+
+    image: Image.Image
+    data: bytes
+
+    @property
+    def pixel_count(self) -> int:
+        return self.image.width * self.image.height
 
 
 class ImageDecodeError(ValueError):
@@ -41,7 +60,7 @@ def decode_image(
     return to_pixels(open_image(data, max_pixels=max_pixels), size)
 
 
-def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> OpenedImage:
     """Read and check the header only (format, pixel count); nothing is decoded yet. Finish with to_pixels."""
     if not data:
         raise ImageDecodeError("empty", "the image is empty (0 bytes)")
@@ -65,11 +84,20 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         raise ImageDecodeError(
             "too_large", f"the image has {width}x{height} pixels, more than the limit of {max_pixels}"
         )
-    return image
+    return OpenedImage(image, data)
 
 
-def to_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+def to_pixels(opened: OpenedImage, size: tuple[int, int]) -> np.ndarray:
     """An image from open_image -> (H, W, 3) uint8: decoded, EXIF-oriented, converted to RGB, resized."""
+    pixels = plain_jpeg_pixels(opened)
+    if pixels is None:
+        return pillow_pixels(opened.image, size)
+    height, width = size
+    return pixels if pixels.shape[:2] == (height, width) else resize_to(Image.fromarray(pixels), size)
+
+
+def pillow_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """to_pixels by Pillow alone: any accepted image, decoded, EXIF-oriented, converted to RGB, resized."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -81,6 +109,25 @@ def to_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
         except (OSError, SyntaxError, ValueError) as exc:  # Pillow's ways of saying truncated or corrupt
             raise ImageDecodeError("corrupt", f"the image is truncated or corrupt: {exc}") from None
     return resize_to(rgb, size)
+
+
+def plain_jpeg_pixels(opened: OpenedImage) -> np.ndarray | None:
+    """(h, w, 3) uint8 RGB at the image's own size, decoded by simplejpeg, for a YCbCr or grayscale JPEG without an
+    EXIF rotation; None for anything else (CMYK, rotated, or damaged enough that libjpeg-turbo warns), which
+    pillow_pixels decodes."""
+    image = opened.image
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return None
+    try:
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            return None
+    except Exception:  # malformed EXIF in a hostile file: Pillow's path reports it as it always has
+        return None
+    try:
+        # strict: libjpeg-turbo's warnings (corrupt or truncated data) raise instead of decoding on.
+        return simplejpeg.decode_jpeg(opened.data, colorspace="RGB", strict=True)
+    except ValueError:
+        return None
 
 
 def resize_to(image: Image.Image, size: tuple[int, int]) -> np.ndarray:

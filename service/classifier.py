@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from inference.imaging import ImageDecodeError, open_image, to_pixels
+from inference.imaging import ImageDecodeError, OpenedImage, open_image, to_pixels
 from inference.package import ModelPackage, load_package
 from inference.runtime import Predictor
 from service.batcher import Batcher
@@ -27,7 +26,8 @@ from service.settings import ServiceSettings
 log = logging.getLogger(__name__)
 
 # Requests whose images' headers declare at most this many pixels in total are decoded on the event loop (a
-# 32x32 JPEG took about 0.1 ms here, a thread hop as much again); more goes to the decode threads.
+# 32x32 JPEG takes about 0.05 ms here, benchmarks/results/decode.md; a thread hop took about 0.1 ms); more goes
+# to the decode threads.
 INLINE_DECODE_MAX_PIXELS = 128 * 128
 
 
@@ -147,7 +147,7 @@ class Classifier:
         serving while Pillow decodes and resizes (it releases the GIL for that).
         """
         opened = [self._open_or_error(data) for data in images]
-        pixels = sum(image.width * image.height for image in opened if isinstance(image, Image.Image))
+        pixels = sum(image.pixel_count for image in opened if isinstance(image, OpenedImage))
         if pixels <= INLINE_DECODE_MAX_PIXELS:
             return [self._finish_or_error(image) for image in opened]
         loop = asyncio.get_running_loop()
@@ -158,13 +158,13 @@ class Classifier:
                 )
             )
 
-    def _open_or_error(self, data: bytes) -> Image.Image | ApiError:
+    def _open_or_error(self, data: bytes) -> OpenedImage | ApiError:
         try:
             return open_image(data, max_pixels=self.settings.max_image_pixels)
         except ImageDecodeError as exc:
             return ApiError.from_decode_error(exc)
 
-    def _finish_or_error(self, image: Image.Image | ApiError) -> np.ndarray | ApiError:
+    def _finish_or_error(self, image: OpenedImage | ApiError) -> np.ndarray | ApiError:
         if isinstance(image, ApiError):
             return image
         try:

@@ -211,3 +211,16 @@ def test_service_cpu_report_derives_each_ceiling_from_the_measured_cores():
     assert "| noop | 1000 | 1.00 | 0.00 | 0.10 | 0.90 | 1.000 | 1.000 |" in report
     assert "measured 80.0%" in report and "= **80.0%**" in report  # 1 / (1 + 0.25)
     assert "measured 75.0%" in report and "**80.0%** (80%; target 80%)" in report  # (2 - 0.3 - 0.1) / 2
+
+
+def test_decode_benchmark_compares_both_paths_on_every_image(tmp_path, image_tree_factory, tar_archive_factory):
+    from benchmarks.decode import main
+
+    tree = image_tree_factory(tmp_path / "data", ("cat", "dog"), {"test": 3}, size=(32, 32), suffix=".jpg")
+    archive = tar_archive_factory(tree, tmp_path / "data.tar.gz")
+    out = tmp_path / "decode.md"
+    assert main(["--data", str(archive), "--timed", "4", "--rounds", "1", "--out", str(out)]) == 0
+    report = out.read_text()
+    assert "**6 of 6** images decode to identical arrays" in report and "6 of them took simplejpeg's path" in report
+    assert "| as stored (32x32) | 4 |" in report and "| re-encoded at 256x256 | 1 |" in report
+    assert main(["--data", str(tmp_path / "missing.tar.gz"), "--out", str(out)]) == 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.imaging import ImageDecodeError, decode_image, encode_png
+from inference.imaging import ImageDecodeError, decode_image, encode_png, open_image, pillow_pixels, plain_jpeg_pixels
 
 
 def encode(image: Image.Image, fmt: str, **save_args) -> bytes:
@@ -130,3 +130,59 @@ def test_resize_covers_and_centre_crops():
     out = decode_image(encode(image, "PNG"), (32, 32))
     assert out.shape == (32, 32, 3)
     assert (out[:, 1:-1, 0] > 200).all() and (out[:, 1:-1, 1] < 50).all()
+
+
+def noise_image(mode: str, size=(33, 17)) -> Image.Image:
+    pixels = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+@pytest.mark.parametrize(
+    ("mode", "save_args"),
+    [
+        ("RGB", {}),  # 4:2:0, the default
+        ("RGB", {"subsampling": 0, "quality": 95}),  # 4:4:4
+        ("RGB", {"subsampling": 1}),  # 4:2:2
+        ("RGB", {"progressive": True}),
+        ("RGB", {"quality": 30}),
+        ("L", {}),
+    ],
+)
+@pytest.mark.parametrize("size", [(17, 33), (8, 8)])  # the image's own (H, W), and a resize
+def test_plain_jpegs_take_the_fast_decoder_and_give_pillows_pixels(mode, save_args, size):
+    data = encode(noise_image(mode), "JPEG", **save_args)
+    assert plain_jpeg_pixels(open_image(data)) is not None  # simplejpeg decoded it
+    expected = pillow_pixels(Image.open(io.BytesIO(data)), size)
+    assert np.array_equal(decode_image(data, size), expected)
+
+
+def rotated_jpeg() -> bytes:
+    image = Image.new("RGB", (20, 10), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    return encode(image, "JPEG", exif=exif, quality=95)
+
+
+def damaged_jpeg() -> bytes:
+    """A JPEG with a run of zeroed bytes in its image data: libjpeg-turbo warns, Pillow decodes it anyway."""
+    data = bytearray(encode(noise_image("RGB", (64, 64)), "JPEG"))
+    middle = len(data) // 2
+    data[middle : middle + 40] = bytes(40)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [rotated_jpeg(), encode(noise_image("CMYK"), "JPEG"), damaged_jpeg()],
+    ids=["exif-rotated", "cmyk", "damaged"],
+)
+def test_other_jpegs_are_left_to_pillow(data):
+    assert plain_jpeg_pixels(open_image(data)) is None
+    assert np.array_equal(decode_image(data, (16, 16)), pillow_pixels(Image.open(io.BytesIO(data)), (16, 16)))
+
+
+def test_exif_rotated_jpeg_is_turned_upright():
+    out = decode_image(rotated_jpeg(), (20, 10))  # displayed 10 wide and 20 tall, red on top
+    assert out[2, 5, 0] > 200 and out[2, 5, 2] < 50
+    assert out[17, 5, 2] > 200 and out[17, 5, 0] < 50
