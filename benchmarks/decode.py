@@ -3,7 +3,7 @@
     python -m benchmarks.decode [--data ARCHIVE] [--limit N] [--rounds 5]
 
 Every JPEG of the archive's test split is decoded by `inference.imaging.decode_image` (simplejpeg for the
-common JPEG) and by Pillow alone (`pillow_pixels`), and the two arrays are compared; then both paths are timed,
+common JPEG) and by Pillow alone (`pillow_open` + `pillow_pixels`), and the two arrays are compared; then both paths are timed,
 taking turns round by round, on the images as stored (32x32) and on the same images re-encoded at 256x256
 (quality 90), which the model's 32x32 input makes decode_image resize. Times are this process's CPU time per
 image (so other jobs' load does not count), the median over the rounds.
@@ -23,13 +23,13 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.load_test import DEFAULT_ARCHIVE, RESULTS, machine, read_test_jpegs, write_atomic
-from inference.imaging import decode_image, open_image, pillow_pixels, plain_jpeg_pixels
+from inference.imaging import decode_image, pillow_open, pillow_pixels, plain_jpeg_size
 
 SIZE = (32, 32)  # the CIFAR models' input (H, W)
 
 
 def pillow_only(data: bytes) -> np.ndarray:
-    return pillow_pixels(open_image(data).image, SIZE)
+    return pillow_pixels(pillow_open(data), SIZE)
 
 
 def upscaled(blobs: list[bytes], side: int = 256) -> list[bytes]:
@@ -50,7 +50,7 @@ def cpu_us_per_image(decode, blobs: list[bytes]) -> float:
 
 def run(args: argparse.Namespace) -> str:
     blobs = read_test_jpegs(args.data, args.limit)
-    fast = sum(plain_jpeg_pixels(open_image(data)) is not None for data in blobs)
+    fast = sum(plain_jpeg_size(data) is not None for data in blobs)
     equal = sum(np.array_equal(decode_image(data, SIZE), pillow_only(data)) for data in blobs)
     samples = {"as stored (32x32)": blobs[: args.timed], "re-encoded at 256x256": upscaled(blobs[: args.timed // 4])}
     rows = []

@@ -2,7 +2,8 @@
 
 `bentoml serve benchmarks.noop_service:NoopClassifier`: the same server settings and Starlette mount as
 service.service (one worker), the multipart body read and parsed, no decode and no model; it answers a fixed
-prediction of the same shape as /classify's default answer (top 5).
+prediction of the same shape as /classify's default answer (top 5). BentoML's defaults otherwise, unless
+VISIONSERVE_NOOP_GC_SETTINGS=1 applies the service's garbage-collector settings too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from service import gc_settings
 
 FIXED_ANSWER = {
     "model": "noop",
@@ -38,4 +41,9 @@ app = Starlette(routes=[Route("/classify", classify, methods=["POST"])])
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(name="visionserve-noop", workers=int(os.environ.get("VISIONSERVE_WORKERS", "1")))
 class NoopClassifier:
-    pass
+    @bentoml.on_startup
+    def settle_garbage_collector(self) -> None:
+        # With VISIONSERVE_NOOP_GC_SETTINGS=1, the garbage-collector settings that the real service applies once
+        # warmed up: the framework's floor with them, for the load test.
+        if os.environ.get("VISIONSERVE_NOOP_GC_SETTINGS") == "1":
+            gc_settings.settle()

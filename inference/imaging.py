@@ -10,11 +10,11 @@ Policy (documented in the README):
 - Size: the image is scaled so that it covers the model's (H, W) and centre-cropped (aspect ratio kept),
   with bilinear filtering (antialiased when shrinking). An image already of size (H, W) is untouched.
 
-Decoding: Pillow reads every header and applies the policy. The common JPEG (YCbCr or grayscale, no EXIF
-rotation) is then decoded by simplejpeg, which calls the same libjpeg-turbo with the same settings without
-Pillow's Python-level work: the same pixels (tested; equal on all 10,000 CIFAR-10 test JPEGs) in about a third of
-the time for small images, which matters where decoding is most of the work (the service's event loop, batch
-scoring of small images). Anything libjpeg-turbo only warns about is left to Pillow, which decides as before.
+Decoding: the common JPEG (YCbCr or grayscale, no EXIF block, so no rotation, and no MPF block, which Pillow
+reads as MPO) is read and decoded by simplejpeg, which calls the same libjpeg-turbo with the same settings as
+Pillow without Pillow's Python-level work: the same pixels (tested; equal on all 10,000 CIFAR-10 test JPEGs) in
+a fraction of the time, which matters where decoding is most of the work (the service's event loop, batch scoring
+of small images). Pillow reads and decodes everything else, and any JPEG that libjpeg-turbo warns about.
 """
 
 from __future__ import annotations
@@ -25,21 +25,27 @@ from typing import NamedTuple
 
 import numpy as np
 import simplejpeg
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to 120 MB of RGB
+JPEG_START = b"\xff\xd8\xff"  # start-of-image marker, then the first segment's marker
+EXIF_ID = b"Exif\x00\x00"  # opens an EXIF block (APP1): the orientation lives there
+MPF_ID = b"MPF\x00"  # opens a multi-picture block (APP2): Pillow reads such files as MPO
+PLAIN_JPEG_COLORSPACES = ("YCbCr", "Gray")  # simplejpeg's names; CMYK, YCCK and RGB JPEGs go to Pillow
 
 
 class OpenedImage(NamedTuple):
-    """An image whose header passed the checks (open_image), not decoded yet, with the bytes it came from."""
+    """An image whose header passed the checks (open_image), not decoded yet."""
 
-    image: Image.Image
     data: bytes
+    width: int
+    height: int
+    image: Image.Image | None  # Pillow's, or None for a plain JPEG that simplejpeg decodes
 
     @property
     def pixel_count(self) -> int:
-        return self.image.width * self.image.height
+        return self.width * self.height
 
 
 class ImageDecodeError(ValueError):
@@ -64,6 +70,37 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> OpenedIm
     """Read and check the header only (format, pixel count); nothing is decoded yet. Finish with to_pixels."""
     if not data:
         raise ImageDecodeError("empty", "the image is empty (0 bytes)")
+    size = plain_jpeg_size(data)
+    if size is None:
+        image = pillow_open(data)
+        size = image.size
+    else:
+        image = None
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            "too_large", f"the image has {width}x{height} pixels, more than the limit of {max_pixels}"
+        )
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:  # what Pillow's open refuses
+        raise ImageDecodeError("too_large", "the image header declares too many pixels")
+    return OpenedImage(data, width, height, image)
+
+
+def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that simplejpeg decodes to exactly Pillow's pixels: YCbCr or grayscale, no EXIF
+    block (so no rotation to apply) and no MPF block, and a header libjpeg-turbo reads without a warning. None for
+    anything else, which Pillow opens."""
+    if not data.startswith(JPEG_START) or EXIF_ID in data or MPF_ID in data:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data, strict=True)
+    except ValueError:
+        return None
+    return (width, height) if colorspace in PLAIN_JPEG_COLORSPACES else None
+
+
+def pillow_open(data: bytes) -> Image.Image:
+    """Pillow's reading of the header, its errors as ImageDecodeError, and the format checked."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -79,25 +116,27 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> OpenedIm
             "unsupported_format",
             f"image format {image.format} is not accepted; send one of {sorted(ACCEPTED_FORMATS)}",
         )
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            "too_large", f"the image has {width}x{height} pixels, more than the limit of {max_pixels}"
-        )
-    return OpenedImage(image, data)
+    return image
 
 
 def to_pixels(opened: OpenedImage, size: tuple[int, int]) -> np.ndarray:
     """An image from open_image -> (H, W, 3) uint8: decoded, EXIF-oriented, converted to RGB, resized."""
-    pixels = plain_jpeg_pixels(opened)
-    if pixels is None:
+    if opened.image is not None:
         return pillow_pixels(opened.image, size)
+    try:
+        # strict: libjpeg-turbo's warnings (corrupt or truncated data) raise instead of decoding on.
+        pixels = simplejpeg.decode_jpeg(opened.data, colorspace="RGB", strict=True)
+    except ValueError:  # damaged data: Pillow decides, as for any other image (it decodes some, refuses others)
+        image = pillow_open(opened.data)
+        if image.size != (opened.width, opened.height):  # a crafted file read two ways: trust neither
+            raise ImageDecodeError("corrupt", "the JPEG's headers disagree on its size") from None
+        return pillow_pixels(image, size)
     height, width = size
     return pixels if pixels.shape[:2] == (height, width) else resize_to(Image.fromarray(pixels), size)
 
 
 def pillow_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """to_pixels by Pillow alone: any accepted image, decoded, EXIF-oriented, converted to RGB, resized."""
+    """to_pixels by Pillow alone: an image from pillow_open, decoded, EXIF-oriented, converted to RGB, resized."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -109,25 +148,6 @@ def pillow_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
         except (OSError, SyntaxError, ValueError) as exc:  # Pillow's ways of saying truncated or corrupt
             raise ImageDecodeError("corrupt", f"the image is truncated or corrupt: {exc}") from None
     return resize_to(rgb, size)
-
-
-def plain_jpeg_pixels(opened: OpenedImage) -> np.ndarray | None:
-    """(h, w, 3) uint8 RGB at the image's own size, decoded by simplejpeg, for a YCbCr or grayscale JPEG without an
-    EXIF rotation; None for anything else (CMYK, rotated, or damaged enough that libjpeg-turbo warns), which
-    pillow_pixels decodes."""
-    image = opened.image
-    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
-        return None
-    try:
-        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-            return None
-    except Exception:  # malformed EXIF in a hostile file: Pillow's path reports it as it always has
-        return None
-    try:
-        # strict: libjpeg-turbo's warnings (corrupt or truncated data) raise instead of decoding on.
-        return simplejpeg.decode_jpeg(opened.data, colorspace="RGB", strict=True)
-    except ValueError:
-        return None
 
 
 def resize_to(image: Image.Image, size: tuple[int, int]) -> np.ndarray:

@@ -7,7 +7,6 @@ runtime directly, so every inference path goes through the same batching, limits
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from inference.imaging import ImageDecodeError, OpenedImage, open_image, to_pixels
 from inference.package import ModelPackage, load_package
 from inference.runtime import Predictor
+from service import gc_settings
 from service.batcher import Batcher
 from service.errors import ApiError
 from service.metrics import service_metrics
@@ -109,11 +109,7 @@ class Classifier:
             log.exception("model warm-up failed; the service stays unready")
             return
         self._warmed_up = True
-        # What is alive now (modules, the framework, the session) lives as long as the server: move it out of the
-        # cyclic garbage collector's reach. Its full collections of those objects stalled requests for about
-        # 100 ms (small CNN, 8 clients, probes side by side: p99 107-121 ms before, 28-31 ms after).
-        gc.collect()
-        gc.freeze()
+        gc_settings.settle()  # freeze what is alive now, and let each request's garbage die young
         log.info(
             "model %s %s ready: backend=%s provider=%s device=%s",
             self.package.name,

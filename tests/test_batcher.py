@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 
 import numpy as np
@@ -170,6 +171,32 @@ def test_past_its_deadline_a_request_gets_504_and_is_never_run():
     model, late = run(scenario)
     assert (late.status, late.code) == (504, "deadline_exceeded")
     assert model.batches == [[1], [2]]
+
+
+def test_a_split_request_past_its_deadline_leaves_no_unretrieved_failures():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        reported = []
+        loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+        gate = threading.Event()
+        model = EchoModel(gate)
+        batcher = Batcher(model, max_batch_size=1, max_latency_ms=0, max_queue=10)
+        batcher.start()
+        with pytest.raises(ApiError) as late:  # three parts; the first one runs past the deadline
+            await batcher.submit(tagged(1, count=3), await deadline_in(0.05))
+        code = late.value.code
+        del late  # its traceback holds the request's parts
+        gate.set()
+        await batcher.submit(tagged(7), await deadline_in(10))
+        await batcher.stop()
+        gc.collect()  # an unretrieved exception is reported when its future is collected
+        await asyncio.sleep(0)
+        return model, code, reported
+
+    model, code, reported = run(scenario)
+    assert code == "deadline_exceeded"
+    assert model.batches == [[1], [7]]  # the parts that had not started were skipped
+    assert reported == []
 
 
 def test_a_failing_batch_fails_only_its_requests():

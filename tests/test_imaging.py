@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.imaging import ImageDecodeError, decode_image, encode_png, open_image, pillow_pixels, plain_jpeg_pixels
+from inference.imaging import ImageDecodeError, decode_image, encode_png, open_image, pillow_pixels, plain_jpeg_size
 
 
 def encode(image: Image.Image, fmt: str, **save_args) -> bytes:
@@ -151,7 +151,7 @@ def noise_image(mode: str, size=(33, 17)) -> Image.Image:
 @pytest.mark.parametrize("size", [(17, 33), (8, 8)])  # the image's own (H, W), and a resize
 def test_plain_jpegs_take_the_fast_decoder_and_give_pillows_pixels(mode, save_args, size):
     data = encode(noise_image(mode), "JPEG", **save_args)
-    assert plain_jpeg_pixels(open_image(data)) is not None  # simplejpeg decoded it
+    assert plain_jpeg_size(data) == (33, 17) and open_image(data).image is None  # simplejpeg's path
     expected = pillow_pixels(Image.open(io.BytesIO(data)), size)
     assert np.array_equal(decode_image(data, size), expected)
 
@@ -172,14 +172,24 @@ def damaged_jpeg() -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize(
-    "data",
-    [rotated_jpeg(), encode(noise_image("CMYK"), "JPEG"), damaged_jpeg()],
-    ids=["exif-rotated", "cmyk", "damaged"],
-)
+@pytest.mark.parametrize("data", [rotated_jpeg(), encode(noise_image("CMYK"), "JPEG")], ids=["exif-rotated", "cmyk"])
 def test_other_jpegs_are_left_to_pillow(data):
-    assert plain_jpeg_pixels(open_image(data)) is None
+    assert plain_jpeg_size(data) is None and open_image(data).image is not None
     assert np.array_equal(decode_image(data, (16, 16)), pillow_pixels(Image.open(io.BytesIO(data)), (16, 16)))
+
+
+def test_damaged_plain_jpeg_is_decoded_as_pillow_decodes_it():
+    data = damaged_jpeg()
+    assert plain_jpeg_size(data) is not None  # its header is fine; libjpeg-turbo warns on its data
+    assert np.array_equal(decode_image(data, (16, 16)), pillow_pixels(Image.open(io.BytesIO(data)), (16, 16)))
+
+
+def test_plain_jpeg_pixel_limit_is_checked_from_the_header():
+    data = encode(noise_image("RGB", (100, 100)), "JPEG")
+    assert plain_jpeg_size(data) == (100, 100)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data, (32, 32), max_pixels=9_999)
+    assert err.value.reason == "too_large"
 
 
 def test_exif_rotated_jpeg_is_turned_upright():
