@@ -26,7 +26,7 @@ from service.settings import ServiceSettings
 log = logging.getLogger(__name__)
 
 # Requests whose images' headers declare at most this many pixels in total are decoded on the event loop (a
-# 32x32 JPEG takes about 0.05 ms here, benchmarks/results/decode.md; a thread hop took about 0.1 ms); more goes
+# 32x32 JPEG takes about 0.02 ms here, benchmarks/results/decode.md; a thread hop took about 0.1 ms); more goes
 # to the decode threads.
 INLINE_DECODE_MAX_PIXELS = 128 * 128
 
