@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -521,11 +522,21 @@ def write_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
-def write_report(out: Path, results: dict, report: str) -> None:
-    """The markdown report at `out` and its figures as JSON beside it, each written atomically."""
-    write_atomic(out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
-    write_atomic(out, report)
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+def run_and_report(
+    run: Callable[[argparse.Namespace], dict], markdown: Callable[[dict], str], args: argparse.Namespace
+) -> int:
+    """A benchmark's main: `run(args)`, then its markdown report at args.out and the figures as JSON beside it,
+    each written atomically; exit status 1 with a one-line error if the run fails (a server that would not start,
+    wrk failing, an unreadable archive)."""
+    try:
+        results = run(args)
+    except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    write_atomic(args.out, markdown(results))
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    return 0
 
 
 def round_ratios(pairs: list[dict]) -> str:
@@ -681,13 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.resnet_package and not args.resnet_run:
         print("note: no --resnet-run given: the naive eager baseline is skipped", file=sys.stderr)
-    try:
-        results = run(args)
-    except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    write_report(args.out, results, markdown(results))
-    return 0
+    return run_and_report(run, markdown, args)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -44,8 +43,8 @@ from benchmarks.load_test import (
     describe_spec,
     machine,
     read_test_jpegs,
+    run_and_report,
     write_image_files,
-    write_report,
     wrk_closed_loop,
 )
 from benchmarks.raw_engine import best, measure_engine
@@ -231,13 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (package / "manifest.json").is_file():
             print(f"error: {package} is not a model package (no manifest.json)", file=sys.stderr)
             return 2
-    try:
-        results = run(args)
-    except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    write_report(args.out, results, markdown(results))
-    return 0
+    return run_and_report(run, markdown, args)
 
 
 if __name__ == "__main__":
