@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import platform
@@ -54,6 +55,7 @@ NOOP_SERVICE = "benchmarks.noop_service:NoopClassifier"
 NOOP_GC_SETTINGS = "VISIONSERVE_NOOP_GC_SETTINGS"  # =1: the no-op applies service/gc_settings.py after start-up
 WRK_SCRIPT = REPO / "benchmarks" / "wrk_classify.lua"
 NAIVE_SERVICE = "benchmarks.naive_service:NaiveClassifier"
+ENGINE_CALLS = (1, 2)  # the raw engine as one call, and as two side by side (VISIONSERVE_MODEL_INSTANCES=2)
 CLIENTS = {
     "wrk": "wrk (C, one thread; benchmarks/wrk_classify.lua)",
     "python": "this script's aiohttp workers",
@@ -355,17 +357,27 @@ def best_rate(phases: list[Phase]) -> float:
     return best_phase(phases).requests_per_second
 
 
+def resnet_name(model_instances: int) -> str:
+    """Server names: "resnet18" with one model instance, "resnet18-2i" with two."""
+    return "resnet18" if model_instances == 1 else f"resnet18-{model_instances}i"
+
+
+def resnet_comparison(model_instances: int) -> str:
+    """The key of a ResNet-18 server's rounds against the raw engine."""
+    return f"{resnet_name(model_instances).replace('-', '_')}_vs_raw_engine"
+
+
 def worker_suffix(workers: int) -> str:
     """Server names: "noop" and "small-cnn" with one worker, "noop-2w" and "small-cnn-2w" with two."""
     return "" if workers == 1 else f"-{workers}w"
 
 
 def run(args: argparse.Namespace) -> dict:
-    from benchmarks.raw_engine import best, measure_engine
-    from inference.runtime import Predictor
+    from benchmarks.raw_engine import best, engine_predictor, measure_engine
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     small_workers = [int(w) for w in args.small_workers.split(",")]
+    resnet_instances = [int(n) for n in args.resnet_instances.split(",")]
     # Fewer images in the export's accuracy check: these packages only carry load.
     small_package = (
         args.small_package
@@ -391,6 +403,7 @@ def run(args: argparse.Namespace) -> dict:
             "images": len(images),
             "client": args.client,
             "small_workers": small_workers,
+            "resnet_instances": resnet_instances,
             "rounds": args.rounds,
             "overload_queue": args.overload_queue,
             "overload_concurrency": args.overload_concurrency,
@@ -403,16 +416,22 @@ def run(args: argparse.Namespace) -> dict:
         "phases": [],
     }
 
-    # The raw engine at every batch size with no server running, right before and right after the ResNet's server
-    # (reported); the best batch size before it is the one the paired rounds measure.
+    # The raw engine at every batch size with no server running, right before and right after the ResNet's servers
+    # (reported), as one call with every core's thread and as two calls side by side with one each (how
+    # VISIONSERVE_MODEL_INSTANCES=2 runs it); the best batch size of each before them is what the rounds measure.
     engine_pixels = decode_all(images[:512], tuple(describe_spec(resnet_package)["input_size"]))
-    engine_runs: list[list] = []
+    engine_runs: list[dict[int, list]] = []
 
     def measure_raw_engine() -> None:
-        predictor = Predictor.from_path(resnet_package, device="cpu")
-        run = measure_engine(predictor, engine_pixels, seconds=args.engine_seconds)
-        engine_runs.append(run)
-        figures = [{"batch_size": r.batch_size, "images_per_second": round(r.images_per_second, 1)} for r in run]
+        runs = {}
+        for calls in ENGINE_CALLS:
+            predictor = engine_predictor(resnet_package, calls)
+            runs[calls] = measure_engine(predictor, engine_pixels, seconds=args.engine_seconds, calls=calls)
+        engine_runs.append(runs)
+        figures = {
+            str(calls): [{"batch_size": r.batch_size, "images_per_second": round(r.images_per_second, 1)} for r in run]
+            for calls, run in runs.items()
+        }
         results["raw_engine"].append(figures)
         print(f"[raw-engine] {figures}", flush=True)
 
@@ -459,22 +478,46 @@ def run(args: argparse.Namespace) -> dict:
             rounds[f"small_cnn_vs_noop_gc{suffix}"] = pairs_gc
 
     measure_raw_engine()
-    with BentoServer(SERVICE, model_env(resnet_package), LOGS, "resnet18") as server:
-        record_and_sweep(server)
-        best_c, batch = best_phase(sweeps[server.name]).concurrency, best(engine_runs[0]).batch_size
-        predictor = Predictor.from_path(resnet_package, device="cpu")  # in this process; the server idles meanwhile
-        pairs = []
+    resnet_names = {n: resnet_name(n) for n in resnet_instances}
+    with contextlib.ExitStack() as stack:
+        servers = [
+            stack.enter_context(
+                BentoServer(SERVICE, model_env(resnet_package, VISIONSERVE_MODEL_INSTANCES=str(n)), LOGS, name)
+            )
+            for n, name in resnet_names.items()
+        ]
+        for server in servers:
+            record_and_sweep(server)
+        best_c = {server.name: best_phase(sweeps[server.name]).concurrency for server in servers}
+        engines = {  # in this process; the servers idle meanwhile
+            calls: (engine_predictor(resnet_package, calls), best(engine_runs[0][calls]).batch_size)
+            for calls in ENGINE_CALLS
+        }
+        pairs: dict[str, list] = {server.name: [] for server in servers}
         for _ in range(args.rounds):
-            [engine] = measure_engine(predictor, engine_pixels, (batch,), seconds=args.engine_seconds)
-            served, limit = closed(server, best_c).requests_per_second, engine.images_per_second
-            pairs.append({"engine_ips": round(limit, 1), "service_rps": served, "ratio": round(served / limit, 3)})
-            print(f"[resnet18 vs raw engine @ {batch}] {served} / {limit:.1f} = {served / limit:.1%}", flush=True)
-        rounds["resnet18_vs_raw_engine"] = pairs
-        del predictor
-        rate = 0.8 * best_rate(sweeps[server.name])
-        phase = asyncio.run(open_loop(server.name, f"{server.url}/classify", images, rate, args.duration, args.warmup))
-        print(f"[{server.name}] open loop at {rate:.0f} req/s: statuses {phase.statuses} p99 {phase.p99_ms} ms")
-        sweeps[server.name].append(phase)
+            limits = {
+                calls: measure_engine(predictor, engine_pixels, (batch,), args.engine_seconds, calls)[0]
+                for calls, (predictor, batch) in engines.items()
+            }
+            limit = max(result.images_per_second for result in limits.values())  # the machine's limit this round
+            for server in servers:
+                served = closed(server, best_c[server.name]).requests_per_second
+                pairs[server.name].append({
+                    "engine_ips": {str(calls): round(r.images_per_second, 1) for calls, r in limits.items()},
+                    "service_rps": served,
+                    "ratio": round(served / limit, 3),
+                })  # fmt: skip
+                print(f"[{server.name} vs raw engine] {served} / {limit:.1f} = {served / limit:.1%}", flush=True)
+        for n, name in resnet_names.items():
+            rounds[resnet_comparison(n)] = pairs[name]
+        del engines
+        for server in servers:
+            rate = 0.8 * best_rate(sweeps[server.name])
+            phase = asyncio.run(
+                open_loop(server.name, f"{server.url}/classify", images, rate, args.duration, args.warmup)
+            )
+            print(f"[{server.name}] open loop at {rate:.0f} req/s: statuses {phase.statuses} p99 {phase.p99_ms} ms")
+            sweeps[server.name].append(phase)
     measure_raw_engine()
     if resnet_run:
         with BentoServer(NAIVE_SERVICE, {"VISIONSERVE_NAIVE_RUN": str(resnet_run)}, LOGS, "resnet18-naive") as server:
@@ -506,9 +549,11 @@ def run(args: argparse.Namespace) -> dict:
         results["phases"].extend(asdict(p) for p in overload)
 
     results["comparisons"] = {name: statistics.median(p["ratio"] for p in pairs) for name, pairs in rounds.items()}
-    results["comparisons"]["raw_engine_best_batch"] = best(engine_runs[0]).batch_size
+    results["comparisons"]["raw_engine_best_batch"] = {
+        str(calls): best(run).batch_size for calls, run in engine_runs[0].items()
+    }
     if "resnet18-naive" in sweeps:
-        resnet = best_rate(sweeps["resnet18"][:-1])
+        resnet = max(best_rate(sweeps[name][:-1]) for name in resnet_names.values())  # [:-1]: not the open loop
         results["comparisons"]["resnet18_vs_naive"] = round(resnet / best_rate(sweeps["resnet18-naive"]), 2)
     results["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     return results
@@ -545,6 +590,9 @@ def round_ratios(pairs: list[dict]) -> str:
 
 def markdown(results: dict) -> str:
     m, s, c, r = results["machine"], results["settings"], results["comparisons"], results["rounds"]
+    engine_batches = ", ".join(
+        f"{batch} for {calls} call{'s' * (calls != '1')}" for calls, batch in c["raw_engine_best_batch"].items()
+    )
     lines = [
         "# Service load benchmark",
         "",
@@ -584,9 +632,13 @@ def markdown(results: dict) -> str:
             f"({round_ratios(r['small_cnn_vs_noop_gc' + worker_suffix(w)])})"
             for w in s["small_workers"]
         ),
-        f"- ResNet-18 /classify vs the raw ONNX Runtime session at its best batch size ({c['raw_engine_best_batch']}): "
-        f"**{c['resnet18_vs_raw_engine']:.1%}** of its images/s ({round_ratios(r['resnet18_vs_raw_engine'])}; "
-        "target >= 80%)",
+        *(
+            f"- ResNet-18 /classify with {n} model instance{'s' * (n > 1)} (`VISIONSERVE_MODEL_INSTANCES={n}`) vs the "
+            "raw ONNX Runtime session, the faster of one call and two side by side at their best batch sizes "
+            f"({engine_batches}): **{c[resnet_comparison(n)]:.1%}** of its images/s "
+            f"({round_ratios(r[resnet_comparison(n)])}; target >= 80%)"
+            for n in s["resnet_instances"]
+        ),
     ]
     if "resnet18_vs_naive" in c:
         lines.append(
@@ -601,19 +653,20 @@ def markdown(results: dict) -> str:
     ]
     lines += [f"| {name} | {seconds} |" for name, seconds in results["ready_seconds"].items()]
     before, after = results["raw_engine"]
+    calls = list(before)
     lines += [
         "",
         "## Raw ONNX Runtime session (ResNet-18, in-process, no HTTP, no decoding)",
         "",
-        "Measured right before and right after the ResNet-18 server ran; the paired rounds use the best batch size before.",
+        "Measured right before and right after the ResNet-18 servers ran, as one call with a thread per core and as two "
+        "calls side by side with half the threads each; the paired rounds use each one's best batch size before.",
         "",
-        "| batch | images/s before | images/s after |",
-        "|---:|---:|---:|",
+        "| batch | " + " | ".join(f"{n} call{'s' * (n != '1')}: images/s before | after" for n in calls) + " |",
+        "|---:|" + "---:|---:|" * len(calls),
     ]
-    lines += [
-        f"| {b['batch_size']} | {b['images_per_second']} | {a['images_per_second']} |"
-        for b, a in zip(before, after, strict=True)
-    ]
+    for row, batch in enumerate(before[calls[0]]):
+        cells = [f"{before[n][row]['images_per_second']} | {after[n][row]['images_per_second']}" for n in calls]
+        lines.append(f"| {batch['batch_size']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Phases",
@@ -671,6 +724,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(CLIENTS),
         default="wrk" if shutil.which("wrk") else "python",
         help="closed-loop load generator (default: wrk when installed: apt-get install wrk)",
+    )
+    parser.add_argument(
+        "--resnet-instances",
+        default="1,2",
+        help="comma-separated VISIONSERVE_MODEL_INSTANCES values, one ResNet-18 server each",
     )
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per phase")
     parser.add_argument("--rounds", type=int, default=3, help="paired rounds per comparison; the median ratio counts")

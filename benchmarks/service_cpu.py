@@ -3,8 +3,9 @@
     python -m benchmarks.service_cpu --small-package PKG --resnet-package PKG [--concurrency 32] [--rounds 5]
 
 The load test (load_test.py) says how fast each server is; this says why it is not faster. The no-op, the small
-CNN and the ResNet-18 servers take turns under the same closed-loop wrk load, round after round, with the raw
-engine (ResNet-18's ONNX Runtime session in this process, no server busy) measured in each round too. Per phase
+CNN and the ResNet-18 servers (one model instance, and two: resnet18-2i) take turns under the same closed-loop
+wrk load, round after round, with the raw engine (ResNet-18's ONNX Runtime session in this process, no server
+busy) measured in each round too. Per phase
 it reads, from /proc through psutil, the CPU time of every thread of the server's processes over the measured
 window, split into the event loops (each process's main thread: HTTP, parsing, decoding, JSON) and the rest
 (the model thread, ONNX Runtime's pool, decode threads), and wrk's CPU time (its rusage). Also measured: the
@@ -134,6 +135,12 @@ def run(args: argparse.Namespace) -> dict:
         "noop": BentoServer(NOOP_SERVICE, {}, LOGS, "cpu-noop"),
         "small-cnn": BentoServer(SERVICE, {**env, "VISIONSERVE_MODEL": str(args.small_package)}, LOGS, "cpu-small"),
         "resnet18": BentoServer(SERVICE, {**env, "VISIONSERVE_MODEL": str(args.resnet_package)}, LOGS, "cpu-resnet"),
+        "resnet18-2i": BentoServer(
+            SERVICE,
+            {**env, "VISIONSERVE_MODEL": str(args.resnet_package), "VISIONSERVE_MODEL_INSTANCES": "2"},
+            LOGS,
+            "cpu-resnet-2i",
+        ),
     }
     predictor = Predictor.from_path(args.resnet_package, device="cpu")
     try:
@@ -178,7 +185,7 @@ def markdown(results: dict) -> str:
         "| event loop ms/request | server ms/request |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in ("noop", "small-cnn", "resnet18"):
+    for name in servers(rounds):
         figures = {
             key: median(rounds, (name, key))
             for key in ("requests_per_second", "loop_cores", "other_cores", "wrk_cores", "loop_ms_per_request",
@@ -193,8 +200,6 @@ def markdown(results: dict) -> str:
     engine = median(rounds, ("engine_images_per_second",))
     noop_ms = median(rounds, ("noop", "loop_ms_per_request"))
     small_vs_noop = [r["small-cnn"]["requests_per_second"] / r["noop"]["requests_per_second"] for r in rounds]
-    resnet_vs_engine = [r["resnet18"]["requests_per_second"] / r["engine_images_per_second"] for r in rounds]
-    resnet_ceiling = [(cores - r["resnet18"]["loop_cores"] - r["resnet18"]["wrk_cores"]) / cores for r in rounds]
     lines += [
         "",
         f"Raw engine (ResNet-18, this process, best of batch {', '.join(map(str, ENGINE_BATCH_SIZES))}): "
@@ -205,12 +210,24 @@ def markdown(results: dict) -> str:
         f"- small CNN vs no-op: measured {statistics.median(small_vs_noop):.1%} "
         f"({', '.join(f'{x:.0%}' for x in small_vs_noop)}); ceiling from decoding alone on the event loop: "
         f"{noop_ms:.3f} / ({noop_ms:.3f} + {decode:.3f}) = **{noop_ms / (noop_ms + decode):.1%}** (target 90%).",
-        f"- ResNet-18 vs the raw engine: measured {statistics.median(resnet_vs_engine):.1%} "
-        f"({', '.join(f'{x:.0%}' for x in resnet_vs_engine)}); ceiling (cores - event loop - wrk) / cores: "
-        f"**{statistics.median(resnet_ceiling):.1%}** ({', '.join(f'{x:.0%}' for x in resnet_ceiling)}; target 80%).",
-        "",
     ]
+    for name in servers(rounds):
+        if not name.startswith("resnet18"):
+            continue
+        vs_engine = [r[name]["requests_per_second"] / r["engine_images_per_second"] for r in rounds]
+        ceiling = [(cores - r[name]["loop_cores"] - r[name]["wrk_cores"]) / cores for r in rounds]
+        lines.append(
+            f"- {name} vs the raw engine: measured {statistics.median(vs_engine):.1%} "
+            f"({', '.join(f'{x:.0%}' for x in vs_engine)}); ceiling (cores - event loop - wrk) / cores: "
+            f"**{statistics.median(ceiling):.1%}** ({', '.join(f'{x:.0%}' for x in ceiling)}; target 80%)."
+        )
+    lines.append("")
     return "\n".join(lines)
+
+
+def servers(rounds: list[dict]) -> list[str]:
+    """The servers measured, in the order they ran (resnet18-2i: VISIONSERVE_MODEL_INSTANCES=2)."""
+    return [name for name in rounds[0] if not name.startswith("engine_")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,17 @@
 """In-process adaptive batching: concurrent requests' images are joined into one model call and split back.
 
-One consumer task per event loop takes everything queued (up to `max_batch_size` images), runs the model in a
-single dedicated thread (the loop keeps serving HTTP meanwhile) and hands each request exactly its own rows back.
-Greedy: an idle model takes a lone request at once; under load, requests pile up while a batch runs, so the
-next batch is bigger. It waits for more only while requests are known to be on their way (being decoded) and
-the oldest queued image is younger than `max_latency_ms`.
+The model runs in dedicated threads (the event loop keeps serving HTTP meanwhile), at most `model_instances` calls
+at a time; each request gets exactly its own rows back. Batches are started by events, not by a consumer task: a
+request's arrival, a finished model call, a finished decode or the end of a wait. So an idle model takes a lone
+request at once, and under load requests pile up while a batch runs and the next batch is bigger. A free model
+instance waits for more, up to `max_latency_ms` after the oldest queued image arrived, only while that is worth it:
+requests are being decoded (known to be on their way), or another call keeps the cores busy meanwhile.
+
+Why events and not a consumer task waiting on an asyncio.Event: a waiting task is woken at the back of the event
+loop's queue of ready callbacks. When a batch's answers go out, its clients' next requests arrive together and
+are all parsed before such a task runs, so the model sat idle through the whole burst (the CIFAR ResNet-18 at 32
+clients: idle ~19% of the time, batches of ~29; probe in benchmarks/results/service_load.md). Started from
+`submit`, a batch begins with the burst's first request and the rest are parsed while it runs.
 
 Overload is refused, not absorbed: past `max_queue` waiting images a request fails at once with 503 and
 Retry-After; a request past its deadline fails with 504, and is skipped if its batch has not started.
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -45,8 +53,10 @@ class Batcher:
         max_batch_size: int,
         max_latency_ms: float,
         max_queue: int,
+        model_instances: int = 1,
     ) -> None:
-        self.predict = predict  # (N, H, W, 3) uint8 -> (N, C) float32; called in one thread only
+        self.predict = predict  # (N, H, W, 3) uint8 -> (N, C) float32; thread-safe when model_instances > 1
+        self.model_instances = model_instances  # model calls that may run at once
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_ms / 1000
         self.max_queue = max_queue
@@ -54,39 +64,37 @@ class Batcher:
         self.queued_images = 0
         self._queue: collections.deque[_Item] = collections.deque()
         self._incoming = 0  # requests being decoded: images that will arrive soon
-        self._changed: asyncio.Event | None = None  # set on a new item or a finished decode
-        self._task: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None  # the model's threads; None when not running
+        self._calls = 0  # model calls in flight
+        self._wait_timer: asyncio.TimerHandle | None = None  # ends a wait for images being decoded
         self._seconds_per_image = 0.0  # running estimate, for Retry-After
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._executor is not None
 
     def start(self) -> None:
-        """Start the consumer on the running event loop (BentoML's startup hook, or a test's loop)."""
+        """Start batching on the running event loop (BentoML's startup hook, or a test's loop)."""
         if self.running:
             return
-        self._changed = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._task = asyncio.get_running_loop().create_task(self._consume(), name="batcher")
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(max_workers=self.model_instances, thread_name_prefix="model")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """Refuse what is queued (503); a model call in flight still answers its requests."""
+        executor, self._executor = self._executor, None
+        self._cancel_wait()
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():
                 item.future.set_exception(ApiError(503, "shutting_down", "the service is shutting down"))
         self.queued_images = 0
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def incoming(self) -> _Incoming:
-        """`with batcher.incoming(): decode...`: tells the consumer that images are on their way, worth waiting for."""
+        """`with batcher.incoming(): decode...`: tells the batcher that images are on their way, worth waiting for."""
         return _Incoming(self)
 
     async def submit(self, pixels: np.ndarray, deadline: float) -> np.ndarray:
@@ -103,7 +111,7 @@ class Batcher:
         ]
         self._queue.extend(items)
         self.queued_images += count
-        self._changed.set()
+        self._dispatch()
         # A timer that fails the items at the deadline: cheaper per request than asyncio.wait_for + gather, which
         # wrap the futures in two more (this runs on the event loop, the service's limit for small models).
         timer = loop.call_at(deadline, self._expire, items)
@@ -111,7 +119,7 @@ class Batcher:
             parts = [await item.future for item in items]
         finally:
             timer.cancel()
-            # After the deadline or a failed part: the consumer skips whatever has not started. (cancel() on a part
+            # After the deadline or a failed part: the batcher skips whatever has not started. (cancel() on a part
             # that already failed also tells asyncio not to log its exception as never retrieved.)
             for item in items:
                 item.future.cancel()
@@ -143,63 +151,86 @@ class Batcher:
     def _deadline_error(self) -> ApiError:
         return ApiError(504, "deadline_exceeded", "the request was not answered within its deadline")
 
-    async def _consume(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._collect(loop)
-            if batch:
-                await self._run(loop, batch)
+    def _dispatch(self, *, waited: bool = False) -> None:
+        """Start a model call on what is queued, unless every model instance is busy or a fuller batch is worth
+        waiting for (`waited`: that wait is over)."""
+        if self._calls >= self.model_instances or not self.running or not self._queue:
+            return
+        loop = self._loop
+        wait_until = self._queue[0].enqueued + self.max_latency_s
+        # Images being decoded will arrive soon; a call in flight keeps the cores busy while a free instance waits
+        # for a fuller batch (small batches cost more per image).
+        worth_waiting = self._incoming or self._calls > 0
+        if not waited and worth_waiting and self.queued_images < self.max_batch_size and loop.time() < wait_until:
+            if self._wait_timer is None:
+                self._wait_timer = loop.call_at(wait_until, self._end_wait)
+            return
+        self._cancel_wait()
+        batch = self._take_batch(loop.time())
+        if not batch:
+            return
+        pixels = batch[0].pixels if len(batch) == 1 else np.concatenate([item.pixels for item in batch])
+        self._calls += 1
+        started = loop.time()
+        call = self._executor.submit(self.predict, pixels)
+        # The answer comes back in one hop (run_in_executor's asyncio future would take two loop iterations).
+        call.add_done_callback(lambda done: self._call_soon_threadsafe(self._finish, batch, started, done))
 
-    async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
-        while not self._queue:
-            self._changed.clear()
-            await self._changed.wait()
+    def _take_batch(self, now: float) -> list[_Item]:
+        """Everything queued that fits in one batch (greedy, in order); skips requests that are gone."""
         batch: list[_Item] = []
         size = 0
-        wait_until = self._queue[0].enqueued + self.max_latency_s
-        while True:
-            # Greedy: everything already queued that fits.
-            while self._queue and size + len(self._queue[0].pixels) <= self.max_batch_size:
-                item = self._queue.popleft()
-                self.queued_images -= len(item.pixels)
-                now = loop.time()
-                if item.future.done():  # its request timed out (cancelled) while queued
-                    continue
-                if now > item.deadline:
-                    item.future.set_exception(self._deadline_error())
-                    continue
-                self.metrics.queue_wait_seconds.observe(now - item.enqueued)
-                batch.append(item)
-                size += len(item.pixels)
-            full = size >= self.max_batch_size or bool(self._queue)  # the next item does not fit
-            remaining = wait_until - loop.time()
-            if full or not batch or self._incoming == 0 or remaining <= 0:
-                return batch
-            self._changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=remaining)
+        while self._queue and size + len(self._queue[0].pixels) <= self.max_batch_size:
+            item = self._queue.popleft()
+            self.queued_images -= len(item.pixels)
+            if item.future.done():  # its request timed out (cancelled) while queued
+                continue
+            if now > item.deadline:
+                item.future.set_exception(self._deadline_error())
+                continue
+            self.metrics.queue_wait_seconds.observe(now - item.enqueued)
+            batch.append(item)
+            size += len(item.pixels)
+        return batch
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
-        pixels = batch[0].pixels if len(batch) == 1 else np.concatenate([item.pixels for item in batch])
-        started = loop.time()
+    def _call_soon_threadsafe(self, callback, *args) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is waiting for the answer
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _finish(self, batch: list[_Item], started: float, call: concurrent.futures.Future) -> None:
+        """On the event loop: hand each request its rows (or the model's failure), then start the next batch."""
+        self._calls -= 1
         try:
-            probabilities = await loop.run_in_executor(self._executor, self.predict, pixels)
-        except Exception as exc:  # a model failure fails this batch's requests, not the consumer
-            log.exception("model call failed on a batch of %d images", len(pixels))
+            probabilities = call.result()
+        except Exception as exc:  # a model failure fails this batch's requests, not the batcher
+            log.error(
+                "model call failed on a batch of %d images", sum(len(item.pixels) for item in batch), exc_info=exc
+            )
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)
-            return
-        elapsed = loop.time() - started
-        self.metrics.inference_seconds.observe(elapsed)
-        self.metrics.batch_size.observe(len(pixels))
-        self._seconds_per_image = 0.9 * self._seconds_per_image + 0.1 * (elapsed / len(pixels))
-        offset = 0
-        for item in batch:  # rows come back in the order the images went in
-            rows = probabilities[offset : offset + len(item.pixels)]
-            offset += len(item.pixels)
-            if not item.future.done():  # done = cancelled by its deadline meanwhile
-                item.future.set_result(rows)
+        else:
+            elapsed = self._loop.time() - started
+            self.metrics.inference_seconds.observe(elapsed)
+            self.metrics.batch_size.observe(len(probabilities))
+            seconds_per_image = elapsed / len(probabilities) / self.model_instances  # calls run side by side
+            self._seconds_per_image = 0.9 * self._seconds_per_image + 0.1 * seconds_per_image
+            offset = 0
+            for item in batch:  # rows come back in the order the images went in
+                rows = probabilities[offset : offset + len(item.pixels)]
+                offset += len(item.pixels)
+                if not item.future.done():  # done = cancelled by its deadline meanwhile
+                    item.future.set_result(rows)
+        self._dispatch()
+
+    def _end_wait(self) -> None:
+        self._wait_timer = None
+        self._dispatch(waited=True)
+
+    def _cancel_wait(self) -> None:
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
 
 
 class _Incoming:
@@ -211,5 +242,4 @@ class _Incoming:
 
     def __exit__(self, *exc_info) -> None:
         self.batcher._incoming -= 1
-        if self.batcher._changed is not None:
-            self.batcher._changed.set()
+        self.batcher._dispatch()

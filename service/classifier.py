@@ -59,7 +59,7 @@ class Classifier:
             self.package,
             backend=settings.backend,
             device=settings.device,
-            intra_op_threads=settings.threads_per_worker,
+            intra_op_threads=settings.threads_per_instance,
             tf32=settings.tf32,
         )
         self.info = self.predictor.info
@@ -76,6 +76,7 @@ class Classifier:
             max_batch_size=settings.max_batch_size,
             max_latency_ms=settings.max_latency_ms,
             max_queue=settings.max_queue,
+            model_instances=settings.model_instances,
         )
         self._decode_pool: ThreadPoolExecutor | None = None
         self._warmed_up = False
@@ -251,6 +252,7 @@ class Classifier:
                 "max_batch_size": self.settings.max_batch_size,
                 "max_latency_ms": self.settings.max_latency_ms,
                 "max_queue": self.settings.max_queue,
+                "model_instances": self.settings.model_instances,
             },
             "limits": {
                 "max_body_bytes": self.settings.max_body_bytes,

@@ -38,6 +38,11 @@ class ServiceSettings:
     # few hundred small requests/s (Python work per request), so a small model on many cores wants several.
     workers: int = 1
     threads: int = 0  # ONNX Runtime / torch intra-op threads per worker; 0 = this process's cores / workers
+    # Model calls that may run at once in a worker, each with threads / model_instances runtime threads. 2 suits a
+    # compute-bound model on the CPU: a call's threads split each layer's work evenly, so when the event loop takes
+    # one of their cores the others wait for it; two single-threaded calls have nothing to wait for
+    # (benchmarks/results/service_load.md). 1 suits a small model: the event loop is its limit, not the cores.
+    model_instances: int = 1
     # TF32 on the GPU (ONNX Runtime's CUDA provider): faster on Ampere and later, outputs no longer within the
     # export gate's 1e-4 of the float32 it verified. Off by default.
     tf32: bool = False
@@ -56,6 +61,7 @@ class ServiceSettings:
             "max_image_pixels",
             "max_batch_images",
             "workers",
+            "model_instances",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
@@ -75,6 +81,11 @@ class ServiceSettings:
     @property
     def threads_per_worker(self) -> int:
         return self.threads or max(1, cpu_threads() // self.workers)
+
+    @property
+    def threads_per_instance(self) -> int:
+        """Runtime intra-op threads of each model call."""
+        return max(1, self.threads_per_worker // self.model_instances)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:

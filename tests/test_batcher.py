@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -99,6 +100,29 @@ def test_a_lone_request_does_not_wait_for_the_latency_budget():
         return rows
 
     assert run(scenario).tolist() == [[7.0]]
+
+
+def test_a_burst_of_requests_starts_the_model_at_its_first_request():
+    # 20 requests become ready together, each with 5 ms of work on the event loop before it is submitted (like
+    # parsing a burst of uploads). The model starts with the first, not after the whole burst has been parsed.
+    async def scenario():
+        model = EchoModel()
+        batcher = Batcher(model, max_batch_size=64, max_latency_ms=0, max_queue=100)
+        batcher.start()
+        deadline = await deadline_in(10)
+
+        async def request(value: int) -> np.ndarray:
+            time.sleep(0.005)  # blocks the loop, like Python-level request parsing
+            return await batcher.submit(tagged(value), deadline)
+
+        results = await asyncio.gather(*(request(v) for v in range(20)))
+        await batcher.stop()
+        return model, results
+
+    model, results = run(scenario)
+    assert model.batches[0] == [0]
+    assert sorted(v for batch in model.batches for v in batch) == list(range(20))
+    assert [r.tolist() for r in results] == [[[float(v)]] for v in range(20)]
 
 
 def test_waits_for_requests_that_are_being_decoded():
@@ -226,3 +250,71 @@ def test_submit_before_start_is_refused_as_not_ready():
         return refused.value
 
     assert run(scenario).status == 503
+
+
+def test_model_instances_run_batches_side_by_side():
+    async def scenario():
+        both_running = threading.Barrier(2, timeout=5)  # broken (an error) unless two calls meet inside the model
+
+        def model(pixels: np.ndarray) -> np.ndarray:
+            both_running.wait()
+            return pixels[:, 0, 0, :1].astype(np.float32)
+
+        batcher = Batcher(model, max_batch_size=1, max_latency_ms=0, max_queue=10, model_instances=2)
+        batcher.start()
+        deadline = await deadline_in(10)
+        results = await asyncio.gather(batcher.submit(tagged(1), deadline), batcher.submit(tagged(2), deadline))
+        await batcher.stop()
+        return results
+
+    assert [r.tolist() for r in run(scenario)] == [[[1.0]], [[2.0]]]
+
+
+def test_a_free_instance_waits_for_a_fuller_batch_while_another_call_runs():
+    async def scenario():
+        gate = threading.Event()
+        model = EchoModel(gate)
+        batcher = Batcher(model, max_batch_size=4, max_latency_ms=200, max_queue=10, model_instances=2)
+        batcher.start()
+        deadline = await deadline_in(10)
+        first = asyncio.create_task(batcher.submit(tagged(1), deadline))
+        await wait_until_started(model)  # the first instance holds request 1 (an idle model starts at once)
+        waiting = [asyncio.create_task(batcher.submit(tagged(v), deadline)) for v in (2, 3)]
+        await asyncio.sleep(0.05)
+        queued_after_50ms = batcher.queued_images  # the second instance is waiting for more
+        more = [asyncio.create_task(batcher.submit(tagged(v), deadline)) for v in (4, 5)]  # now a full batch
+        await asyncio.sleep(0.05)
+        queued_when_full = batcher.queued_images
+        gate.set()
+        results = await asyncio.gather(first, *waiting, *more)
+        lone = await batcher.submit(tagged(6), deadline)  # both idle: no wait
+        await batcher.stop()
+        return model, queued_after_50ms, queued_when_full, results, lone
+
+    model, queued_after_50ms, queued_when_full, results, lone = run(scenario)
+    assert (queued_after_50ms, queued_when_full) == (2, 0)
+    assert sorted(model.batches) == [[1], [2, 3, 4, 5], [6]]
+    assert [r.tolist() for r in results] == [[[float(v)]] for v in range(1, 6)]
+    assert lone.tolist() == [[6.0]]
+
+
+def test_a_free_instance_stops_waiting_when_the_latency_budget_is_spent():
+    async def scenario():
+        gate = threading.Event()
+        model = EchoModel(gate)
+        batcher = Batcher(model, max_batch_size=4, max_latency_ms=50, max_queue=10, model_instances=2)
+        batcher.start()
+        deadline = await deadline_in(10)
+        first = asyncio.create_task(batcher.submit(tagged(1), deadline))
+        await wait_until_started(model)
+        second = asyncio.create_task(batcher.submit(tagged(2), deadline))
+        await asyncio.sleep(0.5)  # far past the budget; the first call still runs
+        queued = batcher.queued_images
+        gate.set()
+        results = await asyncio.gather(first, second)
+        await batcher.stop()
+        return queued, results
+
+    queued, results = run(scenario)
+    assert queued == 0  # request 2 went to the second instance alone
+    assert [r.tolist() for r in results] == [[[1.0]], [[2.0]]]

@@ -100,7 +100,29 @@ def test_raw_engine_prints_a_rate_per_batch_size(tmp_path, capsys, image_tree_fa
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["batch    1", "batch    4"]
+    assert main([*argv, "--calls", "2"]) == 0  # two calls side by side, as two model instances run
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main([*argv, "--calls", "0"]) == 2
     assert main(["--package", str(tmp_path / "missing"), "--data", str(archive)]) == 2
+
+
+def test_raw_engine_counts_the_images_of_every_side_by_side_call():
+    import threading
+
+    from benchmarks.raw_engine import measure_engine
+
+    class CountingPredictor:
+        def __init__(self) -> None:
+            self.callers: list[int] = []
+
+        def predict(self, pixels):
+            self.callers.append(threading.get_ident())
+            return pixels
+
+    predictor = CountingPredictor()
+    [result] = measure_engine(predictor, np.zeros((10, 2, 2, 3), np.uint8), (4,), seconds=0.05, calls=2)
+    assert result.images == 4 * (len(predictor.callers) - 1)  # all but the warm-up call
+    assert len(set(predictor.callers[1:])) == 2  # two threads called it
 
 
 def test_batch_scoring_extracts_each_archives_test_split_apart(tmp_path, monkeypatch, image_tree_factory,
@@ -197,6 +219,7 @@ def test_service_cpu_report_derives_each_ceiling_from_the_measured_cores():
         "noop": phase(1000, 1.0, 0.0, 0.1),  # 1 ms of event loop per request
         "small-cnn": phase(800, 1.0, 0.1, 0.1),
         "resnet18": phase(150, 0.3, 1.5, 0.1),
+        "resnet18-2i": phase(170, 0.2, 1.7, 0.1),  # two model instances
     }
     results = {
         "command": "python -m benchmarks.service_cpu",
@@ -210,7 +233,9 @@ def test_service_cpu_report_derives_each_ceiling_from_the_measured_cores():
     report = markdown(results)
     assert "| noop | 1000 | 1.00 | 0.00 | 0.10 | 0.90 | 1.000 | 1.000 |" in report
     assert "measured 80.0%" in report and "= **80.0%**" in report  # 1 / (1 + 0.25)
-    assert "measured 75.0%" in report and "**80.0%** (80%; target 80%)" in report  # (2 - 0.3 - 0.1) / 2
+    assert "resnet18 vs the raw engine: measured 75.0%" in report
+    assert "**80.0%** (80%; target 80%)" in report  # (2 - 0.3 - 0.1) / 2
+    assert "resnet18-2i vs the raw engine: measured 85.0%" in report and "**85.0%** (85%; target 80%)" in report
 
 
 def test_decode_benchmark_compares_both_paths_on_every_image(tmp_path, image_tree_factory, tar_archive_factory):

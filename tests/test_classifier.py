@@ -71,6 +71,7 @@ def test_the_tf32_switch_reads_words_and_digits(value, expected):
         ("VISIONSERVE_REQUEST_TIMEOUT_S", "-1", "must be > 0"),
         ("VISIONSERVE_MAX_BATCH_IMAGES", "1000", "must not exceed"),
         ("VISIONSERVE_WORKERS", "0", "must be >= 1"),
+        ("VISIONSERVE_MODEL_INSTANCES", "0", "must be >= 1"),
         ("VISIONSERVE_TF32", "maybe", "not a valid bool"),
     ],
 )
@@ -86,6 +87,13 @@ def test_workers_share_the_cores_unless_threads_are_set(monkeypatch):
     assert ServiceSettings(workers=3).threads_per_worker == 2
     assert ServiceSettings(workers=16).threads_per_worker == 1
     assert ServiceSettings(workers=2, threads=3).threads_per_worker == 3
+
+
+def test_model_instances_share_the_worker_threads(monkeypatch):
+    monkeypatch.setattr("service.settings.cpu_threads", lambda: 8)
+    assert ServiceSettings(model_instances=2).threads_per_instance == 4
+    assert ServiceSettings(workers=2, model_instances=2).threads_per_instance == 2
+    assert ServiceSettings(model_instances=16).threads_per_instance == 1
 
 
 # --- loading --------------------------------------------------------------------------------------------------------

@@ -19,9 +19,11 @@ from PIL import Image
 
 from benchmarks.servers import free_port
 from inference.imaging import encode_png
+from inference.runtime import cpu_threads
 from service.errors import ApiError
 from service.http_api import decode_base64, parse_json_image
 from tests.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
+from tests.conftest import SERVICE_TEST_SETTINGS
 from tests.service_servers import (
     REPO,
     SERVICE,
@@ -176,12 +178,24 @@ def test_classify_batch_keeps_order_and_isolates_bad_images(client):
     assert all("predictions" not in results[i] for i in (1, 3, 4))
 
 
+@pytest.fixture(scope="module")
+def two_instance_service(tmp_path_factory):
+    """The colour package served with two model calls side by side (VISIONSERVE_MODEL_INSTANCES=2)."""
+    work_dir = tmp_path_factory.mktemp("two-instances")
+    settings = {**SERVICE_TEST_SETTINGS, "VISIONSERVE_MODEL_INSTANCES": "2"}
+    server = start_server(make_color_package(work_dir / "color"), work_dir, settings)
+    yield server
+    stop_server(server)
+
+
 @pytest.mark.e2e
-def test_concurrent_requests_never_get_each_others_results(color_service):
+@pytest.mark.parametrize("service", ["color_service", "two_instance_service"])
+def test_concurrent_requests_never_get_each_others_results(service, request):
+    url = request.getfixturevalue(service).url
     expected = [COLOR_CLASSES[i % 3] for i in range(60)]
 
     async def send_all():
-        async with httpx.AsyncClient(base_url=color_service.url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             singles = [
                 client.post("/classify?top_k=1", content=png(label), headers={"content-type": "image/png"})
                 for label in expected
@@ -201,6 +215,13 @@ def test_concurrent_requests_never_get_each_others_results(color_service):
     singles, batches = asyncio.run(send_all())
     assert [labels(r)[0] for r in singles] == expected
     assert batches == [[COLOR_CLASSES[(i + j) % 3] for j in range(5)] for i in range(6)]
+
+
+@pytest.mark.e2e
+def test_two_model_instances_share_the_runtime_threads(two_instance_service):
+    metadata = httpx.get(two_instance_service.url + "/metadata").json()
+    assert metadata["batching"]["model_instances"] == 2
+    assert metadata["intra_op_threads"] == max(1, cpu_threads() // 2)
 
 
 @pytest.mark.e2e
