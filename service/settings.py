@@ -27,7 +27,8 @@ class ServiceSettings:
     device: str = "auto"  # auto | cuda | cpu
     max_batch_size: int = 64  # images per model call
     # How long a batch may wait for more images, counted from its first request's arrival; the wait only happens
-    # while other requests are being decoded (known to be on their way). 0 = purely greedy.
+    # while other requests are being decoded (known to be on their way) or another model instance's call runs.
+    # 0 = purely greedy.
     max_latency_ms: float = 5.0
     max_queue: int = 512  # images waiting for the model; past it requests get 503 + Retry-After at once
     request_timeout_s: float = 10.0  # from arrival to answer; past it 504
