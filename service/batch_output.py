@@ -21,7 +21,6 @@ code in --url mode), error_message (a human-readable sentence).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -135,16 +134,13 @@ class ChunkedOutput:
             self._write_part(self._buffer)
             self._buffer = []
         failed = total = 0
-        final_tmp = self.parts_dir / ("final" + self.output.suffix.lower() + ".tmp")
         writer_class = pq.ParquetWriter if self.output.suffix.lower() == ".parquet" else pa_csv.CSVWriter
-        with writer_class(str(final_tmp), self.schema) as writer:
+        with atomic_write(self.output) as f, writer_class(f, self.schema) as writer:
             for part in self._parts():
                 table = pq.read_table(part, schema=self.schema)
                 writer.write_table(table)
                 total += table.num_rows
                 failed += table.num_rows - table["error"].null_count
-        _fsync(final_tmp)
-        os.replace(final_tmp, self.output)
         # The state goes first: a kill during the removal then leaves a folder that a resume discards.
         (self.parts_dir / STATE_NAME).unlink()
         shutil.rmtree(self.parts_dir)
@@ -167,8 +163,3 @@ def rows_to_table(rows: list[ScoreRow], schema: pa.Schema, k: int) -> pa.Table:
     columns["error"] = [r.error for r in rows]
     columns["error_message"] = [r.message for r in rows]
     return pa.table(columns, schema=schema)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
