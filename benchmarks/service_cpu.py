@@ -33,6 +33,7 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.decode import cpu_us_per_image
 from benchmarks.load_test import (
     CACHE,
     DEFAULT_ARCHIVE,
@@ -48,10 +49,9 @@ from benchmarks.load_test import (
     write_image_files,
     wrk_closed_loop,
 )
-from benchmarks.raw_engine import best, measure_engine
+from benchmarks.raw_engine import best, engine_predictor, measure_engine
 from benchmarks.servers import SERVICE, BentoServer
 from inference.imaging import decode_image
-from inference.runtime import Predictor
 
 ENGINE_BATCH_SIZES = (64, 128)  # the raw engine's best batch sizes in the load test's runs
 
@@ -106,12 +106,8 @@ def measured_phase(server: BentoServer, listing: Path, concurrency: int, duratio
 
 
 def decode_ms(blobs: list[bytes], size: tuple[int, int]) -> float:
-    """CPU milliseconds of decode_image per image, the mean over `blobs` (this process's CPU time, so other jobs'
-    load on the machine does not count)."""
-    started = time.process_time()
-    for blob in blobs:
-        decode_image(blob, size)
-    return 1000 * (time.process_time() - started) / len(blobs)
+    """CPU milliseconds of decode_image per image, the mean over `blobs`."""
+    return cpu_us_per_image(lambda blob: decode_image(blob, size), blobs) / 1000
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -142,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
             "cpu-resnet-2i",
         ),
     }
-    predictor = Predictor.from_path(args.resnet_package, device="cpu")
+    predictor = engine_predictor(args.resnet_package)
     try:
         for server in servers.values():
             server.start()
