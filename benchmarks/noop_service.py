@@ -3,7 +3,9 @@
 `bentoml serve benchmarks.noop_service:NoopClassifier`: the same server settings and Starlette mount as
 service.service (one worker), the multipart body read and parsed, no decode and no model; it answers a fixed
 prediction of the same shape as /classify's default answer (top 5). BentoML's defaults otherwise, unless
-VISIONSERVE_NOOP_GC_SETTINGS=1 applies the service's garbage-collector settings too.
+VISIONSERVE_NOOP_SERVICE_SETTINGS=1 applies the service's own settings of the framework too: its BentoML
+configuration defaults (service/bentoml_config.py: no access log, the prediction routes untraced) and its
+garbage-collector settings (service/gc_settings.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service import gc_settings
+from service import bentoml_config, gc_settings
 
 FIXED_ANSWER = {
     "model": "noop",
@@ -36,14 +38,18 @@ async def classify(request: Request) -> JSONResponse:
 
 
 app = Starlette(routes=[Route("/classify", classify, methods=["POST"])])
+SERVICE_SETTINGS = os.environ.get("VISIONSERVE_NOOP_SERVICE_SETTINGS") == "1"
 
 
 @bentoml.asgi_app(app, path="/")
-@bentoml.service(name="visionserve-noop", workers=int(os.environ.get("VISIONSERVE_WORKERS", "1")))
+@bentoml.service(
+    name="visionserve-noop",
+    workers=int(os.environ.get("VISIONSERVE_WORKERS", "1")),
+    **(bentoml_config.SERVICE_DEFAULTS if SERVICE_SETTINGS else {}),
+)
 class NoopClassifier:
     @bentoml.on_startup
     def settle_garbage_collector(self) -> None:
-        # With VISIONSERVE_NOOP_GC_SETTINGS=1, the garbage-collector settings that the real service applies once
-        # warmed up: the framework's floor with them, for the load test.
-        if os.environ.get("VISIONSERVE_NOOP_GC_SETTINGS") == "1":
+        # The garbage-collector settings that the real service applies once warmed up.
+        if SERVICE_SETTINGS:
             gc_settings.settle()

@@ -14,7 +14,7 @@ import bentoml
 
 from inference.package import ModelPackage, PackageError
 from inference.runtime import DeviceUnavailableError, check_device
-from service import http_api
+from service import bentoml_config, http_api
 from service.classifier import Classifier, resolve_package
 from service.settings import ServiceSettings, SettingsError
 
@@ -50,6 +50,9 @@ app = http_api.create_app()
     workers=SETTINGS.workers,
     # Our own deadline answers 504 with a JSON body; BentoML's timeout is only the backstop behind it.
     traffic={"timeout": SETTINGS.request_timeout_s + 5},
+    # No access log and no spans for the prediction routes unless BentoML's configuration asks for them: both cost
+    # event-loop time on every request (service/bentoml_config.py).
+    **bentoml_config.SERVICE_DEFAULTS,
 )
 class ImageClassifier:
     def __init__(self) -> None:

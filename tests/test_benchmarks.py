@@ -216,7 +216,9 @@ def test_service_cpu_report_derives_each_ceiling_from_the_measured_cores():
     row = {
         "engine_images_per_second": 200.0,
         "engine_batch": 128,
+        "engine_calls": 2,
         "noop": phase(1000, 1.0, 0.0, 0.1),  # 1 ms of event loop per request
+        "noop-tuned": phase(1600, 1.0, 0.0, 0.1),  # 0.625 ms
         "small-cnn": phase(800, 1.0, 0.1, 0.1),
         "resnet18": phase(150, 0.3, 1.5, 0.1),
         "resnet18-2i": phase(170, 0.2, 1.7, 0.1),  # two model instances
@@ -232,7 +234,8 @@ def test_service_cpu_report_derives_each_ceiling_from_the_measured_cores():
     }
     report = markdown(results)
     assert "| noop | 1000 | 1.00 | 0.00 | 0.10 | 0.90 | 1.000 | 1.000 |" in report
-    assert "measured 80.0%" in report and "= **80.0%**" in report  # 1 / (1 + 0.25)
+    assert "measured 80.0% (80%) of the no-op with BentoML's defaults, 50.0% (50%) of noop-tuned" in report
+    assert "0.625 / (0.625 + 0.250) = **71.4%** of noop-tuned" in report
     assert "resnet18 vs the raw engine: measured 75.0%" in report
     assert "**80.0%** (80%; target 80%)" in report  # (2 - 0.3 - 0.1) / 2
     assert "resnet18-2i vs the raw engine: measured 85.0%" in report and "**85.0%** (85%; target 80%)" in report
@@ -249,3 +252,23 @@ def test_decode_benchmark_compares_both_paths_on_every_image(tmp_path, image_tre
     assert "**6 of 6** images decode to identical arrays" in report and "6 of them took simplejpeg's path" in report
     assert "| as stored (32x32) | 4 |" in report and "| re-encoded at 256x256 | 1 |" in report
     assert main(["--data", str(tmp_path / "missing.tar.gz"), "--out", str(out)]) == 1
+
+
+def test_service_cpu_pure_python_stack_hides_httptools_and_uvloop():
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.service_cpu import pure_python_http_stack
+
+    # uvicorn's choice: httptools and uvloop when they import, else h11 and asyncio's loop.
+    script = (
+        "from uvicorn.loops.auto import auto_loop_factory; from uvicorn.protocols.http.auto import AutoHTTPProtocol;"
+        "print(AutoHTTPProtocol.__name__, auto_loop_factory()().__class__.__module__)"
+    )
+    hidden = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, **pure_python_http_stack()}, capture_output=True, text=True
+    )
+    assert hidden.stdout.split() == ["H11Protocol", "asyncio.unix_events"], hidden.stderr
+    installed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert installed.stdout.split() == ["HttpToolsProtocol", "uvloop"], installed.stderr

@@ -468,6 +468,36 @@ def test_two_workers_each_serve_with_their_share_of_the_threads(tmp_path):
         stop_server(server)
 
 
+# --- BentoML's configuration overrides the service's defaults ------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_the_access_log_can_be_turned_on_and_prediction_routes_stay_untraced(tmp_path):
+    # The service's defaults (service/bentoml_config.py, checked in tests/test_bentoml_config.py): no access log,
+    # no spans for the prediction routes. A user's BentoML configuration turns the log back on.
+    package = make_color_package(tmp_path / "package")
+    settings = {
+        "VISIONSERVE_DEVICE": "cpu",
+        "BENTOML_CONFIG_OPTIONS": "services.visionserve.logging.access.enabled=true",
+    }
+    server = start_server(package, tmp_path, settings)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            assert labels(client.post("/classify", content=png("red"), headers={"content-type": "image/png"}))
+            assert client.get("/metadata").status_code == 200
+        lines: dict[str, str] = {}
+        deadline = time.monotonic() + 20  # the worker's output reaches the log through `bentoml serve`
+        while len(lines) < 2 and time.monotonic() < deadline:
+            log = server.server.log_path.read_text(errors="replace").splitlines()
+            lines = {path: line for line in log for path in ("/classify", "/metadata") if f"path={path}," in line}
+            time.sleep(0.2)
+    finally:
+        stop_server(server)
+    assert lines.keys() == {"/classify", "/metadata"}, "no access-log lines"
+    assert "status=200" in lines["/classify"] and "trace=" not in lines["/classify"]
+    assert "trace=" in lines["/metadata"]
+
+
 # --- a configuration that cannot serve stops `bentoml serve` at once -------------------------------------------------
 
 
