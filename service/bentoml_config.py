@@ -3,10 +3,10 @@
 Both run on the event loop for every request, where they take the time that parsing and answering need, and on a
 compute-bound model the cores that the model needs. BentoML's tracer records a span per request even when no
 exporter is configured (its sampler records at sample rate 0, for the request ids in its logs), and each
-access-log line is formatted in the worker and forwarded through the `bentoml serve` process. A 5-round probe on
-2 cores (ResNet-18, 32 clients, not committed; benchmarks/results/service_load.md has the load test): 75.0% of
-the raw engine's images/s with both on, 82.8% with the access log off, 88.2% with the prediction routes
-untraced as well.
+access-log line is formatted in the worker and forwarded through the `bentoml serve` process. With both on, the
+ResNet-18 server's event loop spent 1.09 ms of CPU per request, with both off 0.57 ms (a side-by-side probe, 5
+rounds, 2 cores, 32 clients, not committed); benchmarks/results/service_cpu.md measures the no-op endpoint with
+BentoML's defaults and with the service's settings, service_load.md the throughput.
 
 These are defaults of the service's configuration, so BentoML's own configuration overrides them, e.g.
 BENTOML_CONFIG_OPTIONS='services.visionserve.logging.access.enabled=true
