@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 import time
@@ -43,6 +44,17 @@ class EchoModel:
         return pixels[:, 0, 0, :1].astype(np.float32)
 
 
+@contextlib.asynccontextmanager
+async def started(model, **settings):
+    """A Batcher on `model`, started, and stopped on the way out (a failing test's too)."""
+    batcher = Batcher(model, **settings)
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        await batcher.stop()
+
+
 def run(coroutine_function, *args):
     return asyncio.run(coroutine_function(*args))
 
@@ -59,13 +71,11 @@ async def wait_until_started(model: EchoModel) -> None:
 def test_concurrent_requests_get_their_own_rows_and_are_batched():
     async def scenario():
         model = EchoModel()
-        batcher = Batcher(model, max_batch_size=16, max_latency_ms=0, max_queue=1000)
-        batcher.start()
-        deadline = await deadline_in(10)
-        # 120 requests of 1 or 2 images with distinct values, all in flight at once.
-        requests = [tagged(v, count=1 + v % 2) for v in range(0, 240, 2)]
-        results = await asyncio.gather(*(batcher.submit(p, deadline) for p in requests))
-        await batcher.stop()
+        async with started(model, max_batch_size=16, max_latency_ms=0, max_queue=1000) as batcher:
+            deadline = await deadline_in(10)
+            # 120 requests of 1 or 2 images with distinct values, all in flight at once.
+            requests = [tagged(v, count=1 + v % 2) for v in range(0, 240, 2)]
+            results = await asyncio.gather(*(batcher.submit(p, deadline) for p in requests))
         return model, requests, results
 
     model, requests, results = run(scenario)
@@ -79,10 +89,8 @@ def test_concurrent_requests_get_their_own_rows_and_are_batched():
 def test_a_request_larger_than_the_batch_size_is_split_and_reassembled_in_order():
     async def scenario():
         model = EchoModel()
-        batcher = Batcher(model, max_batch_size=4, max_latency_ms=0, max_queue=100)
-        batcher.start()
-        rows = await batcher.submit(tagged(10, count=10), await deadline_in(10))
-        await batcher.stop()
+        async with started(model, max_batch_size=4, max_latency_ms=0, max_queue=100) as batcher:
+            rows = await batcher.submit(tagged(10, count=10), await deadline_in(10))
         return model, rows
 
     model, rows = run(scenario)
@@ -93,10 +101,8 @@ def test_a_request_larger_than_the_batch_size_is_split_and_reassembled_in_order(
 def test_a_lone_request_does_not_wait_for_the_latency_budget():
     async def scenario():
         # A 60 s budget: if a lone request waited for company it would miss its 2 s deadline.
-        batcher = Batcher(EchoModel(), max_batch_size=8, max_latency_ms=60_000, max_queue=10)
-        batcher.start()
-        rows = await batcher.submit(tagged(7), await deadline_in(2))
-        await batcher.stop()
+        async with started(EchoModel(), max_batch_size=8, max_latency_ms=60_000, max_queue=10) as batcher:
+            rows = await batcher.submit(tagged(7), await deadline_in(2))
         return rows
 
     assert run(scenario).tolist() == [[7.0]]
@@ -107,16 +113,14 @@ def test_a_burst_of_requests_starts_the_model_at_its_first_request():
     # parsing a burst of uploads). The model starts with the first, not after the whole burst has been parsed.
     async def scenario():
         model = EchoModel()
-        batcher = Batcher(model, max_batch_size=64, max_latency_ms=0, max_queue=100)
-        batcher.start()
-        deadline = await deadline_in(10)
+        async with started(model, max_batch_size=64, max_latency_ms=0, max_queue=100) as batcher:
+            deadline = await deadline_in(10)
 
-        async def request(value: int) -> np.ndarray:
-            time.sleep(0.005)  # blocks the loop, like Python-level request parsing
-            return await batcher.submit(tagged(value), deadline)
+            async def request(value: int) -> np.ndarray:
+                time.sleep(0.005)  # blocks the loop, like Python-level request parsing
+                return await batcher.submit(tagged(value), deadline)
 
-        results = await asyncio.gather(*(request(v) for v in range(20)))
-        await batcher.stop()
+            results = await asyncio.gather(*(request(v) for v in range(20)))
         return model, results
 
     model, results = run(scenario)
@@ -128,16 +132,14 @@ def test_a_burst_of_requests_starts_the_model_at_its_first_request():
 def test_waits_for_requests_that_are_being_decoded():
     async def scenario():
         model = EchoModel()
-        batcher = Batcher(model, max_batch_size=8, max_latency_ms=5_000, max_queue=10)
-        batcher.start()
-        deadline = await deadline_in(10)
-        with batcher.incoming():  # a second request is being decoded
-            first = asyncio.create_task(batcher.submit(tagged(1), deadline))
-            await asyncio.sleep(0.05)
-            second = asyncio.create_task(batcher.submit(tagged(2), deadline))
-            await asyncio.sleep(0)
-        results = await asyncio.gather(first, second)
-        await batcher.stop()
+        async with started(model, max_batch_size=8, max_latency_ms=5_000, max_queue=10) as batcher:
+            deadline = await deadline_in(10)
+            with batcher.incoming():  # a second request is being decoded
+                first = asyncio.create_task(batcher.submit(tagged(1), deadline))
+                await asyncio.sleep(0.05)
+                second = asyncio.create_task(batcher.submit(tagged(2), deadline))
+                await asyncio.sleep(0)
+            results = await asyncio.gather(first, second)
         return model, results
 
     model, results = run(scenario)
@@ -149,21 +151,19 @@ def test_full_queue_is_refused_at_once_with_retry_after_and_service_recovers():
     async def scenario():
         gate = threading.Event()
         model = EchoModel(gate)
-        batcher = Batcher(model, max_batch_size=1, max_latency_ms=0, max_queue=2)
-        batcher.start()
-        deadline = await deadline_in(10)
-        running = asyncio.create_task(batcher.submit(tagged(1), deadline))
-        await wait_until_started(model)  # the model holds request 1; the queue is empty again
-        queued = [asyncio.create_task(batcher.submit(tagged(v), deadline)) for v in (2, 3)]
-        await asyncio.sleep(0)
-        with pytest.raises(ApiError) as refused:
-            await batcher.submit(tagged(4), deadline)
-        with pytest.raises(ApiError) as refused_early:  # what routes ask before reading a body
-            batcher.admit()
-        gate.set()
-        answered = await asyncio.gather(running, *queued)
-        after = await batcher.submit(tagged(5), await deadline_in(10))
-        await batcher.stop()
+        async with started(model, max_batch_size=1, max_latency_ms=0, max_queue=2) as batcher:
+            deadline = await deadline_in(10)
+            running = asyncio.create_task(batcher.submit(tagged(1), deadline))
+            await wait_until_started(model)  # the model holds request 1; the queue is empty again
+            queued = [asyncio.create_task(batcher.submit(tagged(v), deadline)) for v in (2, 3)]
+            await asyncio.sleep(0)
+            with pytest.raises(ApiError) as refused:
+                await batcher.submit(tagged(4), deadline)
+            with pytest.raises(ApiError) as refused_early:  # what routes ask before reading a body
+                batcher.admit()
+            gate.set()
+            answered = await asyncio.gather(running, *queued)
+            after = await batcher.submit(tagged(5), await deadline_in(10))
         batcher.admit()  # room again
         return refused.value, refused_early.value, answered, after
 
@@ -179,17 +179,15 @@ def test_past_its_deadline_a_request_gets_504_and_is_never_run():
     async def scenario():
         gate = threading.Event()
         model = EchoModel(gate)
-        batcher = Batcher(model, max_batch_size=1, max_latency_ms=0, max_queue=10)
-        batcher.start()
-        running = asyncio.create_task(batcher.submit(tagged(1), await deadline_in(10)))
-        await wait_until_started(model)
-        with pytest.raises(ApiError) as late:
-            await batcher.submit(tagged(99), await deadline_in(0.05))
-        gate.set()
-        await running
-        # The consumer goes on after skipping it.
-        await batcher.submit(tagged(2), await deadline_in(10))
-        await batcher.stop()
+        async with started(model, max_batch_size=1, max_latency_ms=0, max_queue=10) as batcher:
+            running = asyncio.create_task(batcher.submit(tagged(1), await deadline_in(10)))
+            await wait_until_started(model)
+            with pytest.raises(ApiError) as late:
+                await batcher.submit(tagged(99), await deadline_in(0.05))
+            gate.set()
+            await running
+            # The consumer goes on after skipping it.
+            await batcher.submit(tagged(2), await deadline_in(10))
         return model, late.value
 
     model, late = run(scenario)
@@ -204,15 +202,13 @@ def test_a_split_request_past_its_deadline_leaves_no_unretrieved_failures():
         loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
         gate = threading.Event()
         model = EchoModel(gate)
-        batcher = Batcher(model, max_batch_size=1, max_latency_ms=0, max_queue=10)
-        batcher.start()
-        with pytest.raises(ApiError) as late:  # three parts; the first one runs past the deadline
-            await batcher.submit(tagged(1, count=3), await deadline_in(0.05))
-        code = late.value.code
-        del late  # its traceback holds the request's parts
-        gate.set()
-        await batcher.submit(tagged(7), await deadline_in(10))
-        await batcher.stop()
+        async with started(model, max_batch_size=1, max_latency_ms=0, max_queue=10) as batcher:
+            with pytest.raises(ApiError) as late:  # three parts; the first one runs past the deadline
+                await batcher.submit(tagged(1, count=3), await deadline_in(0.05))
+            code = late.value.code
+            del late  # its traceback holds the request's parts
+            gate.set()
+            await batcher.submit(tagged(7), await deadline_in(10))
         gc.collect()  # an unretrieved exception is reported when its future is collected
         await asyncio.sleep(0)
         return model, code, reported
@@ -226,15 +222,13 @@ def test_a_split_request_past_its_deadline_leaves_no_unretrieved_failures():
 def test_a_failing_batch_fails_only_its_requests():
     async def scenario():
         model = EchoModel(fail_on=66)
-        batcher = Batcher(model, max_batch_size=1, max_latency_ms=0, max_queue=10)
-        batcher.start()
-        deadline = await deadline_in(10)
-        outcomes = await asyncio.gather(
-            batcher.submit(tagged(66), deadline),
-            batcher.submit(tagged(3), deadline),
-            return_exceptions=True,
-        )
-        await batcher.stop()
+        async with started(model, max_batch_size=1, max_latency_ms=0, max_queue=10) as batcher:
+            deadline = await deadline_in(10)
+            outcomes = await asyncio.gather(
+                batcher.submit(tagged(66), deadline),
+                batcher.submit(tagged(3), deadline),
+                return_exceptions=True,
+            )
         return outcomes
 
     failed, fine = run(scenario)
@@ -260,11 +254,9 @@ def test_model_instances_run_batches_side_by_side():
             both_running.wait()
             return pixels[:, 0, 0, :1].astype(np.float32)
 
-        batcher = Batcher(model, max_batch_size=1, max_latency_ms=0, max_queue=10, model_instances=2)
-        batcher.start()
-        deadline = await deadline_in(10)
-        results = await asyncio.gather(batcher.submit(tagged(1), deadline), batcher.submit(tagged(2), deadline))
-        await batcher.stop()
+        async with started(model, max_batch_size=1, max_latency_ms=0, max_queue=10, model_instances=2) as batcher:
+            deadline = await deadline_in(10)
+            results = await asyncio.gather(batcher.submit(tagged(1), deadline), batcher.submit(tagged(2), deadline))
         return results
 
     assert [r.tolist() for r in run(scenario)] == [[[1.0]], [[2.0]]]
@@ -274,21 +266,19 @@ def test_a_free_instance_waits_for_a_fuller_batch_while_another_call_runs():
     async def scenario():
         gate = threading.Event()
         model = EchoModel(gate)
-        batcher = Batcher(model, max_batch_size=4, max_latency_ms=200, max_queue=10, model_instances=2)
-        batcher.start()
-        deadline = await deadline_in(10)
-        first = asyncio.create_task(batcher.submit(tagged(1), deadline))
-        await wait_until_started(model)  # the first instance holds request 1 (an idle model starts at once)
-        waiting = [asyncio.create_task(batcher.submit(tagged(v), deadline)) for v in (2, 3)]
-        await asyncio.sleep(0.05)
-        queued_after_50ms = batcher.queued_images  # the second instance is waiting for more
-        more = [asyncio.create_task(batcher.submit(tagged(v), deadline)) for v in (4, 5)]  # now a full batch
-        await asyncio.sleep(0.05)
-        queued_when_full = batcher.queued_images
-        gate.set()
-        results = await asyncio.gather(first, *waiting, *more)
-        lone = await batcher.submit(tagged(6), deadline)  # both idle: no wait
-        await batcher.stop()
+        async with started(model, max_batch_size=4, max_latency_ms=200, max_queue=10, model_instances=2) as batcher:
+            deadline = await deadline_in(10)
+            first = asyncio.create_task(batcher.submit(tagged(1), deadline))
+            await wait_until_started(model)  # the first instance holds request 1 (an idle model starts at once)
+            waiting = [asyncio.create_task(batcher.submit(tagged(v), deadline)) for v in (2, 3)]
+            await asyncio.sleep(0.05)
+            queued_after_50ms = batcher.queued_images  # the second instance is waiting for more
+            more = [asyncio.create_task(batcher.submit(tagged(v), deadline)) for v in (4, 5)]  # now a full batch
+            await asyncio.sleep(0.05)
+            queued_when_full = batcher.queued_images
+            gate.set()
+            results = await asyncio.gather(first, *waiting, *more)
+            lone = await batcher.submit(tagged(6), deadline)  # both idle: no wait
         return model, queued_after_50ms, queued_when_full, results, lone
 
     model, queued_after_50ms, queued_when_full, results, lone = run(scenario)
@@ -302,17 +292,15 @@ def test_a_free_instance_stops_waiting_when_the_latency_budget_is_spent():
     async def scenario():
         gate = threading.Event()
         model = EchoModel(gate)
-        batcher = Batcher(model, max_batch_size=4, max_latency_ms=50, max_queue=10, model_instances=2)
-        batcher.start()
-        deadline = await deadline_in(10)
-        first = asyncio.create_task(batcher.submit(tagged(1), deadline))
-        await wait_until_started(model)
-        second = asyncio.create_task(batcher.submit(tagged(2), deadline))
-        await asyncio.sleep(0.5)  # far past the budget; the first call still runs
-        queued = batcher.queued_images
-        gate.set()
-        results = await asyncio.gather(first, second)
-        await batcher.stop()
+        async with started(model, max_batch_size=4, max_latency_ms=50, max_queue=10, model_instances=2) as batcher:
+            deadline = await deadline_in(10)
+            first = asyncio.create_task(batcher.submit(tagged(1), deadline))
+            await wait_until_started(model)
+            second = asyncio.create_task(batcher.submit(tagged(2), deadline))
+            await asyncio.sleep(0.5)  # far past the budget; the first call still runs
+            queued = batcher.queued_images
+            gate.set()
+            results = await asyncio.gather(first, second)
         return queued, results
 
     queued, results = run(scenario)
