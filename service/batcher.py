@@ -10,8 +10,9 @@ requests are being decoded (known to be on their way), or another call keeps the
 Why events and not a consumer task waiting on an asyncio.Event: a waiting task is woken at the back of the event
 loop's queue of ready callbacks. When a batch's answers go out, its clients' next requests arrive together and
 are all parsed before such a task runs, so the model sat idle through the whole burst (the CIFAR ResNet-18 at 32
-clients: idle ~19% of the time, batches of ~29; probe in benchmarks/results/service_load.md). Started from
-`submit`, a batch begins with the burst's first request and the rest are parsed while it runs.
+clients: idle ~19% of the time, batches of ~29; a probe, in the notes of benchmarks/results/service_load.md's
+run of 2026-11-27 11:12 UTC, git history). Started from `submit`, a batch begins with the burst's first request
+and the rest are parsed while it runs.
 
 Overload is refused, not absorbed: past `max_queue` waiting images a request fails at once with 503 and
 Retry-After; a request past its deadline fails with 504, and is skipped if its batch has not started.
@@ -67,7 +68,7 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None  # the model's threads; None when not running
         self._calls = 0  # model calls in flight
-        self._wait_timer: asyncio.TimerHandle | None = None  # ends a wait for images being decoded
+        self._wait_timer: asyncio.TimerHandle | None = None  # ends a free instance's wait for a fuller batch
         self._seconds_per_image = 0.0  # running estimate, for Retry-After
 
     @property
