@@ -35,15 +35,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from batch.engines.base import batched, ordered_map
+from batch.engines.local import decode_pool
+from batch.inputs import open_input
+from batch.job import BatchJob, BatchSummary, run_job
+from batch.scoring import decode_chunk
 from benchmarks.random_weights import random_package
 from benchmarks.raw_engine import best, measure_engine
 from inference.files import atomic_write
 from inference.imaging import decode_image
 from inference.runtime import Predictor, cpu_threads
-from service.batch_engines import batched, decode_pool, ordered_map
-from service.batch_inputs import open_input
-from service.batch_job import BatchJob, BatchSummary, run_job
-from service.batch_scoring import decode_chunk
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "batch_bench"

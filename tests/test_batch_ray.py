@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks.servers import free_port
 from tests.color_package import make_color_package
-from tests.test_batch import BAD_FILES, LABELS, color_files, read_output, run_cli, write_archive
+from tests.support.batch_files import BAD_FILES, LABELS, color_files, read_output, run_cli, write_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -91,7 +91,7 @@ def test_the_ray_engine_joins_an_existing_cluster(tmp_path, ray_cluster):
     source = write_archive(tmp_path / "images.tar.gz", color_files(LABELS * 2))
     common = ["--model", package, "--input", source, "--top-k", 2, "--batch-size", 3]
     # In a process of its own, as a user runs it (Ray keeps its authentication settings per process).
-    job = [sys.executable, "-m", "service.batch", *map(str, common), "--output", str(tmp_path / "ray.parquet")]
+    job = [sys.executable, "-m", "batch", *map(str, common), "--output", str(tmp_path / "ray.parquet")]
     done = subprocess.run([*job, "--engine", "ray", "--ray-address", address], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert run_cli(*common, "--output", tmp_path / "local.parquet", "--workers", 0) == 0

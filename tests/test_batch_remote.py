@@ -1,6 +1,6 @@
 """Batch scoring --url mode: the service's /classify_batch contract, retries with backoff, whole-request refusals.
 
-Two servers run in a thread with uvicorn on a free port: the real service routes (service.http_api over a
+Two servers run in a thread with uvicorn on a free port: the real service routes (service.app over a
 Classifier of the colour package), and a small stand-in speaking the same contract whose failures the tests
 script (503/429 with Retry-After, 413 for too many images, a 500 on one image).
 """
@@ -23,13 +23,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from batch.engines.base import EngineSettings
+from batch.engines.remote import RemoteEngine, RemoteError, RetryPolicy
+from batch.inputs import Record
+from batch.job import BatchJob, engine_settings
 from inference.imaging import ImageDecodeError, decode_image
 from inference.runtime import Predictor
-from service.batch_engines import EngineSettings
-from service.batch_inputs import Record
-from service.batch_remote import RemoteEngine, RemoteError, RetryPolicy
 from tests.color_package import COLOR_CLASSES, make_color_package
-from tests.test_batch import (
+from tests.support.batch_files import (
     BAD_FILES,
     LABELS,
     color_files,
@@ -40,6 +41,12 @@ from tests.test_batch import (
 )
 
 pytestmark = pytest.mark.e2e
+
+
+def url_settings(url: str) -> EngineSettings:
+    """One request at a time to `url`, top-1, everything else as a job's defaults resolve it."""
+    job = BatchJob(input="unused", output=Path("unused.parquet"), url=url, top_k=1, workers=1)
+    return engine_settings(job, "url", None, top_k=1)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +158,7 @@ def test_busy_service_is_retried_after_503_then_every_image_is_scored(package, t
 def test_retry_after_is_honoured(package, tmp_path):
     stand_in = StandIn(package, busy=1, retry_after="0.6")
     with serve(stand_in.app()) as url:
-        settings = EngineSettings(package=None, top_k=1, workers=1, url=url)
+        settings = url_settings(url)
         started = time.perf_counter()
         with RemoteEngine(settings, RetryPolicy(base_delay_s=0.01)) as engine:
             [[row]] = list(engine.score([Record("a.png", data=color_png("blue"))]))
@@ -178,7 +185,7 @@ def test_an_unreachable_service_stops_the_job_after_the_retries(tmp_path):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    settings = EngineSettings(package=None, top_k=1, workers=1, url=f"http://127.0.0.1:{port}")
+    settings = url_settings(f"http://127.0.0.1:{port}")
     engine = RemoteEngine(settings, RetryPolicy(attempts=3, base_delay_s=0.01))
     with engine, pytest.raises(RemoteError, match="failed 3 times, last with ConnectError"):
         list(engine.score([Record("a.png", data=color_png("red"))]))
@@ -234,13 +241,13 @@ def score_remote_and_local(url: str, package: Path, tmp_path: Path) -> None:
 
 
 def test_url_mode_against_the_service_routes_in_process_matches_local_scoring(package, tmp_path):
-    from service import http_api
+    from service import app as service_app
     from service.classifier import Classifier
     from service.settings import ServiceSettings
 
     classifier = Classifier(ServiceSettings(model=str(package), device="cpu", max_batch_images=8))
-    app = http_api.create_app()
-    http_api.attach(app, classifier)
+    app = service_app.create_app()
+    service_app.attach(app, classifier)
     with serve(app, on_start=classifier.start, on_stop=classifier.stop) as url:
         score_remote_and_local(url, package, tmp_path)
 

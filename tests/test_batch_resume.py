@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from service.batch_inputs import Record
-from service.batch_output import ChunkedOutput, OutputError
-from service.batch_scoring import ScoreRow
+from batch.inputs import Record
+from batch.output import ChunkedOutput, OutputError
+from batch.scoring import ScoreRow
 from tests.color_package import make_color_package
-from tests.test_batch import (
+from tests.support.batch_files import (
     LABELS,
     REPO,
     color_files,
@@ -126,7 +126,7 @@ def test_resume_after_sigkill_at_random_moments_lists_every_input_exactly_once(p
     parts = tmp_path / "scores.parquet.parts"
     # Batch size 1 and one row per part: hundreds of atomic writes, so a kill lands mid-run.
     command = [
-        sys.executable, "-m", "service.batch", "--model", str(package), "--input", str(source),
+        sys.executable, "-m", "batch", "--model", str(package), "--input", str(source),
         "--output", str(output), "--batch-size", "1", "--rows-per-part", "1", "--workers", "1", "--resume",
     ]  # fmt: skip
     rng = random.Random(0)

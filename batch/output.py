@@ -14,7 +14,7 @@ a kill after it leaves a folder without a state, which a resume discards and sco
 
 Columns (the same in Parquet and CSV): id, label_1 .. label_k, probability_1 .. probability_k (best first;
 null on error rows), error (null when scored, else the reason: decode_image's empty / unsupported_format /
-corrupt / too_large, or not_found / unreadable / outside_root / unsafe_name / not_a_file, or the service's
+corrupt / image_too_large, or not_found / unreadable / outside_root / unsafe_name / not_a_file, or the service's
 code in --url mode), error_message (a human-readable sentence).
 """
 
@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from batch.inputs import Record
+from batch.scoring import ScoreRow
 from inference.files import atomic_write
-from service.batch_inputs import Record
-from service.batch_scoring import ScoreRow
 
 STATE_NAME = "state.json"
 PART_GLOB = "part-*.parquet"

@@ -23,9 +23,9 @@ from typing import Any
 
 import httpx
 
-from service.batch_engines import EngineSettings, batched, ordered_map
-from service.batch_inputs import Record, RecordError, read_bytes
-from service.batch_scoring import ScoreRow
+from batch.engines.base import EngineSettings, batched, ordered_map
+from batch.inputs import Record, RecordError, read_bytes
+from batch.scoring import ScoreRow
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from batch.inputs import Record, RecordError, read_bytes
 from inference.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from service.batch_inputs import Record, RecordError, read_bytes
 
 if TYPE_CHECKING:
     from inference.runtime import Predictor

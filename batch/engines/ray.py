@@ -19,12 +19,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from batch.engines.base import EngineError, EngineSettings, batched
+from batch.inputs import Record
+from batch.output import output_schema, rows_to_table
+from batch.scoring import ScoreRow, decode_chunk, score_chunk
 from inference.package import load_package
 from inference.runtime import Predictor, cpu_threads
-from service.batch_engines import EngineError, EngineSettings, batched
-from service.batch_inputs import Record
-from service.batch_output import output_schema, rows_to_table
-from service.batch_scoring import ScoreRow, decode_chunk, score_chunk
 
 log = logging.getLogger(__name__)
 

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from batch.engines import ENGINES, create_engine
+from batch.engines.base import EngineSettings
+from batch.engines.local import POOLS
+from batch.inputs import open_input
+from batch.output import ChunkedOutput, check_output_path
 from inference.imaging import DEFAULT_MAX_PIXELS
 from inference.package import BACKEND_FILES, ModelPackage, load_package
 from inference.runtime import DEVICES, cpu_threads
-from service.batch_engines import ENGINES, POOLS, EngineSettings
-from service.batch_inputs import open_input
-from service.batch_output import ChunkedOutput, check_output_path
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ class JobError(Exception):
 
 @dataclass(frozen=True)
 class BatchJob:
+    """Every setting of a job, with its default: the CLI's flags take their defaults from here."""
+
     input: str  # folder, .tar/.tar.gz/.tgz, .parquet or .txt list of paths
     output: Path  # .parquet or .csv
     model: str | None = None  # package folder; None with `url`
@@ -37,7 +39,7 @@ class BatchJob:
     top_k: int | None = None  # None: min(DEFAULT_TOP_K, classes)
     batch_size: int = 64
     workers: int | None = None  # None: one per core (local, ray) or DEFAULT_URL_WORKERS (url)
-    pool: str = "process"
+    pool: str = "process"  # local decoding workers: process | thread
     backend: str = "onnx"
     device: str = "auto"
     tf32: bool = False  # TF32 on the GPU (inference.runtime.Predictor)
@@ -74,6 +76,8 @@ class BatchSummary:
 
 
 def run_job(job: BatchJob, *, progress: bool = False) -> BatchSummary:
+    from tqdm import tqdm  # not at import: the CLI's spawned decoding workers import this module too
+
     started = time.perf_counter()
     engine_name = _check(job)
     package = load_package(job.model) if job.model is not None else None
@@ -88,8 +92,35 @@ def run_job(job: BatchJob, *, progress: bool = False) -> BatchSummary:
         rows_per_part=job.rows_per_part,
         resume=job.resume,
     )
+    settings = engine_settings(job, engine_name, package, top_k)
+    remaining = None if source.count is None else source.count - len(output.done_ids)
+    if output.done_ids:
+        log.info(
+            "resuming: %d of %s inputs are already in the output",
+            len(output.done_ids),
+            source.count,
+        )
+    new_rows = 0
+    try:
+        with create_engine(engine_name, settings) as engine:
+            scoring_started = time.perf_counter()
+            with tqdm(total=remaining, unit="img", disable=not progress, desc="scoring", smoothing=0.1) as bar:
+                for rows in engine.score(output.remaining(source.records())):
+                    output.add(rows)
+                    new_rows += len(rows)
+                    bar.update(len(rows))
+    except BaseException:
+        output.abandon()  # e.g. the engine could not start: leave no folder that asks for --resume
+        raise
+    scored, failed = output.finish()
+    finished = time.perf_counter()
+    return BatchSummary(job.output, scored, failed, new_rows, scoring_started - started, finished - scoring_started)
+
+
+def engine_settings(job: BatchJob, engine_name: str, package: ModelPackage | None, top_k: int) -> EngineSettings:
+    """The job's settings with every default resolved, as the engine `engine_name` gets them."""
     default_workers = DEFAULT_URL_WORKERS if engine_name == "url" else cpu_threads()
-    settings = EngineSettings(
+    return EngineSettings(
         package=package,
         top_k=top_k,
         batch_size=job.batch_size,
@@ -103,28 +134,6 @@ def run_job(job: BatchJob, *, progress: bool = False) -> BatchSummary:
         ray_address=job.ray_address,
         url=job.url,
     )
-    remaining = None if source.count is None else source.count - len(output.done_ids)
-    if output.done_ids:
-        log.info(
-            "resuming: %d of %s inputs are already in the output",
-            len(output.done_ids),
-            source.count,
-        )
-    new_rows = 0
-    try:
-        with ENGINES[engine_name](settings) as engine:
-            scoring_started = time.perf_counter()
-            with tqdm(total=remaining, unit="img", disable=not progress, desc="scoring", smoothing=0.1) as bar:
-                for rows in engine.score(output.remaining(source.records())):
-                    output.add(rows)
-                    new_rows += len(rows)
-                    bar.update(len(rows))
-    except BaseException:
-        output.abandon()  # e.g. the engine could not start: leave no folder that asks for --resume
-        raise
-    scored, failed = output.finish()
-    finished = time.perf_counter()
-    return BatchSummary(job.output, scored, failed, new_rows, scoring_started - started, finished - scoring_started)
 
 
 def _check(job: BatchJob) -> str:

@@ -18,13 +18,13 @@ from pathlib import Path, PurePosixPath
 
 MAX_FILE_BYTES = 64 * 1024 * 1024  # an encoded image larger than this is refused before it is read
 
-# Reasons of inputs that cannot be scored, besides decode_image's (empty, unsupported_format, corrupt, too_large).
+# Reasons of inputs that cannot be scored, besides decode_image's (empty, unsupported_format, corrupt, image_too_large).
 NOT_FOUND = "not_found"
 UNREADABLE = "unreadable"
 OUTSIDE_ROOT = "outside_root"
 UNSAFE_NAME = "unsafe_name"
 NOT_A_FILE = "not_a_file"
-TOO_LARGE = "too_large"
+TOO_LARGE = "image_too_large"
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
