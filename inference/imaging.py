@@ -49,7 +49,7 @@ class OpenedImage(NamedTuple):
 
 
 class ImageDecodeError(ValueError):
-    """An input that cannot become model pixels. `reason` is one of: empty, unsupported_format, corrupt, too_large."""
+    """An input that cannot become model pixels. `reason` is one of: empty, unsupported_format, corrupt, image_too_large (the service's codes too)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -79,10 +79,10 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> OpenedIm
     width, height = size
     if width * height > max_pixels:
         raise ImageDecodeError(
-            "too_large", f"the image has {width}x{height} pixels, more than the limit of {max_pixels}"
+            "image_too_large", f"the image has {width}x{height} pixels, more than the limit of {max_pixels}"
         )
     if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:  # what Pillow's open refuses
-        raise ImageDecodeError("too_large", "the image header declares too many pixels")
+        raise ImageDecodeError("image_too_large", "the image header declares too many pixels")
     return OpenedImage(data, width, height, image)
 
 
@@ -108,7 +108,7 @@ def pillow_open(data: bytes) -> Image.Image:
         except UnidentifiedImageError:
             raise ImageDecodeError("unsupported_format", "the bytes are not an image in a known format") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageDecodeError("too_large", "the image header declares too many pixels") from None
+            raise ImageDecodeError("image_too_large", "the image header declares too many pixels") from None
         except (OSError, SyntaxError, ValueError) as exc:  # a recognised header cut short or malformed
             raise ImageDecodeError("corrupt", f"the image header is truncated or corrupt: {exc}") from None
     if image.format not in ACCEPTED_FORMATS:
@@ -144,7 +144,7 @@ def pillow_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageDecodeError("too_large", "the image decodes to too many pixels") from None
+            raise ImageDecodeError("image_too_large", "the image decodes to too many pixels") from None
         except (OSError, SyntaxError, ValueError) as exc:  # Pillow's ways of saying truncated or corrupt
             raise ImageDecodeError("corrupt", f"the image is truncated or corrupt: {exc}") from None
     return resize_to(rgb, size)

@@ -1,18 +1,13 @@
 """In-process adaptive batching: concurrent requests' images are joined into one model call and split back.
 
 The model runs in dedicated threads (the event loop keeps serving HTTP meanwhile), at most `model_instances` calls
-at a time; each request gets exactly its own rows back. Batches are started by events, not by a consumer task: a
-request's arrival, a finished model call, a finished decode or the end of a wait. So an idle model takes a lone
-request at once, and under load requests pile up while a batch runs and the next batch is bigger. A free model
-instance waits for more, up to `max_latency_ms` after the oldest queued image arrived, only while that is worth it:
-requests are being decoded (known to be on their way), or another call keeps the cores busy meanwhile.
-
-Why events and not a consumer task waiting on an asyncio.Event: a waiting task is woken at the back of the event
-loop's queue of ready callbacks. When a batch's answers go out, its clients' next requests arrive together and
-are all parsed before such a task runs, so the model sat idle through the whole burst (the CIFAR ResNet-18 at 32
-clients: idle ~19% of the time, batches of ~29; a probe, in the notes of benchmarks/results/service_load.md's
-run of 2026-11-27 11:12 UTC, git history). Started from `submit`, a batch begins with the burst's first request
-and the rest are parsed while it runs.
+at a time; each request gets exactly its own rows back. Batches are started by events: a request's arrival, a
+finished model call, a finished decode or the end of a wait. So an idle model takes a lone request at once, and
+under load requests pile up while a batch runs and the next batch is bigger. A free model instance waits for more,
+up to `max_latency_ms` after the oldest queued image arrived, only while that is worth it: requests are being
+decoded (known to be on their way), or another call keeps the cores busy meanwhile. (Not a consumer task awaiting
+an asyncio.Event: it would wake only after every callback already queued on the event loop, leaving the model idle
+while a burst of requests is parsed.)
 
 Overload is refused, not absorbed: past `max_queue` waiting images a request fails at once with 503 and
 Retry-After; a request past its deadline fails with 504, and is skipped if its batch has not started.
@@ -89,7 +84,7 @@ class Batcher:
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():
-                item.future.set_exception(ApiError(503, "shutting_down", "the service is shutting down"))
+                item.future.set_exception(ApiError("shutting_down", "the service is shutting down"))
         self.queued_images = 0
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
@@ -101,7 +96,7 @@ class Batcher:
     async def submit(self, pixels: np.ndarray, deadline: float) -> np.ndarray:
         """(N, H, W, 3) uint8 -> (N, C) float32 from the model, batched with other requests' images."""
         if not self.running:
-            raise ApiError(503, "not_ready", "the model is not serving yet", {"Retry-After": "1"})
+            raise ApiError("not_ready", "the model is not serving yet", {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         count = len(pixels)
         self.admit(count)
@@ -132,14 +127,9 @@ class Batcher:
                 item.future.set_exception(self._deadline_error())
 
     def admit(self, count: int = 1) -> None:
-        """Raise 503 queue_full unless `count` more images fit in the queue.
-
-        Routes call it before reading a request's body too, so that under overload a rejection costs
-        microseconds instead of a body read and a decode.
-        """
+        """Raise 503 queue_full unless `count` more images fit in the queue (routes also call it before the body)."""
         if self.queued_images + count > self.max_queue:
             raise ApiError(
-                503,
                 "queue_full",
                 f"the service is overloaded ({self.queued_images} images waiting); retry later",
                 {"Retry-After": str(self.retry_after_s())},
@@ -150,7 +140,7 @@ class Batcher:
         return max(1, math.ceil(self.queued_images * self._seconds_per_image))
 
     def _deadline_error(self) -> ApiError:
-        return ApiError(504, "deadline_exceeded", "the request was not answered within its deadline")
+        return ApiError("deadline_exceeded", "the request was not answered within its deadline")
 
     def _dispatch(self, *, waited: bool = False) -> None:
         """Start a model call on what is queued, unless every model instance is busy or a fuller batch is worth

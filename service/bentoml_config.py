@@ -1,12 +1,9 @@
 """BentoML configuration defaults of the service: its per-request access log off, its prediction routes untraced.
 
-Both run on the event loop for every request, where they take the time that parsing and answering need, and on a
-compute-bound model the cores that the model needs. BentoML's tracer records a span per request even when no
-exporter is configured (its sampler records at sample rate 0, for the request ids in its logs), and each
-access-log line is formatted in the worker and forwarded through the `bentoml serve` process. With both on, the
-ResNet-18 server's event loop spent 1.09 ms of CPU per request, with both off 0.57 ms (a side-by-side probe, 5
-rounds, 2 cores, 32 clients, not committed); benchmarks/results/service_cpu.md measures the no-op endpoint with
-BentoML's defaults and with the service's settings, service_load.md the throughput.
+Both run on the event loop for every request (BentoML's tracer records a span even with no exporter configured,
+and each access-log line is forwarded through the `bentoml serve` process), taking time from parsing and answering
+and, on a compute-bound model, cores from the model. benchmarks/results/service_cpu.md measures the no-op endpoint
+with BentoML's defaults and with these settings.
 
 These are defaults of the service's configuration, so BentoML's own configuration overrides them, e.g.
 BENTOML_CONFIG_OPTIONS='services.visionserve.logging.access.enabled=true

@@ -25,9 +25,8 @@ from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
-# Requests whose images' headers declare at most this many pixels in total are decoded on the event loop (a
-# 32x32 JPEG takes about 0.02 ms here, benchmarks/results/decode.md; a thread hop took about 0.1 ms); more goes
-# to the decode threads.
+# Requests whose images' headers declare at most this many pixels in total are decoded on the event loop (see
+# Classifier.decode_many; benchmarks/results/decode.md); more goes to the decode threads.
 INLINE_DECODE_MAX_PIXELS = 128 * 128
 
 
@@ -98,9 +97,7 @@ class Classifier:
         loop = asyncio.get_running_loop()
         largest = self.settings.max_batch_size
         # On a GPU each new input shape makes cuDNN search its convolution algorithms (ONNX Runtime's default
-        # search is exhaustive), tens of milliseconds for a ResNet-18: paid here, not by the first requests that
-        # happen to form that batch size. (On an H100, 1,000 requests through the batcher, mostly first-time
-        # sizes, ran at 47 ms per batch of about 64 against 3 ms for a warmed-up batch of 64.)
+        # search is exhaustive): paid here, not by the first requests that happen to form that batch size.
         sizes = range(1, largest + 1) if self.info.device == "cuda" else sorted({1, largest})
         try:
             for batch_size in sizes:
@@ -138,7 +135,7 @@ class Classifier:
     async def decode_many(self, images: list[bytes]) -> list[np.ndarray | ApiError]:
         """Decode each image; each entry is the pixels or that image's own error.
 
-        Headers are read right here (microseconds; that refuses a bad format or size without a thread hop).
+        Headers are read right here, so a bad format or size is refused without a thread hop.
         Small images are then decoded here too: mostly Python work under the GIL, cheaper than a hop to a
         thread. Anything bigger is decoded in the thread pool, in parallel, so that the event loop keeps
         serving while Pillow decodes and resizes (it releases the GIL for that).
@@ -183,15 +180,14 @@ class Classifier:
         try:
             self.predictor.check_input(pixels)
         except ValueError as exc:
-            raise ApiError(400, "invalid_input", str(exc)) from None
+            raise ApiError("invalid_input", str(exc)) from None
         if len(pixels) > self.settings.max_batch_images:
             raise ApiError(
-                400,
                 "too_many_images",
                 f"{len(pixels)} images in one request; the limit is {self.settings.max_batch_images}",
             )
         if not self.ready:
-            raise ApiError(503, "not_ready", "the model is still warming up", {"Retry-After": "1"})
+            raise ApiError("not_ready", "the model is still warming up", {"Retry-After": "1"})
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         return await self.batcher.submit(pixels, deadline)
@@ -215,9 +211,9 @@ class Classifier:
             if isinstance(value, float) or str(value).strip() != str(k):
                 raise ValueError
         except (TypeError, ValueError):
-            raise ApiError(400, "invalid_top_k", f"top_k must be an integer, got {value!r}") from None
+            raise ApiError("invalid_top_k", f"top_k must be an integer, got {value!r}") from None
         if not 1 <= k <= self.num_classes:
-            raise ApiError(400, "invalid_top_k", f"top_k must be between 1 and {self.num_classes}, got {k}")
+            raise ApiError("invalid_top_k", f"top_k must be between 1 and {self.num_classes}, got {k}")
         return k
 
     @property

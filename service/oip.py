@@ -11,15 +11,15 @@ Triton's binary tensor data extension is supported (the default of tritonclient.
 `binary_data_size` has its raw bytes after the JSON (`Inference-Header-Content-Length` gives the JSON's length;
 a BYTES element is a 4-byte little-endian length then the bytes), and `binary_data` on the output (or
 `binary_data_output` on the request) returns the probabilities as little-endian float32 bytes the same way.
-Errors are `{"error": message, "code": code}`: 400 bad request, 404 unknown model or version, 413 body too large,
-415 unsupported image format, 503 not ready or overloaded (with Retry-After), 504 past the request deadline.
+Errors are `{"error": message, "code": code}` with the codes of service.errors (docs/errors.md): 400 bad request,
+404 unknown model or version, 413 body or image too large, 415 unsupported content or image format, 503 not ready or
+overloaded (with Retry-After), 504 past the request deadline. The protocol has no per-element errors: the first
+bad image fails the whole request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import importlib.metadata
 import json
 import math
@@ -32,8 +32,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from inference.package import INPUT_NAME, OUTPUT_PROBABILITIES
+from service.classifier import Classifier
 from service.errors import ApiError
-from service.http_api import media_type_of, read_body
+from service.request_reading import admit, decode_base64, media_type_of, read_body
 
 SERVER_NAME = "visionserve"
 EXTENSIONS = ["binary_tensor_data"]
@@ -70,7 +71,7 @@ class InferRequest:
 
 
 def bad_request(message: str, code: str = "invalid_request") -> ApiError:
-    return ApiError(400, code, message)
+    return ApiError(code, message)
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -251,12 +252,9 @@ def _encoded_images(
         if len(element) > max_chars:
             raise image_too_large(index, limits)
         try:
-            images.append(base64.b64decode(element, validate=True))
-        except (binascii.Error, ValueError):
-            raise bad_request(
-                f"element {index} of input {BYTES_INPUT_NAME!r} is not valid base64",
-                "invalid_base64",
-            ) from None
+            images.append(decode_base64(element))
+        except ApiError as exc:
+            raise exc.with_message(f"element {index} of input {BYTES_INPUT_NAME!r}: {exc.message}") from None
     return tuple(images)
 
 
@@ -280,11 +278,7 @@ def _binary_elements(binary: bytes, count: int, limits: InputLimits) -> tuple[by
 
 
 def image_too_large(index: int, limits: InputLimits) -> ApiError:
-    return ApiError(
-        413,
-        "image_too_large",
-        f"element {index} is over the limit of {limits.max_image_bytes} bytes",
-    )
+    return ApiError("image_too_large", f"element {index} is over the limit of {limits.max_image_bytes} bytes")
 
 
 def infer_response(
@@ -313,7 +307,7 @@ def infer_response(
     return Response(header + data, media_type=BINARY_MEDIA_TYPE, headers={HEADER_LENGTH: str(len(header))})
 
 
-def model_metadata(classifier) -> dict[str, Any]:
+def model_metadata(classifier: Classifier) -> dict[str, Any]:
     """The $metadata_model_response; `parameters` (a server-specific addition) carries what the spec has no field for."""
     spec, package, info = classifier.spec, classifier.package, classifier.info
     height, width = spec.input_size
@@ -346,10 +340,10 @@ def server_metadata() -> dict[str, Any]:
     }
 
 
-def routes(classifier) -> list[Route]:
-    """The v2 routes over `classifier` (service.classifier.Classifier), with the limits of its settings.
+def routes(classifier: Classifier) -> list[Route]:
+    """The v2 routes over `classifier`, with the limits of its settings.
 
-    They raise ApiError; the app that mounts them renders it as `{"error", "code"}` (service.http_api does).
+    They raise ApiError; the app that mounts them renders it as `{"error", "code"}` (service.app does).
     """
     settings = classifier.settings
     # One encoded image can be no bigger than the whole body; the per-element check refuses it before decoding.
@@ -360,13 +354,11 @@ def routes(classifier) -> list[Route]:
         version = request.path_params.get("version")
         if name != classifier.package.name:
             raise ApiError(
-                404,
                 "model_not_found",
                 f"unknown model {name!r}; this server serves {classifier.package.name!r}",
             )
         if version is not None and version != classifier.package.version:
             raise ApiError(
-                404,
                 "version_not_found",
                 f"unknown version {version!r} of model {name!r}; available: {classifier.package.version!r}",
             )
@@ -399,25 +391,18 @@ def routes(classifier) -> list[Route]:
     async def infer(request: Request) -> Response:
         deadline = asyncio.get_running_loop().time() + settings.request_timeout_s  # counted from arrival
         check_model(request)
-        if not classifier.ready:
-            raise ApiError(503, "not_ready", "the model is not ready yet", {"Retry-After": "1"})
-        classifier.batcher.admit()  # refuse at once under overload, before reading the body
+        admit(classifier)
         media_type_of(request)  # refuses a pickle content type (415); JSON or the binary extension's body follow
         body = await read_body(request, settings.max_body_bytes)
         header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-        # JSON parsing and numpy conversion of a large tensor take milliseconds: keep them off the event loop.
+        # Parsing a large tensor would hold up every other request on the event loop.
         parsed = await classifier.run_in_pool(parse_infer_request, header, limits, binary)
         pixels = parsed.pixels
         if pixels is None:
             decoded = await classifier.decode_many(list(parsed.encoded))
-            # The protocol has no per-element errors: the first bad image fails the whole request.
             for index, entry in enumerate(decoded):
                 if isinstance(entry, ApiError):
-                    raise ApiError(
-                        entry.status,
-                        entry.code,
-                        f"element {index} of {BYTES_INPUT_NAME!r}: {entry.message}",
-                    )
+                    raise entry.with_message(f"element {index} of {BYTES_INPUT_NAME!r}: {entry.message}")
             pixels = np.stack(decoded)
         probabilities = await classifier.infer(pixels, deadline)
         package = classifier.package

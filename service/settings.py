@@ -35,8 +35,8 @@ class ServiceSettings:
     max_body_bytes: int = 16 * 1024 * 1024  # a request body over this gets 413 without being read
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # width * height from the header; over it 413 before decoding
     max_batch_images: int = 64  # images in one /classify_batch (or v2 infer) request
-    # Server processes, each with its own event loop, batcher and model session. One event loop tops out at a
-    # few hundred small requests/s (Python work per request), so a small model on many cores wants several.
+    # Server processes, each with its own event loop, batcher and model session. Python work per request bounds
+    # what one event loop serves, so a small model on many cores wants several.
     workers: int = 1
     threads: int = 0  # ONNX Runtime / torch intra-op threads per worker; 0 = this process's cores / workers
     # Model calls that may run at once in a worker, each with threads / model_instances runtime threads. 2 suits a

@@ -186,7 +186,7 @@ def test_past_its_deadline_a_request_gets_504_and_is_never_run():
                 await batcher.submit(tagged(99), await deadline_in(0.05))
             gate.set()
             await running
-            # The consumer goes on after skipping it.
+            # Batching goes on after skipping it.
             await batcher.submit(tagged(2), await deadline_in(10))
         return model, late.value
 

@@ -315,7 +315,7 @@ def test_an_image_over_the_pixel_limit_is_413_before_decoding(color_package):
     small_limit = Classifier(ServiceSettings(model=str(color_package), device="cpu", max_image_pixels=100))
     with pytest.raises(ApiError) as refused:
         decode_one(small_limit, _encoded("PNG", size=(11, 10)))
-    assert (refused.value.status, refused.value.code) == (413, "too_large")
+    assert (refused.value.status, refused.value.code) == (413, "image_too_large")
 
 
 @pytest.mark.parametrize("big", [False, True])  # on the event loop, and in the pool (a big image in the request)

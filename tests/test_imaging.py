@@ -76,10 +76,10 @@ def png_header_only(width: int, height: int) -> bytes:
 def test_pixel_limit_is_checked_from_the_header_before_decoding():
     with pytest.raises(ImageDecodeError) as err:
         decode_image(png_header_only(100_000, 100_000), (32, 32))
-    assert err.value.reason == "too_large"
+    assert err.value.reason == "image_too_large"
     with pytest.raises(ImageDecodeError) as err:
         decode_image(encode(solid("RGB", (0, 0, 0), (100, 100)), "PNG"), (32, 32), max_pixels=9_999)
-    assert err.value.reason == "too_large"
+    assert err.value.reason == "image_too_large"
 
 
 @pytest.mark.parametrize(
@@ -189,7 +189,7 @@ def test_plain_jpeg_pixel_limit_is_checked_from_the_header():
     assert plain_jpeg_size(data) == (100, 100)
     with pytest.raises(ImageDecodeError) as err:
         decode_image(data, (32, 32), max_pixels=9_999)
-    assert err.value.reason == "too_large"
+    assert err.value.reason == "image_too_large"
 
 
 def test_exif_rotated_jpeg_is_turned_upright():

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import struct
+import zlib
 
 import httpx
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from inference.imaging import encode_png
-from service import http_api
+from service import app as service_app
 from service.classifier import Classifier
 from service.errors import ApiError
 from service.oip import InputLimits, infer_response, parse_infer_request, split_body
@@ -199,6 +201,7 @@ def test_oversized_base64_image_is_413_before_decoding():
     # 1,400 base64 characters encode 1,050 bytes, over the 1,000-byte limit.
     error = parse_error(body(images_input([b""], data=["A" * 1400])))
     assert error.status == 413
+    assert error.code == "image_too_large"
 
 
 def test_infer_response_follows_the_spec_layout():
@@ -318,6 +321,7 @@ def test_oversized_binary_element_is_413():
     with pytest.raises(ApiError) as caught:
         parse_binary(raw, headers)
     assert caught.value.status == 413
+    assert caught.value.code == "image_too_large"
 
 
 def test_binary_response_layout():
@@ -343,8 +347,8 @@ def classifier(tmp_path_factory) -> Classifier:
 
 @pytest.fixture(scope="module")
 def client(classifier):
-    app = http_api.create_app()  # the service's own Starlette app: its ApiError handler renders the JSON errors
-    http_api.attach(app, classifier)  # mounts service.oip's routes
+    app = service_app.create_app()  # the service's own Starlette app: its ApiError handler renders the JSON errors
+    service_app.attach(app, classifier)  # mounts service.oip's routes
     with TestClient(app) as test_client:
         test_client.portal.call(classifier.start)  # the batcher runs on the test client's event loop
         yield test_client
@@ -477,6 +481,32 @@ def test_body_over_the_limit_is_413(client):
     response = client.post("/v2/models/color/infer", content=body(pixels_input(pixels)))
     assert response.status_code == 413
     assert "limit" in response.json()["error"]
+    assert response.json()["code"] == "body_too_large"
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels and that has no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_an_image_over_the_pixel_limit_is_image_too_large_as_on_classify(client):
+    response = client.post(
+        "/v2/models/color/infer", content=body(images_input([_png(), png_header_only(10_000, 10_000)]))
+    )
+    assert response.status_code == 413
+    assert response.json()["code"] == "image_too_large"
+    assert response.json()["error"].startswith("element 1 of 'images'")
+
+
+def test_a_base64_element_may_be_a_data_url_as_on_classify():
+    encoded = "data:image/png;base64," + base64.b64encode(_png()).decode()
+    parsed = parse_infer_request(body(images_input([_png()], data=[encoded])), LIMITS)
+    assert parsed.encoded == (_png(),)
 
 
 def test_not_ready_is_false_in_health_and_503_in_inference(client, monkeypatch):
@@ -500,7 +530,7 @@ def test_a_failed_warm_up_makes_the_server_not_live(client, classifier, monkeypa
 
 def test_overload_from_the_batcher_passes_through_with_retry_after(client, classifier, monkeypatch):
     async def overloaded(pixels, deadline=None):
-        raise ApiError(503, "overloaded", "the queue is full", {"Retry-After": "1"})
+        raise ApiError("queue_full", "the queue is full", {"Retry-After": "1"})
 
     monkeypatch.setattr(classifier, "infer", overloaded)
     response = client.post("/v2/models/color/infer", content=body(_red()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import io
@@ -20,8 +21,9 @@ from PIL import Image
 from benchmarks.servers import free_port
 from inference.imaging import encode_png
 from inference.runtime import cpu_threads
-from service.errors import ApiError
-from service.http_api import decode_base64, parse_json_image
+from service.classify_routes import parse_json_image
+from service.errors import ERRORS, ApiError
+from service.request_reading import decode_base64
 from tests.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
 from tests.conftest import SERVICE_TEST_SETTINGS
 from tests.service_servers import (
@@ -57,12 +59,46 @@ def test_base64_accepts_a_data_url_prefix():
         (b'{"image": 12}', "missing_image"),
         (b'{"image": "abcde"}', "invalid_base64"),  # length not a multiple of 4
         (b'{"image": "ab!?"}', "invalid_base64"),  # not in the alphabet
+        ('{"image": "\u00e9abc"}'.encode(), "invalid_base64"),  # not ASCII
+        (b"[" * 100_000, "invalid_json"),  # nested too deep for the parser
     ],
 )
 def test_bad_json_bodies_are_400(body, code):
     with pytest.raises(ApiError) as refused:
         parse_json_image(body)
     assert (refused.value.status, refused.value.code) == (400, code)
+
+
+# --- the error vocabulary and the module layout ------------------------------------------------------------------
+
+SERVICE_DIR = REPO / "service"
+
+
+def test_every_error_code_is_in_the_table_and_in_docs_errors_md():
+    documented = {}
+    for line in (REPO / "docs" / "errors.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`"):
+            documented[cells[0].strip("`")] = cells[1]
+    table = {code: str(entry.status) if entry.status else "Starlette's" for code, entry in ERRORS.items()}
+    assert documented == table
+    # Every code the service raises by name is in the table (ApiError would raise KeyError at run time).
+    raised = set()
+    for path in SERVICE_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            # ApiError(code, message, ...) and oip's bad_request(message, code)
+            position = {"ApiError": 0, "bad_request": 1}.get(getattr(getattr(node, "func", None), "id", None))
+            if isinstance(node, ast.Call) and position is not None and len(node.args) > position:
+                code = node.args[position]
+                if isinstance(code, ast.Constant) and isinstance(code.value, str):
+                    raised.add(code.value)
+    assert raised and raised <= set(ERRORS)
+    # The decoder's reasons (shared with batch scoring) are service codes as they are.
+    reasons = set()
+    for node in ast.walk(ast.parse((REPO / "inference" / "imaging.py").read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ImageDecodeError" and node.args:
+            reasons.add(node.args[0].value)
+    assert reasons == {"empty", "corrupt", "unsupported_format", "image_too_large"} and reasons <= set(ERRORS)
 
 
 # --- the real server ----------------------------------------------------------------------------------------------
@@ -267,7 +303,7 @@ def test_metadata_reports_the_runtime_and_the_cpu_fallback(client):
         ("/classify", b"plain text, not pixels", "image/png", 415, "unsupported_format"),
         ("/classify", None, "image/png", 400, "corrupt"),  # a truncated PNG
         ("/classify", encoded("GIF", "L", 0), "image/png", 415, "unsupported_format"),
-        ("/classify", encoded("PNG", "L", 0, size=(1001, 1000)), "image/png", 413, "too_large"),
+        ("/classify", encoded("PNG", "L", 0, size=(1001, 1000)), "image/png", 413, "image_too_large"),
         ("/classify", b"\x80\x04K\x01.", "application/python-pickle", 415, "pickle_refused"),
         ("/classify", b"abc", "application/octet-stream", 415, "unsupported_media_type"),
         ("/classify", b"{oops", "application/json", 400, "invalid_json"),

@@ -1,0 +1,113 @@
+"""Reading a request, shared by both route sets: admission, media type, body limits, multipart forms, base64.
+
+Each check refuses as early as it can, so that a request that will fail costs as little as possible: readiness
+and queue room (503) before anything else, the content type (415; pickle is always refused) before the body,
+the declared Content-Length (413) before any byte of the body, and a streamed body (413) as soon as it passes
+the limit. No URL is ever fetched.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+
+from service.classifier import Classifier
+from service.errors import ApiError
+
+MULTIPART = "multipart/form-data"
+MAX_FORM_FIELDS = 8  # non-file fields (top_k); more is not a real client
+DATA_URL_PREFIX = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+
+
+def admit(classifier: Classifier | None) -> Classifier:
+    """The classifier, if it is ready and its queue has room for one more image; else 503 with Retry-After.
+
+    Called before the body is read, so that a refusal under overload costs no body read and no decode.
+    """
+    if classifier is None or not classifier.ready:
+        raise ApiError("not_ready", "the model is still loading or warming up", {"Retry-After": "1"})
+    classifier.batcher.admit()
+    return classifier
+
+
+def media_type_of(request: Request) -> str:
+    """The request's media type, lower-cased without parameters; a pickle content type is refused (415)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if "pickle" in media_type:
+        raise ApiError("pickle_refused", "pickled bodies are never accepted (unpickling runs code)")
+    return media_type
+
+
+def unsupported_media_type(media_type: str, accepted: list[str]) -> ApiError:
+    return ApiError(
+        "unsupported_media_type",
+        f"content type {media_type or '(none)'!r} is not accepted here; send one of {', '.join(accepted)}",
+    )
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refusing (413) a declared or streamed size over `max_bytes` without reading the rest."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ApiError("invalid_content_length", f"Content-Length {declared!r} is not a number")
+        if int(declared) > max_bytes:
+            raise body_too_large(max_bytes)
+    chunks = []
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:  # a chunked body (or one longer than declared)
+                raise body_too_large(max_bytes)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError("client_disconnected", "the client closed the connection mid-body") from None
+    return b"".join(chunks)
+
+
+def body_too_large(max_bytes: int) -> ApiError:
+    return ApiError("body_too_large", f"the request body is larger than the limit of {max_bytes} bytes")
+
+
+async def read_form(request: Request, max_bytes: int, max_files: int) -> FormData:
+    """A multipart body (at most `max_bytes`, `max_files` file parts and MAX_FORM_FIELDS other fields)."""
+    body = await read_body(request, max_bytes)
+
+    async def chunks():
+        yield body
+
+    parser = MultiPartParser(request.headers, chunks(), max_files=max_files, max_fields=MAX_FORM_FIELDS)
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        if exc.message.startswith("Too many files"):
+            raise ApiError("too_many_images", f"too many images in one request; the limit is {max_files}") from None
+        raise ApiError("invalid_multipart", f"malformed multipart body: {exc.message}") from None
+
+
+async def form_image(form: FormData, field: str) -> bytes:
+    """The bytes of the file upload in `field`."""
+    upload = form.get(field)
+    if upload is None:
+        raise ApiError("missing_image", f"send the image as a file in the multipart field {field!r}")
+    if not isinstance(upload, UploadFile):
+        raise ApiError("invalid_multipart", f"the multipart field {field!r} must be a file upload")
+    return await upload.read()
+
+
+def decode_base64(text: str) -> bytes:
+    """Standard base64 (an optional data: URL prefix is dropped); the length is checked before decoding."""
+    text = DATA_URL_PREFIX.sub("", text, count=1)
+    if len(text) % 4:
+        raise ApiError(
+            "invalid_base64", f"the image is not valid base64: its length {len(text)} is not a multiple of 4"
+        )
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as exc:  # binascii.Error, or characters outside ASCII
+        raise ApiError("invalid_base64", f"the image is not valid base64: {exc}") from None
