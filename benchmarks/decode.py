@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.load_test import DEFAULT_ARCHIVE, RESULTS, machine, read_test_jpegs, write_atomic
+from benchmarks.common import DEFAULT_ARCHIVE, RESULTS, machine, read_test_jpegs, write_atomic
 from inference.imaging import decode_image, pillow_open, pillow_pixels, plain_jpeg_size
 
 SIZE = (32, 32)  # the CIFAR models' input (H, W)

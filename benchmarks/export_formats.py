@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.load_test import CIFAR10_CLASSES  # noqa: E402
+from benchmarks.common import CIFAR10_CLASSES  # noqa: E402
 from benchmarks.random_weights import random_run  # noqa: E402
 from export.manifest import default_version  # noqa: E402
 from export.parity import (  # noqa: E402

@@ -9,7 +9,7 @@
 4. Service path without HTTP: the service's `Classifier` (adaptive batching) under many concurrent single-image
    requests with distinct images: images/s, the batch sizes formed, and every answer equal to that image's
    own unbatched result (results never cross between requests).
-5. Batch job: `service.batch`'s local engine over the archive's test images (10,000 in CIFAR-10) on each
+5. Batch job: `batch`'s local engine over the archive's test images (10,000 in CIFAR-10) on each
    device: images/s, and the top-1 accuracy computed from its output file.
 
 Without a usable GPU every section still runs, and the report says that device=auto fell back to the CPU and why.
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import batch_scoring
-from benchmarks.load_test import DEFAULT_ARCHIVE, decode_all, read_test_jpegs
+from benchmarks.common import DEFAULT_ARCHIVE, decode_all, read_test_jpegs
 from benchmarks.raw_engine import measure_engine
 from inference.files import atomic_write
 from inference.package import ModelPackage, load_package

@@ -22,339 +22,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
-import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
-import tarfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
+from benchmarks.common import (
+    CACHE,
+    CIFAR10_CLASSES,
+    DEFAULT_ARCHIVE,
+    LOGS,
+    RESULTS,
+    decode_all,
+    describe_package,
+    describe_spec,
+    machine,
+    read_test_jpegs,
+    run_and_report,
+)
+from benchmarks.loadgen import CLIENTS, Phase, best_phase, best_rate, closed_loop, open_loop, sweep, write_image_files
 from benchmarks.random_weights import random_package
-from benchmarks.servers import SERVICE, BentoServer
-from inference.files import atomic_write
+from benchmarks.raw_engine import ENGINE_CALLS, best, engine_predictor, measure_engine
+from benchmarks.servers import NOOP_SERVICE, NOOP_SERVICE_SETTINGS, SERVICE, BentoServer
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"  # the offline copy beside the repo
-CACHE = REPO / ".cache" / "bench"
-RESULTS = REPO / "benchmarks" / "results"
-LOGS = CACHE / "logs"  # the servers' output
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
-NOOP_SERVICE = "benchmarks.noop_service:NoopClassifier"
-NOOP_SERVICE_SETTINGS = "VISIONSERVE_NOOP_SERVICE_SETTINGS"  # =1: the no-op with the service's framework settings
-WRK_SCRIPT = REPO / "benchmarks" / "wrk_classify.lua"
 NAIVE_SERVICE = "benchmarks.naive_service:NaiveClassifier"
-ENGINE_CALLS = (1, 2)  # the raw engine as one call, and as two side by side (VISIONSERVE_MODEL_INSTANCES=2)
-CLIENTS = {
-    "wrk": "wrk (C, one thread; benchmarks/wrk_classify.lua)",
-    "python": "this script's aiohttp workers",
-}
-REQUEST_TIMEOUT_S = 30.0  # client side; a request still unanswered by then counts as "timeout"
-
-
-# ---- data ----------------------------------------------------------------------------------------------------
-
-
-def read_test_jpegs(archive: Path, count: int, seed: int = 0) -> list[bytes]:
-    """`count` encoded JPEGs drawn at random (seeded) from the archive's test/<class>/ members."""
-    blobs = []
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if "test" not in parts or not member.isfile() or not member.name.endswith(".jpg"):
-                continue
-            blobs.append(tar.extractfile(member).read())
-    if not blobs:
-        raise ValueError(f"{archive} has no test/<class>/*.jpg members")
-    order = np.random.default_rng(seed).permutation(len(blobs))[:count]
-    return [blobs[i] for i in order]
-
-
-def decode_all(blobs: list[bytes], size: tuple[int, int]) -> np.ndarray:
-    from inference.imaging import decode_image
-
-    return np.stack([decode_image(blob, size) for blob in blobs])
-
-
-# ---- packages --------------------------------------------------------------------------------------------------
-
-
-def describe_spec(root: Path) -> dict:
-    return json.loads((root / "manifest.json").read_text())["spec"]
-
-
-def describe_package(root: Path) -> dict:
-    manifest = json.loads((root / "manifest.json").read_text())
-    source = manifest.get("source", {})
-    accuracy = source.get("training_metrics", {}).get("test_accuracy")
-    return {
-        "path": str(root),
-        "name": manifest["name"],
-        "version": manifest["version"],
-        "arch": manifest["spec"]["arch"],
-        "weights": "trained" if accuracy is not None else "random (untrained)",
-        "training_test_accuracy": accuracy,
-    }
-
-
-# ---- load ------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Phase:
-    """One load phase's figures; latencies in milliseconds.
-
-    Closed loop: the answers completed inside the measured window. Open loop: the answers to every request
-    scheduled inside the window.
-    """
-
-    server: str
-    kind: str  # closed (c workers) | open (fixed arrival rate)
-    concurrency: int  # workers (closed) or the most requests in flight allowed (open)
-    seconds: float  # the measured window (after the warm-up)
-    requests: int  # answered in the window, any status
-    ok: int
-    statuses: dict[str, int] = field(default_factory=dict)  # status code (or timeout/connection_error) -> count
-    requests_per_second: float = 0.0  # OK answers per second
-    p50_ms: float | None = None  # of OK answers
-    p95_ms: float | None = None
-    p99_ms: float | None = None
-    rejected_p50_ms: float | None = None  # of 503/429 answers: rejection should be fast
-    rejected_p99_ms: float | None = None
-    rejected_with_retry_after: int = 0
-    target_rate: float | None = None  # open loop: requests/s sent
-
-
-def summarise(server: str, kind: str, concurrency: int, seconds: float, samples: list) -> Phase:
-    """samples: (latency_s, status, has_retry_after) of the phase's measured answers."""
-    statuses = collections.Counter(status for _, status, _ in samples)
-    ok = [latency for latency, status, _ in samples if status == "200"]
-    rejected = [(latency, retry) for latency, status, retry in samples if status in ("503", "429")]
-    phase = Phase(
-        server,
-        kind,
-        concurrency,
-        round(seconds, 2),
-        len(samples),
-        len(ok),
-        dict(sorted(statuses.items())),
-    )
-    phase.requests_per_second = round(len(ok) / seconds, 1)
-    if ok:
-        phase.p50_ms, phase.p95_ms, phase.p99_ms = (round(1000 * v, 1) for v in np.percentile(ok, [50, 95, 99]))
-    if rejected:
-        latencies = [latency for latency, _ in rejected]
-        phase.rejected_p50_ms, phase.rejected_p99_ms = (round(1000 * v, 1) for v in np.percentile(latencies, [50, 99]))
-        phase.rejected_with_retry_after = sum(retry for _, retry in rejected)
-    return phase
-
-
-async def send(session, url: str, image: bytes) -> tuple[str, bool]:
-    import aiohttp
-
-    form = aiohttp.FormData()
-    form.add_field("image", image, filename="image.jpg", content_type="image/jpeg")
-    try:
-        async with session.post(url, data=form) as response:
-            await response.read()
-            return str(response.status), "Retry-After" in response.headers
-    except asyncio.TimeoutError:
-        return "timeout", False
-    except aiohttp.ClientError:
-        return "connection_error", False
-
-
-def client_session():
-    import aiohttp
-
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),  # no client-side cap: concurrency is set by the workers
-        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
-    )
-
-
-async def closed_loop(
-    server: str, url: str, images: list[bytes], concurrency: int, duration: float, warmup: float
-) -> Phase:
-    """`concurrency` workers, each sending its next request when the last is answered, for warmup + duration s."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    window_start, window_end = start + warmup, start + warmup + duration
-    samples: list = []
-
-    async def worker(offset: int) -> None:
-        index = offset
-        while loop.time() < window_end:
-            sent = loop.time()
-            status, retry = await send(session, url, images[index % len(images)])
-            answered = loop.time()
-            # Throughput = answers completed inside the window, wherever the request started (a full pipeline).
-            if window_start <= answered <= window_end:
-                samples.append((answered - sent, status, retry))
-            index += concurrency
-
-    async with client_session() as session:
-        tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
-        # Bounded: workers stop sending at window_end; stragglers are cancelled after the client timeout.
-        _, pending = await asyncio.wait(tasks, timeout=warmup + duration + REQUEST_TIMEOUT_S)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    return summarise(server, "closed", concurrency, duration, samples)
-
-
-async def open_loop(
-    server: str,
-    url: str,
-    images: list[bytes],
-    rate: float,
-    duration: float,
-    warmup: float,
-    max_in_flight: int = 1024,
-) -> Phase:
-    """Requests sent at a fixed rate whatever the answers; latency counted from the scheduled send time."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    window_start = start + warmup
-    samples: list = []
-    in_flight: set[asyncio.Task] = set()
-    skipped = 0
-
-    async def one(scheduled: float, image: bytes) -> None:
-        status, retry = await send(session, url, image)
-        answered = loop.time()
-        # Every request scheduled in the window counts, however late its answer (no coordinated omission).
-        if window_start <= scheduled:
-            samples.append((answered - scheduled, status, retry))
-
-    async with client_session() as session:
-        for k in range(int(rate * (warmup + duration))):
-            scheduled = start + k / rate
-            await asyncio.sleep(max(0.0, scheduled - loop.time()))
-            if len(in_flight) >= max_in_flight:
-                skipped += scheduled >= window_start
-                continue
-            task = asyncio.create_task(one(scheduled, images[k % len(images)]))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-        if in_flight:
-            _, pending = await asyncio.wait(set(in_flight), timeout=REQUEST_TIMEOUT_S)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-    phase = summarise(server, "open", max_in_flight, duration, samples)
-    phase.target_rate = round(rate, 1)
-    if skipped:
-        phase.statuses["client_backlog_skipped"] = skipped
-    return phase
-
-
-def write_image_files(images: list[bytes], folder: Path) -> Path:
-    """The images as files in `folder` for wrk, and the list of their paths (returned)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, image in enumerate(images):
-        path = folder / f"{index:05d}.jpg"
-        path.write_bytes(image)
-        paths.append(str(path))
-    listing = folder / "images.txt"
-    listing.write_text("\n".join(paths) + "\n")
-    return listing
-
-
-def wrk_closed_loop(server: str, url: str, listing: Path, concurrency: int, duration: float, warmup: float) -> Phase:
-    """closed_loop's measurement made by wrk (C, one thread): `concurrency` connections, each sending its next
-    request when the last is answered. It costs a fraction of the Python client's CPU, which shares the cores
-    with the server under test. Warm-up is a separate wrk run whose figures are dropped."""
-
-    def run_wrk(seconds: float) -> dict:
-        command = [
-            "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", f"--timeout={REQUEST_TIMEOUT_S:g}s",
-            "-s", str(WRK_SCRIPT), url, "--", str(listing),
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        return json.loads(result.stdout.strip().splitlines()[-1])
-
-    if warmup > 0:
-        run_wrk(warmup)
-    figures = run_wrk(duration)
-    seconds = figures["duration_us"] / 1e6
-    failed = figures["status"]  # answers with a status of 400 or more
-    errors = {
-        "timeout": figures["timeout"],
-        "connection_error": figures["connect"] + figures["read"] + figures["write"],
-    }
-    ok = figures["requests"] - failed
-    phase = Phase(server, "closed", concurrency, round(seconds, 2), figures["requests"], ok)
-    phase.statuses = {"2xx": ok, **({"4xx/5xx": failed} if failed else {}), **{k: v for k, v in errors.items() if v}}
-    phase.requests_per_second = round(ok / seconds, 1)
-    # wrk's percentiles cover every answer; with no failed answers they are those of the OK ones.
-    phase.p50_ms, phase.p95_ms, phase.p99_ms = (round(figures[f"p{p}_us"] / 1000, 1) for p in (50, 95, 99))
-    return phase
-
-
-def sweep(
-    server: BentoServer,
-    images: list[bytes],
-    listing: Path | None,
-    concurrencies: list[int],
-    duration: float,
-    warmup: float,
-) -> list[Phase]:
-    """Closed-loop phases at each concurrency; by wrk when `listing` (its image list) is given, else in Python."""
-    phases = []
-    url = f"{server.url}/classify"
-    for concurrency in concurrencies:
-        if listing is not None:
-            phase = wrk_closed_loop(server.name, url, listing, concurrency, duration, warmup)
-        else:
-            phase = asyncio.run(closed_loop(server.name, url, images, concurrency, duration, warmup))
-        print(
-            f"[{server.name}] c={concurrency:4d}: {phase.requests_per_second:7.1f} req/s  p50 {phase.p50_ms} ms  "
-            f"p99 {phase.p99_ms} ms  statuses {phase.statuses}",
-            flush=True,
-        )
-        phases.append(phase)
-    return phases
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "python": platform.python_version(),
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],  # 1, 5, 15 min: other users' work
-    }
-
-
-def best_phase(phases: list[Phase]) -> Phase:
-    return max(phases, key=lambda p: p.requests_per_second)
-
-
-def best_rate(phases: list[Phase]) -> float:
-    return best_phase(phases).requests_per_second
 
 
 def resnet_name(model_instances: int) -> str:
@@ -373,8 +71,6 @@ def worker_suffix(workers: int) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from benchmarks.raw_engine import best, engine_predictor, measure_engine
-
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     small_workers = [int(w) for w in args.small_workers.split(",")]
     resnet_instances = [int(n) for n in args.resnet_instances.split(",")]
@@ -560,28 +256,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, text: str) -> None:
-    with atomic_write(path, "w") as f:
-        f.write(text)
-
-
-def run_and_report(
-    run: Callable[[argparse.Namespace], dict], markdown: Callable[[dict], str], args: argparse.Namespace
-) -> int:
-    """A benchmark's main: `run(args)`, then its markdown report at args.out and the figures as JSON beside it,
-    each written atomically; exit status 1 with a one-line error if the run fails (a server that would not start,
-    wrk failing, an unreadable archive)."""
-    try:
-        results = run(args)
-    except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
-    write_atomic(args.out, markdown(results))
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
-    return 0
 
 
 def round_ratios(pairs: list[dict]) -> str:

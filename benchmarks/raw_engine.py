@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import DEFAULT_ARCHIVE, decode_all, read_test_jpegs
 from inference.runtime import Predictor, cpu_threads
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64, 128)
+ENGINE_CALLS = (1, 2)  # the raw engine as one call, and as two side by side (VISIONSERVE_MODEL_INSTANCES=2)
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,6 @@ def best(results: list[EngineResult]) -> EngineResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.load_test import DEFAULT_ARCHIVE, decode_all, read_test_jpegs
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--package", type=Path, required=True, help="model package folder")
     parser.add_argument("--backend", default="onnx", help="package backend: onnx, onnx-int8 or torchscript")

@@ -3,7 +3,7 @@
     python -m benchmarks.service_accuracy --package PACKAGE
 
 Starts `bentoml serve` on a free 127.0.0.1 port with the package, times start to /readyz, sends the 10,000 test
-JPEGs in batches with `python -m service.batch --url` (the batch scoring client), computes top-1 accuracy from the
+JPEGs in batches with `python -m batch --url` (the batch scoring client), computes top-1 accuracy from the
 output file and compares it with the accuracy the export stage measured offline (manifest metrics.onnx).
 """
 
@@ -16,11 +16,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from batch.job import BatchJob, run_job
 from benchmarks.batch_scoring import CACHE, DEFAULT_ARCHIVE, output_accuracy, test_split
-from benchmarks.load_test import machine
+from benchmarks.common import machine
 from benchmarks.servers import SERVICE, BentoServer
 from inference.files import atomic_write
-from service.batch_job import BatchJob, run_job
 
 RESULTS = Path(__file__).resolve().parent / "results" / "service_accuracy.md"
 

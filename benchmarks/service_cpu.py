@@ -36,14 +36,10 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.decode import cpu_us_per_image
-from benchmarks.load_test import (
+from benchmarks.common import (
     CACHE,
     DEFAULT_ARCHIVE,
-    ENGINE_CALLS,
     LOGS,
-    NOOP_SERVICE,
-    NOOP_SERVICE_SETTINGS,
     RESULTS,
     decode_all,
     describe_package,
@@ -51,11 +47,11 @@ from benchmarks.load_test import (
     machine,
     read_test_jpegs,
     run_and_report,
-    write_image_files,
-    wrk_closed_loop,
 )
-from benchmarks.raw_engine import best, engine_predictor, measure_engine
-from benchmarks.servers import SERVICE, BentoServer
+from benchmarks.decode import cpu_us_per_image
+from benchmarks.loadgen import write_image_files, wrk_closed_loop
+from benchmarks.raw_engine import ENGINE_CALLS, best, engine_predictor, measure_engine
+from benchmarks.servers import NOOP_SERVICE, NOOP_SERVICE_SETTINGS, SERVICE, BentoServer
 from inference.imaging import decode_image
 
 ENGINE_BATCH_SIZES = (32, 64, 128)  # the best batch sizes in the load test's runs: 32 for two calls, 64-128 for one

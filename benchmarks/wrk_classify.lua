@@ -1,4 +1,4 @@
--- wrk script for benchmarks/load_test.py: POST /classify, one multipart upload (field `image`) per request,
+-- wrk script for benchmarks/loadgen.py: POST /classify, one multipart upload (field `image`) per request,
 -- cycling through the JPEG files listed in the script's first argument (one path a line). Prints one JSON line.
 local bodies, index = {}, 0
 local boundary = "----visionserve-load-test"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.load_test import CIFAR10_CLASSES
+from benchmarks.common import CIFAR10_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,11 +140,11 @@ def test_batch_scoring_extracts_each_archives_test_split_apart(tmp_path, monkeyp
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("client", ["python", "wrk"])
-def test_load_test_clients_measure_a_running_server(tmp_path, client):
+def test_loadgen_clients_measure_a_running_server(tmp_path, client):
     if client == "wrk" and shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (apt-get install wrk)")
-    from benchmarks.load_test import NOOP_SERVICE, closed_loop, write_image_files, wrk_closed_loop
-    from benchmarks.servers import BentoServer
+    from benchmarks.loadgen import closed_loop, write_image_files, wrk_closed_loop
+    from benchmarks.servers import NOOP_SERVICE, BentoServer
     from inference.imaging import encode_png
 
     images = [encode_png(np.full((32, 32, 3), value, dtype=np.uint8)) for value in (0, 128, 255)]
