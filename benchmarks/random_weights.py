@@ -15,12 +15,11 @@ def random_run(folder: Path, arch: str, classes: Sequence[str], data: str) -> Pa
     """A run folder holding a checkpoint of `arch` with seeded random weights, as training would write it."""
     import torch  # here, not at the top: the load generator imports this module and must stay light
 
-    from inference.spec import ModelSpec
     from training.checkpoint import Checkpoint, save_checkpoint
-    from training.models import build_model, get_model_info
+    from training.models import build_model, model_spec
 
     torch.manual_seed(0)
-    spec = ModelSpec(arch=arch, class_names=tuple(classes), input_size=get_model_info(arch).input_size)
+    spec = model_spec(arch, classes)
     model = build_model(arch, spec.num_classes, spec.input_size)
     config = {"data": data, "note": "random weights for a benchmark; never trained"}
     save_checkpoint(folder / "checkpoint.pt", Checkpoint(spec, model.state_dict(), config=config, epoch=0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# The lesson's normalisation (ImageNet statistics); also what pretrained torchvision ResNets expect.
+# ImageNet's statistics: what a spec naming no normalisation means, and what pretrained torchvision ResNets expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -21,7 +21,7 @@ class ModelSpec:
     arch: str
     class_names: tuple[str, ...]
     input_size: tuple[int, int] = (32, 32)  # (H, W) in pixels
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # per RGB channel, on [0, 1] pixels
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per RGB channel on [0, 1] pixels; training sets the registry's
     std: tuple[float, float, float] = IMAGENET_STD
     layout: str = "NHWC-uint8-RGB"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments of `arch`

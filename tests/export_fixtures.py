@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from inference.spec import ModelSpec
 from training.augment import to_model_input
 from training.checkpoint import Checkpoint, save_checkpoint
-from training.models import build_model, get_model_info
+from training.models import build_model, get_model_info, model_spec
 
 CLASSES = ("red", "green", "blue")  # each class's images are dominated by that colour channel
 
@@ -32,17 +33,28 @@ def write_image_folder(root: Path, classes=CLASSES, size=(32, 32), train=8, test
 
 
 def write_run(
-    run_dir: Path, arch: str, data: Path, classes=CLASSES, *, fit_steps: int = 0, seed: int = 0, tta: bool = False
+    run_dir: Path,
+    arch: str,
+    data: Path,
+    classes=CLASSES,
+    *,
+    fit_steps: int = 0,
+    seed: int = 0,
+    tta: bool = False,
+    normalisation: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None,
 ) -> Path:
     """A run folder as `python -m training train` leaves it (with `--tta` if asked), without the training engine.
 
     fit_steps=0 keeps random weights; more fits the model on data/train with plain SGD, so that its
     predictions are confident (int8 tests need that: random weights give near-uniform probabilities).
+    `normalisation` (mean, std) replaces the registry's, as in a run whose spec recorded other statistics.
     """
     torch.manual_seed(seed)
     input_size = get_model_info(arch).input_size
     model = build_model(arch, len(classes), input_size)
-    spec = ModelSpec(arch=arch, class_names=tuple(classes), input_size=input_size)
+    spec = model_spec(arch, classes, input_size)
+    if normalisation is not None:
+        spec = replace(spec, mean=normalisation[0], std=normalisation[1])
     if fit_steps:
         _fit(model, spec, data / "train", fit_steps)
     config = {

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-from training import engine
-from training.checkpoint import load_checkpoint
+from inference.spec import IMAGENET_MEAN, IMAGENET_STD
+from training import engine, models
+from training.checkpoint import CHECKPOINT_NAME, CHECKPOINT_VERSION, load_checkpoint
 from training.config import ConfigError, TrainConfig, TrainingError
 from training.data import ImageDataset
-from training.models import build_model, list_models
+from training.models import CIFAR10_MEAN, CIFAR10_STD, build_model, get_model_info, list_models, model_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +70,7 @@ def _stop_after(epoch: int):
 # ---- the registry's models ----------------------------------------------------------------------------------
 
 
-# ImageNet-sized ResNets take tens of seconds per few steps on a shared 2-core CPU.
+# ImageNet-sized ResNets are too slow on a CPU for the quick test selection.
 HEAVY_MODELS = {"resnet18", "resnet18_transfer", "resnet50_transfer"}
 SMALL_VARIANTS = {"airbench": {"widths": (16, 32, 32)}}  # the learning check only; shapes use the defaults
 
@@ -102,6 +104,33 @@ def test_every_model_gives_logits_and_learns_a_fixed_batch(name):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.9, losses
+
+
+EXPECTED_NORMALISATION = {
+    "simple_cnn": (CIFAR10_MEAN, CIFAR10_STD),
+    "lenet": (CIFAR10_MEAN, CIFAR10_STD),
+    "cnn_bn": (CIFAR10_MEAN, CIFAR10_STD),
+    "cnn_plain": (CIFAR10_MEAN, CIFAR10_STD),
+    "resnet18": (CIFAR10_MEAN, CIFAR10_STD),
+    "airbench": (CIFAR10_MEAN, CIFAR10_STD),
+    "resnet18_transfer": (IMAGENET_MEAN, IMAGENET_STD),
+    "resnet50_transfer": (IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+def test_every_registry_entry_declares_its_normalisation():
+    assert {info.name for info in list_models()} == set(EXPECTED_NORMALISATION)
+    for info in list_models():
+        assert (info.mean, info.std) == EXPECTED_NORMALISATION[info.name], info.name
+    assert CIFAR10_MEAN == (0.4914, 0.4822, 0.4465) and CIFAR10_STD == (0.2470, 0.2435, 0.2616)
+
+
+def test_model_spec_takes_the_registry_entry():
+    spec = model_spec("resnet18_transfer", ("a", "b"))
+    assert (spec.mean, spec.std, spec.input_size) == (IMAGENET_MEAN, IMAGENET_STD, (64, 64))
+    spec = model_spec("airbench", ("a", "b"), (24, 24), {"widths": [8, 16, 16]})
+    assert (spec.mean, spec.std, spec.input_size) == (CIFAR10_MEAN, CIFAR10_STD, (24, 24))
+    assert spec.arch_kwargs == {"widths": [8, 16, 16]}
 
 
 def test_airbench_stem_whitens_patches_and_stays_frozen():
@@ -160,6 +189,8 @@ def test_train_writes_the_run_folder(tmp_path):
     assert saved["input_size"] == [32, 32]  # resolved from the model's default
     assert TrainConfig.from_dict(saved) == result.config
     assert result.evaluation.probabilities.shape == (12, 3)
+    spec = load_checkpoint(run).spec  # the registry's normalisation, which the exported graph will apply
+    assert spec == result.spec and (spec.mean, spec.std) == (CIFAR10_MEAN, CIFAR10_STD)
 
 
 @pytest.mark.slow
@@ -187,6 +218,48 @@ def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
         "torch_rng",
         "live_model_state",
     }
+
+
+def _ema_state(seed: int = 0) -> engine.TrainingState:
+    torch.manual_seed(seed)
+    model = build_model("cnn_bn", 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return engine.TrainingState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step)),
+        generator=torch.Generator().manual_seed(seed),
+        device=torch.device("cpu"),
+        ema=torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=engine.ema_update(0.9), use_buffers=True),
+    )
+
+
+def test_training_state_round_trips_through_its_state_dict():
+    trained = _ema_state()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    for _ in range(2):
+        nn.functional.cross_entropy(trained.model(x), y).backward()
+        trained.optimizer.step()
+        trained.scheduler.step()
+        trained.ema.update_parameters(trained.model)
+    torch.randint(0, 9, (3,), generator=trained.generator)
+    trained.history.append({"epoch": 1, "train_loss": 1.0})
+    trained.train_seconds = 2.5
+    saved = trained.state_dict()
+    assert saved["epoch"] == 1 and saved["history"] == [{"epoch": 1, "train_loss": 1.0}]
+    assert set(saved["training_state"]) == {  # the version-1 checkpoint layout: resume reads exactly these
+        "optimizer", "scheduler", "data_generator", "torch_rng", "train_seconds", "live_model_state", "ema_updates",
+    }  # fmt: skip
+
+    restored = _ema_state(seed=1)
+    restored.load_state_dict(saved)
+    assert _states_equal(restored.model.state_dict(), trained.model.state_dict())
+    assert _states_equal(restored.ema.module.state_dict(), trained.ema.module.state_dict())
+    assert int(restored.ema.n_averaged) == 2 and restored.scheduler.last_epoch == 2
+    assert restored.optimizer.state_dict()["state"].keys() == trained.optimizer.state_dict()["state"].keys()
+    assert torch.equal(restored.generator.get_state(), trained.generator.get_state())
+    assert (restored.epoch, restored.history, restored.train_seconds) == (1, trained.history, 2.5)
+    assert restored.history is not saved["history"]
 
 
 def test_a_fresh_run_refuses_an_existing_run_folder(tmp_path):
@@ -267,6 +340,42 @@ def test_resume_after_an_interruption_ends_exactly_like_an_uninterrupted_run(tmp
     assert _states_equal(a.training_state["live_model_state"], b.training_state["live_model_state"])
     assert [r["train_loss"] for r in straight.history] == [r["train_loss"] for r in resumed.history]
     assert straight.metrics["test_accuracy"] == resumed.metrics["test_accuracy"]
+
+
+def _with_imagenet_normalisation(monkeypatch, name: str) -> None:
+    """The registry gives `name` ImageNet's statistics while patched: a stand-in for a run that recorded them."""
+    info = get_model_info(name)
+    monkeypatch.setitem(models._REGISTRY, name, replace(info, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+
+
+def test_resuming_a_run_keeps_the_normalisation_its_checkpoint_records(tmp_path, monkeypatch):
+    settings = dict(model="simple_cnn", epochs=2, ema=True, augment=True, schedule="cosine", warmup_epochs=0.5)
+    data = tiny_dataset()
+    with monkeypatch.context() as patch:
+        _with_imagenet_normalisation(patch, "simple_cnn")
+        engine.train(config(tmp_path, "straight", **settings), dataset=data)
+        with pytest.raises(Interrupt):
+            engine.train(config(tmp_path, "resumed", **settings), dataset=data, on_epoch_end=_stop_after(1))
+    assert get_model_info("simple_cnn").mean == CIFAR10_MEAN  # the registry now says otherwise
+
+    resumed = engine.train(config(tmp_path, "resumed", resume=True, **settings), dataset=data)
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    assert (b.spec.mean, b.spec.std) == (resumed.spec.mean, resumed.spec.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert b.spec == a.spec
+    assert _states_equal(a.model_state, b.model_state)
+    assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+
+
+def test_a_version_1_checkpoint_loads_with_its_imagenet_spec(tmp_path):
+    engine.train(config(tmp_path, epochs=1, ema=True), dataset=tiny_dataset())
+    path = tmp_path / "run" / CHECKPOINT_NAME
+    payload = torch.load(path, weights_only=True)
+    assert payload["format_version"] == CHECKPOINT_VERSION == 1
+    payload["spec"].update(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))  # what an older run of a CIFAR net records
+    torch.save(payload, path)
+    checkpoint = load_checkpoint(path)
+    assert (checkpoint.spec.mean, checkpoint.spec.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert checkpoint.build_model()(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
 
 
 def test_extending_epochs_continues_a_constant_schedule_exactly(tmp_path):

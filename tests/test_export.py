@@ -29,10 +29,10 @@ from inference.package import (
     load_package,
     sha256_file,
 )
-from inference.spec import ModelSpec
+from inference.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from tests.export_fixtures import write_image_folder, write_run
 from training.checkpoint import load_checkpoint
-from training.models import build_model, get_model_info, list_models
+from training.models import CIFAR10_MEAN, CIFAR10_STD, build_model, get_model_info, list_models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,6 +120,32 @@ def test_exported_graphs_match_the_trained_model_on_the_same_pixels(cnn_package)
     with torch.no_grad():
         expected = model(to_model_input(torch.from_numpy(pixels), checkpoint.spec.mean, checkpoint.spec.std)).numpy()
     assert_both_graphs_give(package_dir, pixels, expected)
+
+
+def test_the_package_spec_carries_the_registry_normalisation(cnn_package):
+    run, package_dir = cnn_package
+    info = get_model_info("cnn_bn")
+    for spec in (load_checkpoint(run).spec, load_package(package_dir).spec):
+        assert (spec.mean, spec.std) == (info.mean, info.std) == (CIFAR10_MEAN, CIFAR10_STD)
+
+
+def test_a_run_that_recorded_imagenet_normalisation_exports_and_serves_with_it(tmp_path, data_32):
+    run = write_run(tmp_path / "run", "cnn_bn", data_32, normalisation=(IMAGENET_MEAN, IMAGENET_STD))
+    result = export_package(export_config(run, tmp_path / "package", formats=("onnx",)))
+    assert result.report.passed
+    spec = load_package(result.package_dir).spec
+    assert (spec.mean, spec.std) == (IMAGENET_MEAN, IMAGENET_STD)
+
+    from training.augment import to_model_input
+
+    model = load_checkpoint(run).build_model()
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    session = ort.InferenceSession(str(result.package_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run([OUTPUT_LOGITS], {INPUT_NAME: pixels})
+    with torch.no_grad():
+        for mean, std, same in ((IMAGENET_MEAN, IMAGENET_STD, True), (CIFAR10_MEAN, CIFAR10_STD, False)):
+            expected = model(to_model_input(torch.from_numpy(pixels), mean, std)).numpy()
+            assert np.allclose(logits, expected, atol=1e-4) == same
 
 
 def assert_both_graphs_give(package_dir: Path, pixels: np.ndarray, logits: np.ndarray) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from inference.spec import IMAGENET_MEAN, ModelSpec
+from inference.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 
 
 def test_round_trip_through_json():
@@ -32,3 +32,12 @@ def test_invalid_specs_are_refused(kwargs, message):
 def test_unknown_fields_are_refused():
     with pytest.raises(ValueError, match="unknown model spec fields"):
         ModelSpec.from_dict({"arch": "x", "class_names": ["a"], "colour": "blue"})
+
+
+def test_a_spec_keeps_the_normalisation_it_records():
+    recorded = {"arch": "cnn_bn", "class_names": ["a"], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    assert (ModelSpec.from_dict(recorded).mean, ModelSpec.from_dict(recorded).std) == (IMAGENET_MEAN, IMAGENET_STD)
+    unstated = ModelSpec.from_dict({"arch": "cnn_bn", "class_names": ["a"]})  # no statistics: ImageNet's
+    assert (unstated.mean, unstated.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    cifar = ModelSpec("cnn_bn", ("a",), mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+    assert ModelSpec.from_dict(json.loads(json.dumps(cifar.to_dict()))) == cifar

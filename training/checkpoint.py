@@ -30,8 +30,9 @@ class Checkpoint:
     epoch: int  # epochs completed
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per completed epoch
     metrics: dict[str, Any] = field(default_factory=dict)  # final metrics, e.g. test_accuracy in [0, 1]
-    # Everything else a resumed run needs (optimizer, scheduler, RNG states, EMA weights); tensors and
-    # plain containers only, so that torch.load(weights_only=True) can read it.
+    # Everything else a resumed run needs (optimizer, scheduler, RNG states, EMA weights), as
+    # engine.TrainingState.state_dict() gives it; tensors and plain containers only, so that
+    # torch.load(weights_only=True) can read it.
     training_state: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from training.checkpoint import (
 )
 from training.config import ConfigError, TrainConfig, TrainingError, check_resumable
 from training.data import ImageDataset, load_dataset
-from training.models import build_model, get_model_info
+from training.models import build_model, get_model_info, model_spec
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def resolve_device(name: str) -> torch.device:
 
 def native_bfloat16(device: torch.device) -> bool:
     """Whether bfloat16 autocast speeds training up on `device`: any CUDA GPU, or a CPU with AMX or AVX512-BF16
-    instructions (1.5x to 2x faster training steps on this machine's Xeon); elsewhere it would emulate bfloat16."""
+    instructions; elsewhere it would emulate bfloat16."""
     if device.type == "cuda":
         return True
     try:
@@ -244,6 +244,92 @@ def prepare_dataset(config: TrainConfig, input_size: tuple[int, int]) -> ImageDa
     return dataset
 
 
+@dataclass
+class TrainingState:
+    """What a run changes as it trains and a resume must restore: the live weights, the EMA, the optimizer and
+    its schedule, the data-order and global RNG states, the completed epochs' history and the training time.
+
+    state_dict() gives the checkpoint fields model_state (the evaluated weights: the EMA when there is one),
+    epoch, history and training_state (tensors and plain containers only); load_state_dict() takes them back.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # data order and augmentation
+    device: torch.device
+    ema: AveragedModel | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # one HISTORY_FIELDS row per completed epoch
+    train_seconds: float = 0.0
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed."""
+        return len(self.history)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are evaluated, checkpointed and exported."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        resume = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data_generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "train_seconds": self.train_seconds,
+        }
+        if self.device.type == "cuda":
+            resume["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.ema is not None:  # model_state holds the EMA, so the live weights and the EMA's count go here
+            resume["live_model_state"] = {k: v.detach().cpu() for k, v in raw_module(self.model).state_dict().items()}
+            resume["ema_updates"] = self.ema.n_averaged.detach().cpu()
+        return {
+            "model_state": raw_module(self.evaluated).state_dict(),
+            "epoch": self.epoch,
+            "history": list(self.history),
+            "training_state": resume,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        resume = state["training_state"]
+        if self.ema is not None:
+            self.model.load_state_dict(resume["live_model_state"])
+            self.ema.module.load_state_dict(state["model_state"])
+            self.ema.n_averaged.copy_(resume["ema_updates"])
+        else:
+            self.model.load_state_dict(state["model_state"])
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.scheduler.load_state_dict(resume["scheduler"])
+        self.generator.set_state(resume["data_generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in resume:
+            torch.cuda.set_rng_state(resume["cuda_rng"], self.device)
+        self.history = list(state["history"])
+        self.train_seconds = float(resume.get("train_seconds", 0.0))
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What stays fixed through a run: its config, device, data, spec, and how batches are made and scored."""
+
+    config: TrainConfig
+    device: torch.device
+    amp: bool  # bfloat16 autocast for the training steps
+    dataset: ImageDataset
+    spec: ModelSpec
+    pretrained: str | None  # where the initial weights came from
+    loss_fn: nn.Module
+    augmenter: Augmenter | None
+    drop_last: bool
+    steps_per_epoch: int
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.out)
+
+
 def train(
     config: TrainConfig,
     *,
@@ -257,139 +343,22 @@ def train(
     `on_epoch_end(epoch, history_row)` is called after each epoch's checkpoint is written.
     """
     config, resumed = _open_run(config)
-    run_dir, input_size = Path(config.out), config.input_size
-    if config.num_threads is not None:
-        torch.set_num_threads(config.num_threads)
-    device = resolve_device(config.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN times its kernels once and keeps the fastest
-    amp = config.amp and native_bfloat16(device)
-    if config.amp and not amp:
-        log.warning("--amp needs a CUDA GPU or a CPU with native bfloat16 (AMX, AVX512-BF16); float32 on %s", device)
-
-    if dataset is None:
-        dataset = prepare_dataset(config, input_size)
-    if dataset.image_size != input_size:
-        raise TrainingError(f"the dataset's images are {dataset.image_size}, the model expects {input_size}")
-    spec = ModelSpec(
-        arch=config.model,
-        class_names=dataset.class_names,
-        input_size=input_size,
-        arch_kwargs=config.arch_kwargs,
-    )
-
+    device, amp = _select_device(config)
+    dataset = _training_data(config, dataset)
+    spec = _model_spec(config, dataset, resumed)
     model, pretrained = _initial_model(config, spec, dataset, resumed)
-    model.to(
-        device,
-        memory_format=torch.channels_last if config.channels_last else torch.contiguous_format,
-    )
-
-    finetune = config.pretrained is not None and config.mode == "finetune"
-    groups = optim.param_groups(
-        model,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        head=transfer.head_parameters(model) if finetune else (),
-        backbone_lr_scale=config.backbone_lr_scale,
-        bn_bias_lr_scale=config.bn_bias_lr_scale,
-    )
-    optimizer = optim.build_optimizer(groups, config)
-    num_train = len(dataset.train_labels)
-    # BN needs full batches: drop the short last one, unless the subset is smaller than one batch.
-    drop_last = num_train >= config.batch_size
-    steps_per_epoch = max(1, num_train // config.batch_size) if drop_last else 1
-    scheduler = optim.build_scheduler(optimizer, config, steps_per_epoch)
-    ema = AveragedModel(model, multi_avg_fn=ema_update(config.ema_decay), use_buffers=True) if config.ema else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    generator = torch.Generator().manual_seed(config.seed)  # data order and augmentation
-    augmenter = None
-    if config.augment:
-        augmenter = Augmenter(
-            spec.mean, spec.std, flip=config.flip, rotate_degrees=config.rotate_degrees,
-            brightness=config.brightness, contrast=config.contrast, translate=config.translate,
-            crop_padding=config.crop_padding,
-        )  # fmt: skip
-
-    history: list[dict[str, Any]] = []
-    train_seconds = 0.0
+    run = _run_setup(config, device, amp, dataset, spec, pretrained)
+    state = _new_state(run, model)
     if resumed is not None:
-        _restore(resumed, model, ema, optimizer, scheduler, generator, device)
-        history = list(resumed.history)
-        train_seconds = float(resumed.training_state.get("train_seconds", 0.0))
-        log.info("resuming %s after epoch %d of %d", run_dir, resumed.epoch, config.epochs)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", config.to_dict())
-
-    evaluated = ema.module if ema is not None else model
+        _resume(run, state, resumed)
+    _start_run_folder(run)
     evaluation = None
-    for epoch in range(len(history) + 1, config.epochs + 1):
-        batches = iterate_batches(
-            dataset.train_images, dataset.train_labels, config.batch_size, shuffle=True, generator=generator,
-            augmenter=augmenter, drop_last=drop_last, mean=spec.mean, std=spec.std, device=device,
-        )  # fmt: skip
-        stats = train_one_epoch(
-            model, batches, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, device=device, amp=amp,
-            ema=ema, channels_last=config.channels_last, num_batches=steps_per_epoch,
-            description=f"epoch {epoch}/{config.epochs}", progress=config.progress,
-        )  # fmt: skip
-        evaluation = evaluate(
-            evaluated, dataset.test_images, dataset.test_labels, mean=spec.mean, std=spec.std, device=device,
-            tta=config.tta,
-        )  # fmt: skip
-        epoch_seconds = stats["seconds"]
-        train_seconds += epoch_seconds
-        row = {
-            "epoch": epoch,
-            "lr": _last_lr(config, scheduler, steps_per_epoch),
-            "train_loss": stats["train_loss"],
-            "train_accuracy": stats["train_accuracy"],
-            "test_loss": evaluation.loss,
-            "test_accuracy": evaluation.accuracy,
-            "epoch_seconds": epoch_seconds,
-            "train_images_per_second": stats["images"] / epoch_seconds,
-        }
-        history.append(row)
-        metrics = _metrics(config, dataset, evaluated, evaluation, epoch, train_seconds, pretrained, device, amp)
-        save_checkpoint(
-            run_dir / CHECKPOINT_NAME,
-            Checkpoint(
-                spec=spec,
-                model_state=raw_module(evaluated).state_dict(),
-                config=config.to_dict(),
-                epoch=epoch,
-                history=history,
-                metrics=metrics,
-                training_state=_training_state(model, ema, optimizer, scheduler, generator, device, train_seconds),
-            ),
-        )
-        write_history(run_dir, history)
-        log.info(
-            "epoch %d/%d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, %.1f s",
-            epoch, config.epochs, row["train_loss"], row["train_accuracy"], row["test_loss"], row["test_accuracy"],
-            epoch_seconds,
-        )  # fmt: skip
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        evaluation = _train_epoch(run, state, epoch)
+        _end_epoch(run, state, evaluation)
         if on_epoch_end is not None:
-            on_epoch_end(epoch, row)
-
-    if evaluation is None:  # resumed a run that had already finished: report it as it stands
-        evaluation = evaluate(
-            evaluated, dataset.test_images, dataset.test_labels, mean=spec.mean, std=spec.std, device=device,
-            tta=config.tta,
-        )  # fmt: skip
-    metrics = _metrics(config, dataset, evaluated, evaluation, len(history), train_seconds, pretrained, device, amp)
-    write_json_atomic(run_dir / "metrics.json", metrics)
-    final = raw_module(evaluated).to("cpu").eval()
-    return RunResult(
-        run_dir,
-        config,
-        spec,
-        final,
-        history,
-        metrics,
-        evaluation,
-        dataset.test_images,
-        dataset.test_labels,
-    )
+            on_epoch_end(epoch, state.history[-1])
+    return _finish(run, state, evaluation)
 
 
 def _open_run(config: TrainConfig) -> tuple[TrainConfig, Checkpoint | None]:
@@ -408,6 +377,35 @@ def _open_run(config: TrainConfig) -> tuple[TrainConfig, Checkpoint | None]:
     resumed = load_checkpoint(checkpoint_path)
     check_resumable(TrainConfig.from_dict(resumed.config), config)
     return config, resumed
+
+
+def _select_device(config: TrainConfig) -> tuple[torch.device, bool]:
+    """The device to train on and whether its training steps use bfloat16 autocast."""
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN times its kernels once and keeps the fastest
+    amp = config.amp and native_bfloat16(device)
+    if config.amp and not amp:
+        log.warning("--amp needs a CUDA GPU or a CPU with native bfloat16 (AMX, AVX512-BF16); float32 on %s", device)
+    return device, amp
+
+
+def _training_data(config: TrainConfig, dataset: ImageDataset | None) -> ImageDataset:
+    if dataset is None:
+        dataset = prepare_dataset(config, config.input_size)
+    if dataset.image_size != config.input_size:
+        raise TrainingError(f"the dataset's images are {dataset.image_size}, the model expects {config.input_size}")
+    return dataset
+
+
+def _model_spec(config: TrainConfig, dataset: ImageDataset, resumed: Checkpoint | None) -> ModelSpec:
+    """The registry's spec for the model; a resumed run keeps the normalisation it was trained with."""
+    spec = model_spec(config.model, dataset.class_names, config.input_size, config.arch_kwargs)
+    if resumed is not None:
+        spec = replace(spec, mean=resumed.spec.mean, std=resumed.spec.std)
+    return spec
 
 
 def _initial_model(
@@ -439,6 +437,151 @@ def _initial_model(
     return model, pretrained
 
 
+def _run_setup(
+    config: TrainConfig,
+    device: torch.device,
+    amp: bool,
+    dataset: ImageDataset,
+    spec: ModelSpec,
+    pretrained: str | None,
+) -> RunSetup:
+    num_train = len(dataset.train_labels)
+    # BN needs full batches: drop the short last one, unless the subset is smaller than one batch.
+    drop_last = num_train >= config.batch_size
+    augmenter = None
+    if config.augment:
+        augmenter = Augmenter(
+            spec.mean, spec.std, flip=config.flip, rotate_degrees=config.rotate_degrees,
+            brightness=config.brightness, contrast=config.contrast, translate=config.translate,
+            crop_padding=config.crop_padding,
+        )  # fmt: skip
+    return RunSetup(
+        config=config,
+        device=device,
+        amp=amp,
+        dataset=dataset,
+        spec=spec,
+        pretrained=pretrained,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        augmenter=augmenter,
+        drop_last=drop_last,
+        steps_per_epoch=max(1, num_train // config.batch_size) if drop_last else 1,
+    )
+
+
+def _new_state(run: RunSetup, model: nn.Module) -> TrainingState:
+    """The model on the run's device with a fresh optimizer, schedule, EMA and seeded data generator."""
+    config = run.config
+    model.to(run.device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    finetune = config.pretrained is not None and config.mode == "finetune"
+    groups = optim.param_groups(
+        model,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        head=transfer.head_parameters(model) if finetune else (),
+        backbone_lr_scale=config.backbone_lr_scale,
+        bn_bias_lr_scale=config.bn_bias_lr_scale,
+    )
+    optimizer = optim.build_optimizer(groups, config)
+    return TrainingState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=optim.build_scheduler(optimizer, config, run.steps_per_epoch),
+        generator=torch.Generator().manual_seed(config.seed),
+        device=run.device,
+        ema=AveragedModel(model, multi_avg_fn=ema_update(config.ema_decay), use_buffers=True) if config.ema else None,
+    )
+
+
+def _resume(run: RunSetup, state: TrainingState, checkpoint: Checkpoint) -> None:
+    state.load_state_dict(
+        {
+            "model_state": checkpoint.model_state,
+            "epoch": checkpoint.epoch,
+            "history": checkpoint.history,
+            "training_state": checkpoint.training_state,
+        }
+    )
+    log.info("resuming %s after epoch %d of %d", run.run_dir, state.epoch, run.config.epochs)
+
+
+def _start_run_folder(run: RunSetup) -> None:
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run.run_dir / "config.json", run.config.to_dict())
+
+
+def _train_epoch(run: RunSetup, state: TrainingState, epoch: int) -> Evaluation:
+    """One epoch of training, then the evaluation of the result; appends the epoch's history row."""
+    config, dataset, spec = run.config, run.dataset, run.spec
+    batches = iterate_batches(
+        dataset.train_images, dataset.train_labels, config.batch_size, shuffle=True, generator=state.generator,
+        augmenter=run.augmenter, drop_last=run.drop_last, mean=spec.mean, std=spec.std, device=run.device,
+    )  # fmt: skip
+    stats = train_one_epoch(
+        state.model, batches, optimizer=state.optimizer, scheduler=state.scheduler, loss_fn=run.loss_fn,
+        device=run.device, amp=run.amp, ema=state.ema, channels_last=config.channels_last,
+        num_batches=run.steps_per_epoch, description=f"epoch {epoch}/{config.epochs}", progress=config.progress,
+    )  # fmt: skip
+    evaluation = _evaluate(run, state)
+    epoch_seconds = stats["seconds"]
+    state.train_seconds += epoch_seconds
+    state.history.append(
+        {
+            "epoch": epoch,
+            "lr": _last_lr(config, state.scheduler, run.steps_per_epoch),
+            "train_loss": stats["train_loss"],
+            "train_accuracy": stats["train_accuracy"],
+            "test_loss": evaluation.loss,
+            "test_accuracy": evaluation.accuracy,
+            "epoch_seconds": epoch_seconds,
+            "train_images_per_second": stats["images"] / epoch_seconds,
+        }
+    )
+    return evaluation
+
+
+def _evaluate(run: RunSetup, state: TrainingState) -> Evaluation:
+    return evaluate(
+        state.evaluated, run.dataset.test_images, run.dataset.test_labels, mean=run.spec.mean, std=run.spec.std,
+        device=run.device, tta=run.config.tta,
+    )  # fmt: skip
+
+
+def _end_epoch(run: RunSetup, state: TrainingState, evaluation: Evaluation) -> None:
+    """Checkpoint the state, write the history files and log the epoch."""
+    checkpoint = Checkpoint(
+        spec=run.spec, config=run.config.to_dict(), metrics=_metrics(run, state, evaluation), **state.state_dict()
+    )
+    save_checkpoint(run.run_dir / CHECKPOINT_NAME, checkpoint)
+    write_history(run.run_dir, state.history)
+    row = state.history[-1]
+    log.info(
+        "epoch %d/%d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, %.1f s",
+        row["epoch"], run.config.epochs, row["train_loss"], row["train_accuracy"], row["test_loss"],
+        row["test_accuracy"], row["epoch_seconds"],
+    )  # fmt: skip
+
+
+def _finish(run: RunSetup, state: TrainingState, evaluation: Evaluation | None) -> RunResult:
+    """Write metrics.json and hand back the evaluated model, on the CPU."""
+    if evaluation is None:  # resumed a run that had already finished: report it as it stands
+        evaluation = _evaluate(run, state)
+    metrics = _metrics(run, state, evaluation)
+    write_json_atomic(run.run_dir / "metrics.json", metrics)
+    final = raw_module(state.evaluated).to("cpu").eval()
+    return RunResult(
+        run.run_dir,
+        run.config,
+        run.spec,
+        final,
+        state.history,
+        metrics,
+        evaluation,
+        run.dataset.test_images,
+        run.dataset.test_labels,
+    )
+
+
 def _last_lr(config: TrainConfig, scheduler: torch.optim.lr_scheduler.LambdaLR, steps_per_epoch: int) -> float:
     """The base learning rate (lr_scale 1) of the last step taken."""
     total = config.epochs * steps_per_epoch
@@ -446,83 +589,25 @@ def _last_lr(config: TrainConfig, scheduler: torch.optim.lr_scheduler.LambdaLR, 
     return config.lr * optim.lr_factor(config.schedule, scheduler.last_epoch - 1, total, warmup)
 
 
-def _metrics(
-    config: TrainConfig,
-    dataset: ImageDataset,
-    model: nn.Module,
-    evaluation: Evaluation,
-    epochs: int,
-    train_seconds: float,
-    pretrained: str | None,
-    device: torch.device,
-    amp: bool,
-) -> dict[str, Any]:
+def _metrics(run: RunSetup, state: TrainingState, evaluation: Evaluation) -> dict[str, Any]:
+    config, dataset = run.config, run.dataset
     return {
         "model": config.model,
         "data": config.data,
-        "epochs": epochs,
+        "epochs": state.epoch,
         "test_accuracy": evaluation.accuracy,
         "test_loss": evaluation.loss,
-        "train_seconds": train_seconds,
-        "parameters": sum(p.numel() for p in raw_module(model).parameters()),
+        "train_seconds": state.train_seconds,
+        "parameters": sum(p.numel() for p in raw_module(state.evaluated).parameters()),
         "class_names": list(dataset.class_names),
-        "pretrained": pretrained,
+        "pretrained": run.pretrained,
         "train_images": len(dataset.train_labels),
         "test_images": len(dataset.test_labels),
-        "device": str(device),
-        "precision": "bfloat16 autocast" if amp else "float32",  # of the training steps; evaluation is float32
+        "device": str(run.device),
+        "precision": "bfloat16 autocast" if run.amp else "float32",  # of the training steps; evaluation is float32
         "ema": config.ema,
         "tta": config.tta,
     }
-
-
-def _training_state(
-    model: nn.Module,
-    ema: AveragedModel | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    generator: torch.Generator,
-    device: torch.device,
-    train_seconds: float,
-) -> dict[str, Any]:
-    """What a resumed run needs beyond the evaluated weights; tensors and plain containers only."""
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "data_generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "train_seconds": train_seconds,
-    }
-    if device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(device)
-    if ema is not None:  # the checkpoint's model_state is the EMA; keep the live weights and the EMA count too
-        state["live_model_state"] = {k: v.detach().cpu() for k, v in raw_module(model).state_dict().items()}
-        state["ema_updates"] = ema.n_averaged.detach().cpu()
-    return state
-
-
-def _restore(
-    checkpoint: Checkpoint,
-    model: nn.Module,
-    ema: AveragedModel | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    generator: torch.Generator,
-    device: torch.device,
-) -> None:
-    state = checkpoint.training_state
-    if ema is not None:
-        model.load_state_dict(state["live_model_state"])
-        ema.module.load_state_dict(checkpoint.model_state)
-        ema.n_averaged.copy_(state["ema_updates"])
-    else:
-        model.load_state_dict(checkpoint.model_state)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["data_generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if device.type == "cuda" and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:

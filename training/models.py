@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torchvision
 from torch import nn
+
+from inference.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+
+# CIFAR-10's per-channel training-set statistics on [0, 1] pixels: the nets trained from scratch here are CIFAR nets.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+ChannelStats = tuple[float, float, float]  # one value per RGB channel
 
 
 @dataclass(frozen=True)
@@ -15,6 +23,8 @@ class ModelInfo:
     name: str
     build: Callable[..., nn.Module]  # build(num_classes, input_size, **arch_kwargs) -> nn.Module taking (N, 3, H, W)
     description: str
+    mean: ChannelStats  # the normalisation (x - mean) / std of its input, per RGB channel on [0, 1] pixels
+    std: ChannelStats
     input_size: tuple[int, int] = (32, 32)  # default (H, W)
     transfer: bool = False  # torchvision ImageNet architecture whose backbone takes pretrained weights
 
@@ -22,11 +32,15 @@ class ModelInfo:
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, description: str, *, input_size=(32, 32), transfer: bool = False):
+def register_model(
+    name: str, description: str, *, mean: ChannelStats, std: ChannelStats, input_size=(32, 32), transfer=False
+):
     def decorate(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelInfo(name, build, description, tuple(input_size), transfer)
+        _REGISTRY[name] = ModelInfo(
+            name, build, description, mean=tuple(mean), std=tuple(std), input_size=tuple(input_size), transfer=transfer
+        )
         return build
 
     return decorate
@@ -47,6 +61,24 @@ def build_model(name: str, num_classes: int, input_size: tuple[int, int] | None 
     """A freshly initialised (random-weight) model; pretrained weights are loaded by training.transfer."""
     info = get_model_info(name)
     return info.build(num_classes, tuple(input_size or info.input_size), **arch_kwargs)
+
+
+def model_spec(
+    name: str,
+    class_names: Sequence[str],
+    input_size: tuple[int, int] | None = None,
+    arch_kwargs: dict | None = None,
+) -> ModelSpec:
+    """The spec of a new `name` model: its registry entry's normalisation and (unless given) input size."""
+    info = get_model_info(name)
+    return ModelSpec(
+        arch=name,
+        class_names=tuple(class_names),
+        input_size=tuple(input_size or info.input_size),
+        mean=info.mean,
+        std=info.std,
+        arch_kwargs={} if arch_kwargs is None else arch_kwargs,
+    )
 
 
 def flat_features(features: nn.Module, input_size: tuple[int, int], in_channels: int = 3) -> int:
@@ -115,27 +147,41 @@ class LessonCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-@register_model("simple_cnn", "The lesson's SimpleCNN: 2 conv blocks + dropout MLP head")
+@register_model(
+    "simple_cnn", "The lesson's SimpleCNN: 2 conv blocks + dropout MLP head", mean=CIFAR10_MEAN, std=CIFAR10_STD
+)
 def simple_cnn(num_classes: int, input_size=(32, 32)) -> nn.Module:
     return SimpleCNN(num_classes, input_size)
 
 
-@register_model("lenet", "The lesson's LeNet-5 (1998), on RGB")
+@register_model("lenet", "The lesson's LeNet-5 (1998), on RGB", mean=CIFAR10_MEAN, std=CIFAR10_STD)
 def lenet(num_classes: int, input_size=(32, 32)) -> nn.Module:
     return LeNet(num_classes, input_size)
 
 
-@register_model("cnn_bn", "The lesson's CNNWithBatchNorm: 2 conv-BN-ReLU-pool blocks + linear head")
+@register_model(
+    "cnn_bn",
+    "The lesson's CNNWithBatchNorm: 2 conv-BN-ReLU-pool blocks + linear head",
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+)
 def cnn_bn(num_classes: int, input_size=(32, 32)) -> nn.Module:
     return LessonCNN(num_classes, input_size, batch_norm=True)
 
 
-@register_model("cnn_plain", "cnn_bn's plain twin: the same network without batch norm")
+@register_model(
+    "cnn_plain", "cnn_bn's plain twin: the same network without batch norm", mean=CIFAR10_MEAN, std=CIFAR10_STD
+)
 def cnn_plain(num_classes: int, input_size=(32, 32)) -> nn.Module:
     return LessonCNN(num_classes, input_size, batch_norm=False)
 
 
-@register_model("resnet18", "ResNet-18 for 32x32 inputs (3x3 stem, no early max-pool), from scratch")
+@register_model(
+    "resnet18",
+    "ResNet-18 for 32x32 inputs (3x3 stem, no early max-pool), from scratch",
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+)
 def resnet18(num_classes: int, input_size=(32, 32)) -> nn.Module:
     model = torchvision.models.resnet18(num_classes=num_classes)
     # ImageNet's 7x7/2 stem and 3x3/2 max-pool would shrink 32x32 to 8x8 before the first block.
@@ -153,6 +199,8 @@ def _transfer_resnet(constructor: Callable[..., nn.Module], num_classes: int) ->
 @register_model(
     "resnet18_transfer",
     "torchvision ResNet-18 with ImageNet weights and a new head",
+    mean=IMAGENET_MEAN,  # what the pretrained backbone was trained with
+    std=IMAGENET_STD,
     input_size=(64, 64),
     transfer=True,
 )
@@ -163,6 +211,8 @@ def resnet18_transfer(num_classes: int, input_size=(64, 64)) -> nn.Module:
 @register_model(
     "resnet50_transfer",
     "torchvision ResNet-50 with ImageNet weights and a new head",
+    mean=IMAGENET_MEAN,  # what the pretrained backbone was trained with
+    std=IMAGENET_STD,
     input_size=(64, 64),
     transfer=True,
 )
@@ -196,7 +246,7 @@ def _shift_only_norm(channels: int) -> nn.BatchNorm2d:
 
 
 class AirbenchNet(nn.Module):
-    """A fast CIFAR net after Keller Jordan's airbench (2024): a frozen 2x2 patch-whitening stem, three
+    """A fast CIFAR net after Keller Jordan's airbench: a frozen 2x2 patch-whitening stem, three
     conv-pool-BN-GELU groups (convolutions starting as the identity, batch norm with a fixed scale) and a
     linear head on max-pooled features, logits scaled down.
 
@@ -243,6 +293,10 @@ class AirbenchNet(nn.Module):
 @register_model(
     "airbench",
     "Fast net after airbench: frozen patch-whitening stem, 3 conv-pool-BN-GELU groups (arch kwarg widths)",
+    # The whitening stem is fitted to the images after this normalisation, so any per-channel statistics
+    # leave its output decorrelated with unit variance; CIFAR-10's are the ones airbench itself uses.
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
 )
 def airbench(num_classes: int, input_size=(32, 32), widths=(64, 256, 256)) -> nn.Module:
     return AirbenchNet(num_classes, input_size, tuple(widths))
