@@ -11,7 +11,7 @@ RUN ?= runs/quick
 PACKAGE ?= packages/quick
 PORT ?= 3000
 
-.PHONY: setup demo train export serve test lint
+.PHONY: setup demo train export serve test lint container-check
 
 setup: $(VENV)/.installed
 
@@ -46,3 +46,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Builds the GPU and CPU images, runs and probes each (docs/deployment.md); needs root for the Docker engine.
+container-check: export
+	$(PY) -m deploy.check --package $(PACKAGE)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICE = "service.service:ImageClassifier"  # the real service, as `bentoml serve` names it
+NOOP_SERVICE = "benchmarks.noop_service:NoopClassifier"  # the framework's floor (benchmarks/noop_service.py)
+NOOP_SERVICE_SETTINGS = "VISIONSERVE_NOOP_SERVICE_SETTINGS"  # =1: the no-op with the service's framework settings
 
 
 def free_port() -> int:
@@ -32,9 +34,19 @@ class BentoServer:
     that took. The server runs in its own process group so that `stop()` ends its workers too, and only them.
     """
 
-    def __init__(self, target: str, env: dict[str, str], log_dir: Path, name: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        env: dict[str, str],
+        log_dir: Path,
+        name: str | None = None,
+        python: str | Path = sys.executable,
+        cwd: Path = REPO,
+    ) -> None:
         self.target = target
         self.env = env
+        self.python = str(python)  # an interpreter that can import bentoml (the Bento test's has nothing else)
+        self.cwd = cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = name or f"server-{self.port}"
@@ -45,13 +57,13 @@ class BentoServer:
     def start(self, ready_path: str = "/readyz", timeout_s: float = 180.0) -> BentoServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port),
+            self.python, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port),
         ]  # fmt: skip
         started = time.perf_counter()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 command,
-                cwd=REPO,
+                cwd=self.cwd,
                 env={**os.environ, **self.env},
                 stdout=log,
                 stderr=subprocess.STDOUT,

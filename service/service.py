@@ -14,7 +14,8 @@ import bentoml
 
 from inference.package import ModelPackage, PackageError
 from inference.runtime import DeviceUnavailableError, check_device
-from service import bentoml_config, http_api
+from service import bentoml_config
+from service.app import attach, create_app
 from service.classifier import Classifier, resolve_package
 from service.settings import ServiceSettings, SettingsError
 
@@ -39,19 +40,25 @@ def checked_configuration() -> tuple[ServiceSettings, ModelPackage]:
 
 
 SETTINGS, PACKAGE = checked_configuration()
-app = http_api.create_app()
+app = create_app()
+
+# The container image's base; the bentofiles add the Python packages (GPU or CPU). BentoML apt-installs
+# build-essential, git and gnupg into every image of a distro it knows, for packages built from source;
+# this service installs only prebuilt wheels, so its image names no such distro.
+CONTAINER_IMAGE = bentoml.images.Image(base_image="python:3.11-slim", python_version="3.11", distro="prebuilt-wheels")
 
 
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
     name="visionserve",
+    image=CONTAINER_IMAGE,
     # One worker by default: ONNX Runtime already uses every core, and one process keeps one batching queue.
     # VISIONSERVE_WORKERS=N runs N, each with its own queue and cores / N runtime threads.
     workers=SETTINGS.workers,
     # Our own deadline answers 504 with a JSON body; BentoML's timeout is only the backstop behind it.
     traffic={"timeout": SETTINGS.request_timeout_s + 5},
-    # No access log and no spans for the prediction routes unless BentoML's configuration asks for them: both cost
-    # event-loop time on every request (service/bentoml_config.py).
+    # No access log and no spans for the prediction routes unless BentoML's configuration asks for them
+    # (service/bentoml_config.py).
     **bentoml_config.SERVICE_DEFAULTS,
 )
 class ImageClassifier:
@@ -59,7 +66,7 @@ class ImageClassifier:
         # Creates the runtime session for the package verified at import; fails loudly (e.g. device=cuda without
         # a usable GPU) so the server never starts half-working.
         self.classifier = Classifier(SETTINGS, PACKAGE)
-        http_api.attach(app, self.classifier)
+        attach(app, self.classifier)
         self._warm_up: asyncio.Task | None = None
 
     @bentoml.on_startup

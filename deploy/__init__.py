@@ -1,0 +1,1 @@
+"""Deployment: building the Bentos and their container images, checking them, and the platform manifests."""

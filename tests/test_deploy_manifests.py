@@ -1,0 +1,88 @@
+"""The Kubernetes and compose manifests name only what the service has: its variables, port and health paths, and a
+grace period that covers its drain."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from deploy.check import STOP_GRACE_S
+from service.settings import ENV_PREFIX, ServiceSettings
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+KUBERNETES = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+SERVICE_PORT = 3000  # BentoML's default, which the images EXPOSE
+VARIABLES = {ENV_PREFIX + field.name.upper() for field in fields(ServiceSettings)}
+PRE_STOP_SLEEP_S = 5
+
+
+def documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def containers() -> list[tuple[str, dict, dict]]:
+    """(file name, pod spec, container) of every Deployment."""
+    found = []
+    for path in KUBERNETES:
+        for doc in documents(path):
+            if doc["kind"] == "Deployment":
+                pod = doc["spec"]["template"]["spec"]
+                found += [(path.name, pod, container) for container in pod["containers"]]
+    return found
+
+
+def test_there_is_a_cpu_and_a_gpu_deployment_and_each_has_a_service():
+    names = {name for name, _, _ in containers()}
+    assert names == {"deployment.yaml", "deployment-gpu.yaml"}
+    for path in KUBERNETES:
+        kinds = [doc["kind"] for doc in documents(path)]
+        if "Deployment" in kinds:
+            assert "Service" in kinds, path.name
+
+
+@pytest.mark.parametrize(("name", "pod", "container"), containers(), ids=lambda v: v if isinstance(v, str) else "")
+def test_a_deployment_names_only_what_the_service_has(name, pod, container):
+    env = {item["name"]: item["value"] for item in container.get("env", [])}
+    assert set(env) <= VARIABLES, f"{name}: unknown variables {set(env) - VARIABLES}"
+    ServiceSettings.from_env(env)  # every value parses and passes the service's own checks
+    assert [port["containerPort"] for port in container["ports"]] == [SERVICE_PORT]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # The grace period covers the preStop pause and the longest request, and is what the container check stops with.
+    timeout_s = float(env.get(f"{ENV_PREFIX}REQUEST_TIMEOUT_S", ServiceSettings.request_timeout_s))
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(PRE_STOP_SLEEP_S)]
+    assert pod["terminationGracePeriodSeconds"] == STOP_GRACE_S >= PRE_STOP_SLEEP_S + timeout_s + 5
+    limits = container["resources"]["limits"]
+    if f"{ENV_PREFIX}THREADS" in env and f"{ENV_PREFIX}WORKERS" in env:
+        cores = int(env[f"{ENV_PREFIX}THREADS"]) * int(env[f"{ENV_PREFIX}WORKERS"])
+        assert cores <= int(limits["cpu"]), f"{name}: more runtime threads than the CPU limit"
+    assert ("nvidia.com/gpu" in limits) == (name == "deployment-gpu.yaml")
+
+
+def test_the_autoscaler_scales_the_cpu_deployment():
+    [hpa] = documents(DEPLOY / "kubernetes" / "hpa.yaml")
+    [deployment, _] = documents(DEPLOY / "kubernetes" / "deployment.yaml")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["minReplicas"] >= 2  # a rollout or a node loss never leaves no replica
+
+
+def test_compose_names_only_what_the_service_has():
+    [service] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"].values()
+    assert set(service["environment"]) <= VARIABLES
+    ServiceSettings.from_env(service["environment"])
+    assert service["ports"] == [f"{SERVICE_PORT}:{SERVICE_PORT}"]
+    assert service["stop_grace_period"] == f"{STOP_GRACE_S}s"
+    assert "/readyz" in " ".join(service["healthcheck"]["test"])
+
+
+@pytest.mark.e2e
+def test_every_path_the_manifests_probe_or_scrape_answers(color_service):
+    paths = {"/metrics"}  # the pods' prometheus.io/path annotation
+    for _, _, container in containers():
+        paths |= {container[probe]["httpGet"]["path"] for probe in ("livenessProbe", "readinessProbe", "startupProbe")}
+    for path in sorted(paths):
+        assert httpx.get(color_service.url + path, timeout=10).status_code == 200, path
