@@ -57,22 +57,14 @@ def tar_archive_factory() -> Callable[..., Path]:
 
 # ---- a running service (bentoml serve in a subprocess; service and batch --url tests) ------------------------------
 
-# Limits small enough to cross cheaply in tests; everything else at its default.
-SERVICE_TEST_SETTINGS = {
-    "VISIONSERVE_DEVICE": "auto",  # on a CPU-only machine: the fallback path, reported in /metadata
-    "VISIONSERVE_MAX_BODY_BYTES": "500000",
-    "VISIONSERVE_MAX_IMAGE_PIXELS": "1000000",
-    "VISIONSERVE_MAX_BATCH_IMAGES": "8",
-    "VISIONSERVE_MAX_QUEUE": "256",
-}
-
 
 @pytest.fixture(scope="session")
 def color_service(tmp_path_factory):
     """A ready server (RunningServer: .url, .package) serving the colour package (red/green/blue), with
-    SERVICE_TEST_SETTINGS. Started once per session; its process group is ended afterwards."""
-    from tests.color_package import make_color_package
-    from tests.service_servers import start_server, stop_server
+    SERVICE_TEST_SETTINGS (tests/support/servers.py). Started once per session; its process group is ended
+    afterwards."""
+    from tests.support.color_package import make_color_package
+    from tests.support.servers import SERVICE_TEST_SETTINGS, start_server, stop_server
 
     work_dir = tmp_path_factory.mktemp("color-service")
     server = start_server(make_color_package(work_dir / "color"), work_dir, SERVICE_TEST_SETTINGS)

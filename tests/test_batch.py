@@ -15,7 +15,6 @@ import pytest
 
 from inference.imaging import decode_image
 from inference.runtime import Predictor
-from tests.color_package import COLOR_CLASSES, make_color_package
 from tests.support.batch_files import (
     BAD_FILES,
     LABELS,
@@ -30,6 +29,7 @@ from tests.support.batch_files import (
     write_folder,
     write_parquet,
 )
+from tests.support.color_package import COLOR_CLASSES, make_color_package
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.servers import free_port
-from tests.color_package import make_color_package
 from tests.support.batch_files import BAD_FILES, LABELS, color_files, read_output, run_cli, write_archive
+from tests.support.color_package import make_color_package
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -29,7 +29,6 @@ from batch.inputs import Record
 from batch.job import BatchJob, engine_settings
 from inference.imaging import ImageDecodeError, decode_image
 from inference.runtime import Predictor
-from tests.color_package import COLOR_CLASSES, make_color_package
 from tests.support.batch_files import (
     BAD_FILES,
     LABELS,
@@ -39,6 +38,7 @@ from tests.support.batch_files import (
     run_cli,
     write_folder,
 )
+from tests.support.color_package import COLOR_CLASSES, make_color_package
 
 pytestmark = pytest.mark.e2e
 

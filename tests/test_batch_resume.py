@@ -15,7 +15,6 @@ import pytest
 from batch.inputs import Record
 from batch.output import ChunkedOutput, OutputError
 from batch.scoring import ScoreRow
-from tests.color_package import make_color_package
 from tests.support.batch_files import (
     LABELS,
     REPO,
@@ -25,6 +24,7 @@ from tests.support.batch_files import (
     run_cli,
     write_folder,
 )
+from tests.support.color_package import make_color_package
 
 JOB = {"input": "/data", "input_kind": "folder", "model": {"name": "m"}, "top_k": 1}
 

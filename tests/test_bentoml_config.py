@@ -14,8 +14,8 @@ import pytest
 from opentelemetry.util.http import ExcludeList
 
 from service.bentoml_config import PREDICTION_ROUTES, SERVICE_DEFAULTS
-from tests.color_package import make_color_package
-from tests.service_servers import REPO
+from tests.support.color_package import make_color_package
+from tests.support.servers import REPO
 
 # OpenTelemetry's ASGI middleware matches scheme://host + path, without the query string.
 HOST = "http://127.0.0.1:3000"

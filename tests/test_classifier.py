@@ -23,7 +23,7 @@ from inference.runtime import CPU_PROVIDER, DeviceUnavailableError
 from service.classifier import Classifier
 from service.errors import ApiError
 from service.settings import ServiceSettings, SettingsError
-from tests.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
+from tests.support.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
 
 REPO = Path(__file__).resolve().parents[1]
 

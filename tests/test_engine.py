@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,38 +16,11 @@ import torch
 from torch import nn
 
 from inference.spec import IMAGENET_MEAN, IMAGENET_STD
+from tests.support.training_data import REPO, tiny_dataset, train_config, write_image_tree
 from training import engine, models
 from training.checkpoint import CHECKPOINT_NAME, CHECKPOINT_VERSION, load_checkpoint
 from training.config import ConfigError, TrainConfig, TrainingError
-from training.data import ImageDataset
 from training.models import CIFAR10_MEAN, CIFAR10_STD, build_model, get_model_info, list_models, model_spec
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_dataset(classes=("cat", "dog", "ship"), per_class=16, test_per_class=4, size=32, seed=0) -> ImageDataset:
-    """Random-noise images with a class-specific stripe pattern: learnable in a few steps, flip-invariant."""
-    rng = np.random.default_rng(seed)
-
-    def make(count: int) -> tuple[np.ndarray, np.ndarray]:
-        labels = np.repeat(np.arange(len(classes)), count)
-        images = rng.integers(0, 60, size=(len(labels), size, size, 3), dtype=np.uint8)
-        for i, label in enumerate(labels):
-            images[i, label :: len(classes)] += 150  # every len(classes)-th row, offset by the class
-        return images, labels.astype(np.int64)
-
-    train_images, train_labels = make(per_class)
-    test_images, test_labels = make(test_per_class)
-    return ImageDataset(train_images, train_labels, test_images, test_labels, tuple(classes), "synthetic")
-
-
-def config(tmp_path: Path, name: str = "run", **changes) -> TrainConfig:
-    values = dict(
-        model="cnn_bn", data="synthetic", out=str(tmp_path / name), epochs=2, batch_size=16, lr=0.05,
-        progress=False,
-    )  # fmt: skip
-    values.update(changes)
-    return TrainConfig(**values)
 
 
 def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -164,7 +136,7 @@ def test_airbench_convs_start_as_identity_and_its_norms_only_shift():
 
 
 def test_train_writes_the_run_folder(tmp_path):
-    result = engine.train(config(tmp_path), dataset=tiny_dataset())
+    result = engine.train(train_config(tmp_path), dataset=tiny_dataset())
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} >= {
         "checkpoint.pt",
@@ -195,14 +167,14 @@ def test_train_writes_the_run_folder(tmp_path):
 
 @pytest.mark.slow
 def test_a_few_epochs_learn_the_synthetic_task(tmp_path):
-    result = engine.train(config(tmp_path, epochs=4, augment=False), dataset=tiny_dataset(per_class=32))
+    result = engine.train(train_config(tmp_path, epochs=4, augment=False), dataset=tiny_dataset(per_class=32))
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0]
     assert result.metrics["test_accuracy"] >= 0.75
 
 
 def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
-    result = engine.train(config(tmp_path, epochs=1, ema=True), dataset=tiny_dataset())
+    result = engine.train(train_config(tmp_path, epochs=1, ema=True), dataset=tiny_dataset())
     checkpoint = load_checkpoint(tmp_path / "run")
     assert checkpoint.epoch == 1 and checkpoint.spec.class_names == ("cat", "dog", "ship")
     assert checkpoint.config == result.config.to_dict()
@@ -263,9 +235,9 @@ def test_training_state_round_trips_through_its_state_dict():
 
 
 def test_a_fresh_run_refuses_an_existing_run_folder(tmp_path):
-    engine.train(config(tmp_path, epochs=1), dataset=tiny_dataset())
+    engine.train(train_config(tmp_path, epochs=1), dataset=tiny_dataset())
     with pytest.raises(TrainingError, match="--resume"):
-        engine.train(config(tmp_path, epochs=1), dataset=tiny_dataset())
+        engine.train(train_config(tmp_path, epochs=1), dataset=tiny_dataset())
 
 
 def conv_output_dtypes(monkeypatch) -> set[torch.dtype]:
@@ -285,7 +257,7 @@ def conv_output_dtypes(monkeypatch) -> set[torch.dtype]:
 def test_amp_on_a_cpu_without_native_bfloat16_warns_and_trains_in_float32(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(engine, "native_bfloat16", lambda device: False)
     dtypes = conv_output_dtypes(monkeypatch)
-    result = engine.train(config(tmp_path, epochs=1, amp=True, device="cpu"), dataset=tiny_dataset())
+    result = engine.train(train_config(tmp_path, epochs=1, amp=True, device="cpu"), dataset=tiny_dataset())
     assert "--amp needs a CUDA GPU or a CPU with native bfloat16" in caplog.text
     assert result.metrics["precision"] == "float32" and dtypes == {torch.float32}
 
@@ -293,7 +265,7 @@ def test_amp_on_a_cpu_without_native_bfloat16_warns_and_trains_in_float32(tmp_pa
 def test_amp_on_a_bfloat16_cpu_trains_in_bfloat16_and_evaluates_in_float32(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "native_bfloat16", lambda device: True)  # autocast works on any CPU, if slowly
     dtypes = conv_output_dtypes(monkeypatch)
-    result = engine.train(config(tmp_path, epochs=3, amp=True, device="cpu"), dataset=tiny_dataset())
+    result = engine.train(train_config(tmp_path, epochs=3, amp=True, device="cpu"), dataset=tiny_dataset())
     assert result.metrics["precision"] == "bfloat16 autocast"
     assert dtypes == {torch.bfloat16, torch.float32}  # training steps, then the float32 evaluation
     history = result.history
@@ -330,11 +302,11 @@ def test_resume_after_an_interruption_ends_exactly_like_an_uninterrupted_run(tmp
     # simple_cnn has dropout (the global torch RNG); augmentation uses the data generator; EMA is on.
     settings = dict(model="simple_cnn", epochs=2, ema=True, augment=True, schedule="cosine", warmup_epochs=0.5)
     data = tiny_dataset()
-    straight = engine.train(config(tmp_path, "straight", **settings), dataset=data)
+    straight = engine.train(train_config(tmp_path, "straight", **settings), dataset=data)
     with pytest.raises(Interrupt):
-        engine.train(config(tmp_path, "resumed", **settings), dataset=data, on_epoch_end=_stop_after(1))
+        engine.train(train_config(tmp_path, "resumed", **settings), dataset=data, on_epoch_end=_stop_after(1))
     assert load_checkpoint(tmp_path / "resumed").epoch == 1
-    resumed = engine.train(config(tmp_path, "resumed", resume=True, **settings), dataset=data)
+    resumed = engine.train(train_config(tmp_path, "resumed", resume=True, **settings), dataset=data)
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
     assert _states_equal(a.model_state, b.model_state)
     assert _states_equal(a.training_state["live_model_state"], b.training_state["live_model_state"])
@@ -353,12 +325,12 @@ def test_resuming_a_run_keeps_the_normalisation_its_checkpoint_records(tmp_path,
     data = tiny_dataset()
     with monkeypatch.context() as patch:
         _with_imagenet_normalisation(patch, "simple_cnn")
-        engine.train(config(tmp_path, "straight", **settings), dataset=data)
+        engine.train(train_config(tmp_path, "straight", **settings), dataset=data)
         with pytest.raises(Interrupt):
-            engine.train(config(tmp_path, "resumed", **settings), dataset=data, on_epoch_end=_stop_after(1))
+            engine.train(train_config(tmp_path, "resumed", **settings), dataset=data, on_epoch_end=_stop_after(1))
     assert get_model_info("simple_cnn").mean == CIFAR10_MEAN  # the registry now says otherwise
 
-    resumed = engine.train(config(tmp_path, "resumed", resume=True, **settings), dataset=data)
+    resumed = engine.train(train_config(tmp_path, "resumed", resume=True, **settings), dataset=data)
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
     assert (b.spec.mean, b.spec.std) == (resumed.spec.mean, resumed.spec.std) == (IMAGENET_MEAN, IMAGENET_STD)
     assert b.spec == a.spec
@@ -367,7 +339,7 @@ def test_resuming_a_run_keeps_the_normalisation_its_checkpoint_records(tmp_path,
 
 
 def test_a_version_1_checkpoint_loads_with_its_imagenet_spec(tmp_path):
-    engine.train(config(tmp_path, epochs=1, ema=True), dataset=tiny_dataset())
+    engine.train(train_config(tmp_path, epochs=1, ema=True), dataset=tiny_dataset())
     path = tmp_path / "run" / CHECKPOINT_NAME
     payload = torch.load(path, weights_only=True)
     assert payload["format_version"] == CHECKPOINT_VERSION == 1
@@ -381,40 +353,28 @@ def test_a_version_1_checkpoint_loads_with_its_imagenet_spec(tmp_path):
 def test_extending_epochs_continues_a_constant_schedule_exactly(tmp_path):
     settings = dict(schedule="constant", warmup_epochs=0)
     data = tiny_dataset()
-    engine.train(config(tmp_path, "two", epochs=2, **settings), dataset=data)
-    engine.train(config(tmp_path, "one_plus_one", epochs=1, **settings), dataset=data)
-    engine.train(config(tmp_path, "one_plus_one", epochs=2, resume=True, **settings), dataset=data)
+    engine.train(train_config(tmp_path, "two", epochs=2, **settings), dataset=data)
+    engine.train(train_config(tmp_path, "one_plus_one", epochs=1, **settings), dataset=data)
+    engine.train(train_config(tmp_path, "one_plus_one", epochs=2, resume=True, **settings), dataset=data)
     a, b = load_checkpoint(tmp_path / "two"), load_checkpoint(tmp_path / "one_plus_one")
     assert b.epoch == 2 and _states_equal(a.model_state, b.model_state)
 
 
 def test_resume_with_another_config_is_refused(tmp_path):
-    engine.train(config(tmp_path, epochs=1), dataset=tiny_dataset())
+    engine.train(train_config(tmp_path, epochs=1), dataset=tiny_dataset())
     with pytest.raises(ConfigError, match="lr=0.05 \\(run\\) vs 0.1 \\(now\\)"):
-        engine.train(config(tmp_path, epochs=2, lr=0.1, resume=True), dataset=tiny_dataset())
+        engine.train(train_config(tmp_path, epochs=2, lr=0.1, resume=True), dataset=tiny_dataset())
 
 
 def test_resume_of_a_missing_run_is_refused(tmp_path):
     with pytest.raises(TrainingError, match="no checkpoint"):
-        engine.train(config(tmp_path, resume=True), dataset=tiny_dataset())
-
-
-def _write_tree(root: Path, data: ImageDataset) -> Path:
-    from PIL import Image
-
-    for split, images, labels in (("train", data.train_images, data.train_labels),
-                                  ("test", data.test_images, data.test_labels)):  # fmt: skip
-        for i, (pixels, label) in enumerate(zip(images, labels, strict=True)):
-            folder = root / split / data.class_names[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(folder / f"{i:04d}.png")
-    return root
+        engine.train(train_config(tmp_path, resume=True), dataset=tiny_dataset())
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
-    tree = _write_tree(tmp_path / "data", tiny_dataset(classes=("cat", "dog"), per_class=48, test_per_class=4))
+    tree = write_image_tree(tmp_path / "data", tiny_dataset(classes=("cat", "dog"), per_class=48, test_per_class=4))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def command(out: str, *extra: str) -> list[str]:

@@ -30,7 +30,7 @@ from inference.package import (
     sha256_file,
 )
 from inference.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
-from tests.export_fixtures import write_image_folder, write_run
+from tests.support.export_fixtures import write_image_folder, write_run
 from training.checkpoint import load_checkpoint
 from training.models import CIFAR10_MEAN, CIFAR10_STD, build_model, get_model_info, list_models
 

@@ -20,7 +20,7 @@ from service.classifier import Classifier
 from service.errors import ApiError
 from service.oip import InputLimits, infer_response, parse_infer_request, split_body
 from service.settings import ServiceSettings
-from tests.color_package import COLOR_CLASSES, color_pixels, make_color_package
+from tests.support.color_package import COLOR_CLASSES, color_pixels, make_color_package
 
 LIMITS = InputLimits(input_size=(32, 32), max_images=4, max_image_bytes=1000)
 

@@ -19,7 +19,7 @@ from inference.package import (
     load_package,
     sha256_file,
 )
-from tests.color_package import color_model, make_color_package
+from tests.support.color_package import color_model, make_color_package
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_engine import _write_tree, tiny_dataset
+from tests.support.training_data import tiny_dataset, write_image_tree
 from training import engine
 from training.cli import main
 from training.config import ConfigError, TrainConfig
@@ -20,7 +20,7 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    return _write_tree(tmp_path_factory.mktemp("recipes") / "data", tiny_dataset())
+    return write_image_tree(tmp_path_factory.mktemp("recipes") / "data", tiny_dataset())
 
 
 def _one_line_error(capsys, code: int) -> str:

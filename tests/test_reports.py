@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -259,8 +260,10 @@ def test_compare_runs_tables_each_runs_numbers_in_the_given_order(tmp_path):
     markdown = compare_runs([transfer, plain], tmp_path / "out")
     assert markdown == tmp_path / "out" / "comparison.md"
     _assert_png(tmp_path / "out" / "comparison.png")
-    text = markdown.read_text()
-    table, differences = text.split("## Settings that differ between runs")
+    lines = markdown.read_text().splitlines()
+    # The markdown's two tables (consecutive `|` lines): the runs' numbers, then the settings that differ.
+    starts = [i for i, line in enumerate(lines) if line.startswith("|") and not lines[i - 1].startswith("|")]
+    table, differences = ("\n".join(itertools.takewhile(lambda line: line.startswith("|"), lines[i:])) for i in starts)
     rows = [line for line in table.splitlines() if line.startswith(("| transfer", "| plain"))]
     assert [row.split("|")[1].strip() for row in rows] == ["transfer", "plain"]
     transfer_row, plain_row = rows

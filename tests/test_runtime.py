@@ -9,7 +9,7 @@ import pytest
 
 from inference.package import PackageError
 from inference.runtime import CPU_PROVIDER, DeviceUnavailableError, Predictor
-from tests.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
+from tests.support.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
 
 CUDA_WORKS = cuda_session_works()
 

@@ -1,4 +1,5 @@
-"""Tests of the HTTP service: request parsing as pure functions, then the real server (bentoml serve) over HTTP."""
+"""Tests of the HTTP service: request parsing as pure functions, then the service's app in this process (every
+refusal, content type and limit), then the real server (bentoml serve) for what only it shows."""
 
 from __future__ import annotations
 
@@ -8,11 +9,9 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -24,11 +23,12 @@ from inference.runtime import cpu_threads
 from service.classify_routes import parse_json_image
 from service.errors import ERRORS, ApiError
 from service.request_reading import decode_base64
-from tests.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
-from tests.conftest import SERVICE_TEST_SETTINGS
-from tests.service_servers import (
+from tests.support.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
+from tests.support.in_process import InProcessClient, in_process_service  # noqa: F401 (tests/test_photos.py)
+from tests.support.servers import (
     REPO,
     SERVICE,
+    SERVICE_TEST_SETTINGS,
     make_slow_color_package,
     start_server,
     stop_server,
@@ -101,7 +101,7 @@ def test_every_error_code_is_in_the_table_and_in_docs_errors_md():
     assert reasons == {"empty", "corrupt", "unsupported_format", "image_too_large"} and reasons <= set(ERRORS)
 
 
-# --- the real server ----------------------------------------------------------------------------------------------
+# --- requests and answers, in this process and over the network -------------------------------------------------------
 
 
 def png(label: str) -> bytes:
@@ -126,6 +126,119 @@ def assert_error(response: httpx.Response, status: int, code: str) -> None:
     assert body["code"] == code and body["error"]
 
 
+# --- the service's app in this process: every refusal, content type and limit -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app_client(tmp_path_factory):
+    """The service's Starlette app (create_app + attach) over a Classifier of the colour package, with the settings
+    of the `color_service` server (SERVICE_TEST_SETTINGS), in this process."""
+    with in_process_service(make_color_package(tmp_path_factory.mktemp("in-process") / "color")) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("image", "label"),
+    [
+        (encoded("PNG", "RGBA", (255, 0, 0, 255)), "red"),  # RGBA, opaque: its own colour
+        (encoded("PNG", "RGBA", (0, 0, 255, 0)), None),  # fully transparent: composited onto white
+        (encoded("PNG", "L", 128), None),  # grayscale -> three equal channels
+        (encoded("JPEG", "CMYK", (0, 255, 255, 0)), "red"),  # CMYK red
+        (encoded("PNG", "I;16", 65535), None),  # 16-bit grayscale
+        (encoded("PNG", "RGB", (0, 0, 255), size=(500, 7)), "blue"),  # any size: resized to 32x32
+    ],
+)
+def test_image_modes_and_sizes_are_converted_by_one_policy(app_client, image, label):
+    response = app_client.post("/classify?top_k=1", files={"image": ("x.png", image)})
+    assert response.status_code == 200, response.text
+    if label is not None:
+        assert labels(response) == [label]
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "content_type", "status", "code"),
+    [
+        ("/classify", b"", "image/png", 400, "empty"),
+        ("/classify", b"plain text, not pixels", "image/png", 415, "unsupported_format"),
+        ("/classify", None, "image/png", 400, "corrupt"),  # a truncated PNG
+        ("/classify", encoded("GIF", "L", 0), "image/png", 415, "unsupported_format"),
+        ("/classify", encoded("PNG", "L", 0, size=(1001, 1000)), "image/png", 413, "image_too_large"),
+        ("/classify", b"\x80\x04K\x01.", "application/python-pickle", 415, "pickle_refused"),
+        ("/classify", b"abc", "application/octet-stream", 415, "unsupported_media_type"),
+        ("/classify", b"{oops", "application/json", 400, "invalid_json"),
+        ("/classify", b'{"image": "abc"}', "application/json", 400, "invalid_base64"),
+        ("/classify", b'{"image": "a@c="}', "application/json", 400, "invalid_base64"),
+        (
+            "/classify",
+            b'{"url": "http://127.0.0.1/x.png"}',
+            "application/json",
+            400,
+            "url_not_supported",
+        ),
+        ("/classify?top_k=0", None, "image/png", 400, "invalid_top_k"),
+        ("/classify?top_k=4", None, "image/png", 400, "invalid_top_k"),
+        ("/classify?top_k=two", None, "image/png", 400, "invalid_top_k"),
+        ("/classify_batch", b"abc", "image/png", 415, "unsupported_media_type"),
+    ],
+)
+def test_bad_requests_get_json_errors_never_500(app_client, path, content, content_type, status, code):
+    if content is None:
+        content = png("red")[:60]
+    assert_error(app_client.post(path, content=content, headers={"content-type": content_type}), status, code)
+
+
+def test_a_wrong_method_gets_a_json_error(app_client):
+    wrong_method = app_client.get("/classify")
+    assert_error(wrong_method, 405, "method_not_allowed")
+    assert wrong_method.headers["allow"] == "POST"
+    assert_error(app_client.get("/v2/models/color/infer"), 405, "method_not_allowed")
+
+
+def test_multipart_problems_are_400(app_client):
+    assert_error(app_client.post("/classify", files={"picture": ("r.png", png("red"))}), 400, "missing_image")
+    assert_error(app_client.post("/classify_batch", files={"other": ("r.png", png("red"))}), 400, "no_images")
+    too_many = [("images", (f"{i}.png", png("red"))) for i in range(9)]  # the test server allows 8
+    assert_error(app_client.post("/classify_batch", files=too_many), 400, "too_many_images")
+    broken = b"--xyz\r\nContent-Disposition: form-data; name=image\r\n\r\nabc"  # no final boundary
+    response = app_client.post(
+        "/classify", content=broken, headers={"content-type": "multipart/form-data; boundary=xyz"}
+    )
+    assert response.status_code == 400, response.text
+
+
+def test_a_declared_body_over_the_limit_is_413_without_reading_it(app_client):
+    # Content-Length says 1 GB; the body records any read of it, so an answer with no read proves it was not awaited.
+    read = []
+
+    async def body():
+        read.append(True)
+        yield b"\0"
+
+    headers = {"content-type": "image/png", "content-length": "1000000000"}
+    response = app_client.post("/classify", content=body(), headers=headers)
+    status, received = response.status_code, response.content
+    assert status == 413 and b"body_too_large" in received
+    assert read == []
+
+
+def test_a_chunked_body_over_the_limit_is_413_once_it_passes_the_limit(app_client):
+    sent = []
+
+    async def endless():  # the body never ends (no terminating chunk)
+        while True:
+            sent.append(100_000)
+            yield b"\0" * 100_000
+
+    response = app_client.post("/classify", content=endless(), headers={"content-type": "image/png"})
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    status, received = response.status_code, response.content
+    assert status == 413 and b"body_too_large" in received
+    assert len(sent) == 6  # 6 x 100 kB passes the 500 kB limit: not one chunk more is read
+
+
+# --- the real server --------------------------------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def client(color_service):
     with httpx.Client(base_url=color_service.url, timeout=30) as client:
@@ -136,6 +249,12 @@ def client(color_service):
 def test_health_and_readiness(client):
     assert client.get("/livez").status_code == 200
     assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.e2e
+def test_a_path_that_no_route_has_gets_bentomls_404(client):
+    # A path that no route has never reaches the service's app: BentoML's own server answers it, in plain text.
+    assert client.get("/no-such-route").status_code == 404
 
 
 @pytest.mark.e2e
@@ -167,25 +286,6 @@ def test_classify_json_base64_and_form_top_k(client):
     assert len(labels(client.post("/classify", json={"image": image, "top_k": 2}))) == 2
     form = client.post("/classify", files={"image": ("g.png", png("green"))}, data={"top_k": "1"})
     assert labels(form) == ["green"]
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize(
-    ("image", "label"),
-    [
-        (encoded("PNG", "RGBA", (255, 0, 0, 255)), "red"),  # RGBA, opaque: its own colour
-        (encoded("PNG", "RGBA", (0, 0, 255, 0)), None),  # fully transparent: composited onto white
-        (encoded("PNG", "L", 128), None),  # grayscale -> three equal channels
-        (encoded("JPEG", "CMYK", (0, 255, 255, 0)), "red"),  # CMYK red
-        (encoded("PNG", "I;16", 65535), None),  # 16-bit grayscale
-        (encoded("PNG", "RGB", (0, 0, 255), size=(500, 7)), "blue"),  # any size: resized to 32x32
-    ],
-)
-def test_image_modes_and_sizes_are_converted_by_one_policy(client, image, label):
-    response = client.post("/classify?top_k=1", files={"image": ("x.png", image)})
-    assert response.status_code == 200, response.text
-    if label is not None:
-        assert labels(response) == [label]
 
 
 @pytest.mark.e2e
@@ -293,109 +393,6 @@ def test_metadata_reports_the_runtime_and_the_cpu_fallback(client):
         pytest.skip("a GPU is present: no fallback to observe")
     assert metadata["execution_provider"] == "CPUExecutionProvider"
     assert metadata["requested_device"] == "auto" and "CUDAExecutionProvider" in metadata["fallback_reason"]
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize(
-    ("path", "content", "content_type", "status", "code"),
-    [
-        ("/classify", b"", "image/png", 400, "empty"),
-        ("/classify", b"plain text, not pixels", "image/png", 415, "unsupported_format"),
-        ("/classify", None, "image/png", 400, "corrupt"),  # a truncated PNG
-        ("/classify", encoded("GIF", "L", 0), "image/png", 415, "unsupported_format"),
-        ("/classify", encoded("PNG", "L", 0, size=(1001, 1000)), "image/png", 413, "image_too_large"),
-        ("/classify", b"\x80\x04K\x01.", "application/python-pickle", 415, "pickle_refused"),
-        ("/classify", b"abc", "application/octet-stream", 415, "unsupported_media_type"),
-        ("/classify", b"{oops", "application/json", 400, "invalid_json"),
-        ("/classify", b'{"image": "abc"}', "application/json", 400, "invalid_base64"),
-        ("/classify", b'{"image": "a@c="}', "application/json", 400, "invalid_base64"),
-        (
-            "/classify",
-            b'{"url": "http://127.0.0.1/x.png"}',
-            "application/json",
-            400,
-            "url_not_supported",
-        ),
-        ("/classify?top_k=0", None, "image/png", 400, "invalid_top_k"),
-        ("/classify?top_k=4", None, "image/png", 400, "invalid_top_k"),
-        ("/classify?top_k=two", None, "image/png", 400, "invalid_top_k"),
-        ("/classify_batch", b"abc", "image/png", 415, "unsupported_media_type"),
-    ],
-)
-def test_bad_requests_get_json_errors_never_500(client, path, content, content_type, status, code):
-    if content is None:
-        content = png("red")[:60]
-    assert_error(client.post(path, content=content, headers={"content-type": content_type}), status, code)
-
-
-@pytest.mark.e2e
-def test_a_wrong_method_gets_a_json_error(client):
-    wrong_method = client.get("/classify")
-    assert_error(wrong_method, 405, "method_not_allowed")
-    assert wrong_method.headers["allow"] == "POST"
-    assert_error(client.get("/v2/models/color/infer"), 405, "method_not_allowed")
-    # A path that no route has never reaches the service's app: BentoML's own server answers it, in plain text.
-    assert client.get("/no-such-route").status_code == 404
-
-
-@pytest.mark.e2e
-def test_multipart_problems_are_400(client):
-    assert_error(client.post("/classify", files={"picture": ("r.png", png("red"))}), 400, "missing_image")
-    assert_error(client.post("/classify_batch", files={"other": ("r.png", png("red"))}), 400, "no_images")
-    too_many = [("images", (f"{i}.png", png("red"))) for i in range(9)]  # the test server allows 8
-    assert_error(client.post("/classify_batch", files=too_many), 400, "too_many_images")
-    broken = b"--xyz\r\nContent-Disposition: form-data; name=image\r\n\r\nabc"  # no final boundary
-    response = client.post("/classify", content=broken, headers={"content-type": "multipart/form-data; boundary=xyz"})
-    assert response.status_code == 400, response.text
-
-
-def raw_http(url: str, request: bytes, body_chunks=(), pause_s: float = 0.0) -> tuple[int, bytes]:
-    """Send `request` (head + maybe some body) and then `body_chunks` over a socket; return (status, all read)."""
-    parts = urlsplit(url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
-        s.sendall(request)
-        try:
-            for chunk in body_chunks:
-                s.sendall(chunk)
-        except OSError:  # the server may answer and close before the client has sent everything
-            pass
-        time.sleep(pause_s)
-        received = b""
-        while not complete_response(received):
-            data = s.recv(65536)
-            if not data:
-                break
-            received += data
-    status = int(received.split(b" ", 2)[1])
-    return status, received
-
-
-def complete_response(received: bytes) -> bool:
-    """Whether `received` holds a whole response head and as much body as its Content-Length says."""
-    if b"\r\n\r\n" not in received:
-        return False
-    head, body = received.split(b"\r\n\r\n", 1)
-    for line in head.lower().split(b"\r\n"):
-        if line.startswith(b"content-length:"):
-            return len(body) >= int(line.split(b":", 1)[1])
-    return True
-
-
-@pytest.mark.e2e
-def test_a_declared_body_over_the_limit_is_413_without_reading_it(color_service):
-    # Content-Length says 1 GB; only the head is ever sent, so an answer proves the body was not awaited.
-    head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000000000\r\n\r\n"
-    status, received = raw_http(color_service.url, head)
-    assert status == 413 and b"body_too_large" in received
-
-
-@pytest.mark.e2e
-def test_a_chunked_body_over_the_limit_is_413_once_it_passes_the_limit(color_service):
-    head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
-    chunk = b"%x\r\n%s\r\n" % (100_000, b"\0" * 100_000)
-    # 6 x 100 kB passes the 500 kB limit; the body never ends (no terminating chunk).
-    status, received = raw_http(color_service.url, head, [chunk] * 6)
-    assert status == 413 and b"body_too_large" in received
 
 
 @pytest.mark.e2e

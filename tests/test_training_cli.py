@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_engine import REPO, _write_tree, tiny_dataset
+from tests.support.training_data import REPO, tiny_dataset, write_image_tree
 from training.checkpoint import load_checkpoint
 from training.cli import _input_size, main
 from training.models import list_models
@@ -19,7 +19,7 @@ from training.models import list_models
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    return _write_tree(tmp_path_factory.mktemp("cli") / "data", tiny_dataset())
+    return write_image_tree(tmp_path_factory.mktemp("cli") / "data", tiny_dataset())
 
 
 def _train_args(tree: Path, out: Path, *extra: str) -> list[str]:

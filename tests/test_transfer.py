@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_engine import config, tiny_dataset
+from tests.support.training_data import tiny_dataset, train_config
 from training import engine, optim, transfer
 from training.checkpoint import load_checkpoint
 from training.config import ConfigError
@@ -114,7 +114,7 @@ def test_real_imagenet_weights_are_registered_for_both_transfer_models(tmp_path)
     assert transfer.IMAGENET_WEIGHTS["resnet18_transfer"].url.endswith(".pth")
     assert transfer.IMAGENET_WEIGHTS["resnet50_transfer"].url.endswith(".pth")
     with pytest.raises(ConfigError, match="no ImageNet weights"):
-        config(tmp_path, model="cnn_bn", pretrained="imagenet")
+        train_config(tmp_path, model="cnn_bn", pretrained="imagenet")
 
 
 def test_frozen_mode_trains_only_the_head_and_keeps_bn_statistics():
@@ -154,9 +154,9 @@ def test_finetune_groups_put_the_backbone_at_a_scaled_lr():
 
 def test_transfer_from_our_own_checkpoint_to_other_classes(tmp_path):
     # Pretrain on two classes, then start a three-class run from that backbone with a frozen backbone.
-    engine.train(config(tmp_path, "source", epochs=1), dataset=tiny_dataset(classes=("a", "b")))
+    engine.train(train_config(tmp_path, "source", epochs=1), dataset=tiny_dataset(classes=("a", "b")))
     source = load_checkpoint(tmp_path / "source")
-    target = config(
+    target = train_config(
         tmp_path,
         "target",
         epochs=1,
@@ -176,11 +176,11 @@ def test_transfer_from_our_own_checkpoint_to_other_classes(tmp_path):
 
 
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
-    engine.train(config(tmp_path, "source", epochs=1), dataset=tiny_dataset(classes=("a", "b")))
+    engine.train(train_config(tmp_path, "source", epochs=1), dataset=tiny_dataset(classes=("a", "b")))
     with pytest.raises(TransferError, match="holds a 'cnn_bn' model, not 'lenet'"):
         transfer.load_pretrained(build_model("lenet", 3), "lenet", str(tmp_path / "source" / "checkpoint.pt"))
 
 
 def test_frozen_mode_needs_pretrained_weights(tmp_path):
     with pytest.raises(ConfigError, match="--mode frozen needs --pretrained"):
-        config(tmp_path, mode="frozen")
+        train_config(tmp_path, mode="frozen")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from batch.cli import main
 from inference.imaging import encode_png
-from tests.color_package import color_pixels
+from tests.support.color_package import color_pixels
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = ("red", "green", "blue", "blue", "red", "green")  # six images, two per class

@@ -17,9 +17,19 @@ from onnx import helper, numpy_helper
 
 from benchmarks.servers import SERVICE, BentoServer
 from inference.package import MANIFEST_NAME, OUTPUT_LOGITS, sha256_file
-from tests.color_package import color_model, make_color_package
+from tests.support.color_package import color_model, make_color_package
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+
+# The VISIONSERVE_* settings of the shared `color_service` (tests/conftest.py) and of in-process apps: limits
+# small enough to cross cheaply in tests; everything else at its default.
+SERVICE_TEST_SETTINGS = {
+    "VISIONSERVE_DEVICE": "auto",  # on a CPU-only machine: the fallback path, reported in /metadata
+    "VISIONSERVE_MAX_BODY_BYTES": "500000",
+    "VISIONSERVE_MAX_IMAGE_PIXELS": "1000000",
+    "VISIONSERVE_MAX_BATCH_IMAGES": "8",
+    "VISIONSERVE_MAX_QUEUE": "256",
+}
 
 
 @dataclass
