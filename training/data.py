@@ -37,7 +37,9 @@ from inference.package import sha256_file
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})  # what decode_image accepts
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".mpo", ".png", ".webp", ".avif", ".heic", ".heif"}
+)  # what decode_image accepts
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 CACHE_FORMAT = "visionserve-images-v1"  # part of every cache key: bump it when the stored arrays change meaning
 HASHES_FILE = "source-hashes.json"  # in cache_dir: sha256 of source files by (path, size, mtime)
