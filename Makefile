@@ -11,7 +11,7 @@ RUN ?= runs/quick
 PACKAGE ?= packages/quick
 PORT ?= 3000
 
-.PHONY: setup demo train export serve test lint container-check
+.PHONY: setup demo train export serve test lint container-check protos
 
 setup: $(VENV)/.installed
 
@@ -50,3 +50,7 @@ lint: setup
 # Builds the GPU and CPU images, runs and probes each (docs/deployment.md); needs root for the Docker engine.
 container-check: export
 	$(PY) -m deploy.check --package $(PACKAGE)
+
+# Regenerates the gRPC modules (service/protos/) after an edit of service/protos/grpc_service.proto.
+protos: setup
+	$(PY) -m service.protos.generate

@@ -11,6 +11,8 @@ while a burst of requests is parsed.)
 
 Overload is refused, not absorbed: past `max_queue` waiting images a request fails at once with 503 and
 Retry-After; a request past its deadline fails with 504, and is skipped if its batch has not started.
+
+`InferenceStatistics` counts what the v2 statistics extension reports (service.oip), in Triton's terms.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import concurrent.futures
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,11 +38,96 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Duration:
+    """Triton's StatisticDuration: how many, and their total in nanoseconds."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+    def to_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class InferenceStatistics:
+    """The counters of Triton's statistics extension for this process, updated on its event loop only (no lock).
+
+    As Triton counts them: `success`/`fail` one per request, its time in the model path (Classifier.infer: from
+    its decoded pixels to its probabilities or failure); `queue` one per request, its wait for a batch;
+    `compute_input` (joining the batch's images), `compute_infer` (the model call) and `compute_output` (handing
+    each request its rows) one per request with its batch's whole time. A request bigger than one model call counts
+    once per part there. Per model call: `execution_count`, `inference_count` (images) and the compute times by
+    batch size. Nothing is cached, so cache hits and misses stay zero.
+    """
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0  # milliseconds since the epoch, 0 before the first
+    by_batch_size: dict[int, tuple[Duration, Duration, Duration]] = field(default_factory=dict)
+
+    def record_execution(self, requests: int, images: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        self.execution_count += 1
+        self.inference_count += images
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.compute_input.add(input_ns * requests, requests)
+        self.compute_infer.add(infer_ns * requests, requests)
+        self.compute_output.add(output_ns * requests, requests)
+        per_size = self.by_batch_size.get(images)
+        if per_size is None:
+            per_size = self.by_batch_size[images] = (Duration(), Duration(), Duration())
+        for duration, ns in zip(per_size, (input_ns, infer_ns, output_ns), strict=True):
+            duration.add(ns)
+
+    def model_stats(self, name: str, version: str) -> dict[str, Any]:
+        """One entry of the extension's `model_stats` list."""
+        return {
+            "name": name,
+            "version": version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": self.success.to_dict(),
+                "fail": self.fail.to_dict(),
+                "queue": self.queue.to_dict(),
+                "compute_input": self.compute_input.to_dict(),
+                "compute_infer": self.compute_infer.to_dict(),
+                "compute_output": self.compute_output.to_dict(),
+                "cache_hit": Duration().to_dict(),
+                "cache_miss": Duration().to_dict(),
+            },
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": compute_input.to_dict(),
+                    "compute_infer": compute_infer.to_dict(),
+                    "compute_output": compute_output.to_dict(),
+                }
+                for size, (compute_input, compute_infer, compute_output) in sorted(self.by_batch_size.items())
+            ],
+            "memory_usage": [],
+        }
+
+
+@dataclass
 class _Item:
     pixels: np.ndarray  # (n, H, W, 3) uint8, n <= max_batch_size
     future: asyncio.Future  # -> (n, C) float32
     deadline: float  # loop.time() after which nobody waits for it
     enqueued: float  # loop.time() when it entered the queue
+    # perf_counter_ns() then, for the measured wait: uvloop's loop.time() moves in whole milliseconds.
+    enqueued_ns: int
+    counted: bool = True  # its images count in queued_images (until a batch takes it or its request gives up)
 
 
 class Batcher:
@@ -57,12 +146,15 @@ class Batcher:
         self.max_latency_s = max_latency_ms / 1000
         self.max_queue = max_queue
         self.metrics = service_metrics()
+        self.statistics = InferenceStatistics()
         self.queued_images = 0
         self._queue: collections.deque[_Item] = collections.deque()
         self._incoming = 0  # requests being decoded: images that will arrive soon
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None  # the model's threads; None when not running
         self._calls = 0  # model calls in flight
+        self._call_starts: dict[int, float] = {}  # loop.time() each call in flight started, by call number
+        self._call_number = 0
         self._wait_timer: asyncio.TimerHandle | None = None  # ends a free instance's wait for a fuller batch
         self._seconds_per_image = 0.0  # running estimate, for Retry-After
 
@@ -101,8 +193,9 @@ class Batcher:
         count = len(pixels)
         self.admit(count)
         now = loop.time()
+        now_ns = time.perf_counter_ns()
         items = [
-            _Item(pixels[start : start + self.max_batch_size], loop.create_future(), deadline, now)
+            _Item(pixels[start : start + self.max_batch_size], loop.create_future(), deadline, now, now_ns)
             for start in range(0, count, self.max_batch_size)
         ]
         self._queue.extend(items)
@@ -115,16 +208,32 @@ class Batcher:
             parts = [await item.future for item in items]
         finally:
             timer.cancel()
-            # After the deadline or a failed part: the batcher skips whatever has not started. (cancel() on a part
-            # that already failed also tells asyncio not to log its exception as never retrieved.)
+            # After the deadline or a failed part: the batcher skips whatever has not started, and its queue slots
+            # are free at once. (cancel() on a part that already failed also tells asyncio not to log its exception
+            # as never retrieved.)
             for item in items:
                 item.future.cancel()
+                self._release(item)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _expire(self, items: list[_Item]) -> None:
         for item in items:
             if not item.future.done():
                 item.future.set_exception(self._deadline_error())
+            self._release(item)
+
+    def _release(self, item: _Item) -> None:
+        """Free a queued item's slots (and its pixels) now; the queue drops the empty item when it reaches it."""
+        if item.counted:
+            item.counted = False
+            self.queued_images -= len(item.pixels)
+            item.pixels = item.pixels[:0]
+
+    def stalled_for(self) -> float:
+        """Seconds the oldest model call in flight has been running (0 when none is): a stuck model shows here."""
+        if not self._call_starts or self._loop is None:
+            return 0.0
+        return self._loop.time() - min(self._call_starts.values())
 
     def admit(self, count: int = 1) -> None:
         """Raise 503 queue_full unless `count` more images fit in the queue (routes also call it before the body)."""
@@ -160,26 +269,39 @@ class Batcher:
         batch = self._take_batch(loop.time())
         if not batch:
             return
+        joining = time.perf_counter_ns()
         pixels = batch[0].pixels if len(batch) == 1 else np.concatenate([item.pixels for item in batch])
+        started_ns = time.perf_counter_ns()
+        input_ns = started_ns - joining
         self._calls += 1
-        started = loop.time()
+        self._call_number += 1
+        number = self._call_number
+        self._call_starts[number] = loop.time()
         call = self._executor.submit(self.predict, pixels)
         # The answer comes back in one hop (run_in_executor's asyncio future would take two loop iterations).
-        call.add_done_callback(lambda done: self._call_soon_threadsafe(self._finish, batch, started, done))
+        call.add_done_callback(
+            lambda done: self._call_soon_threadsafe(self._finish, batch, number, started_ns, input_ns, done)
+        )
 
     def _take_batch(self, now: float) -> list[_Item]:
         """Everything queued that fits in one batch (greedy, in order); skips requests that are gone."""
         batch: list[_Item] = []
         size = 0
+        now_ns = time.perf_counter_ns()
         while self._queue and size + len(self._queue[0].pixels) <= self.max_batch_size:
             item = self._queue.popleft()
+            if not item.counted:  # its request gave up (deadline, failure) while queued: slots already free
+                continue
+            item.counted = False
             self.queued_images -= len(item.pixels)
-            if item.future.done():  # its request timed out (cancelled) while queued
+            if item.future.done():
                 continue
             if now > item.deadline:
                 item.future.set_exception(self._deadline_error())
                 continue
-            self.metrics.queue_wait_seconds.observe(now - item.enqueued)
+            wait_ns = now_ns - item.enqueued_ns
+            self.metrics.queue_wait_seconds.observe(wait_ns / 1e9)
+            self.statistics.queue.add(wait_ns)
             batch.append(item)
             size += len(item.pixels)
         return batch
@@ -188,9 +310,12 @@ class Batcher:
         with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is waiting for the answer
             self._loop.call_soon_threadsafe(callback, *args)
 
-    def _finish(self, batch: list[_Item], started: float, call: concurrent.futures.Future) -> None:
+    def _finish(
+        self, batch: list[_Item], number: int, started_ns: int, input_ns: int, call: concurrent.futures.Future
+    ) -> None:
         """On the event loop: hand each request its rows (or the model's failure), then start the next batch."""
         self._calls -= 1
+        self._call_starts.pop(number, None)
         try:
             probabilities = call.result()
         except Exception as exc:  # a model failure fails this batch's requests, not the batcher
@@ -201,17 +326,21 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(exc)
         else:
-            elapsed = self._loop.time() - started
+            infer_ns = time.perf_counter_ns() - started_ns
+            elapsed = infer_ns / 1e9
             self.metrics.inference_seconds.observe(elapsed)
             self.metrics.batch_size.observe(len(probabilities))
             seconds_per_image = elapsed / len(probabilities) / self.model_instances  # calls run side by side
             self._seconds_per_image = 0.9 * self._seconds_per_image + 0.1 * seconds_per_image
+            handing_out = time.perf_counter_ns()
             offset = 0
             for item in batch:  # rows come back in the order the images went in
                 rows = probabilities[offset : offset + len(item.pixels)]
                 offset += len(item.pixels)
                 if not item.future.done():  # done = cancelled by its deadline meanwhile
                     item.future.set_result(rows)
+            output_ns = time.perf_counter_ns() - handing_out
+            self.statistics.record_execution(len(batch), len(probabilities), input_ns, infer_ns, output_ns)
         self._dispatch()
 
     def _end_wait(self) -> None:

@@ -7,7 +7,9 @@ runtime directly, so every inference path goes through the same batching, limits
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from service.batcher import Batcher
 from service.errors import ApiError
 from service.metrics import service_metrics
 from service.settings import ServiceSettings
+from service.uploads import UploadBudget
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +81,30 @@ class Classifier:
             model_instances=settings.model_instances,
         )
         self._decode_pool: ThreadPoolExecutor | None = None
+        self.uploads = UploadBudget(settings.max_upload_bytes_in_flight)
         self._warmed_up = False
+        self._warming_up = False
+        self._ready_event = asyncio.Event()  # set once warmed up: requests that arrived during warm-up wait for it
         self.failure: str | None = None  # why warm-up failed; the service then reports itself dead
 
     @property
     def ready(self) -> bool:
-        """Checksums verified and session created (in __init__), warm-up batches run, batcher running."""
-        return self._warmed_up and self.batcher.running
+        """Checksums verified and session created (in __init__), warm-up batches run, batcher running, and no model
+        call stuck for longer than a request may wait (a load balancer then sends traffic elsewhere)."""
+        return (
+            self._warmed_up and self.batcher.running and self.batcher.stalled_for() <= self.settings.request_timeout_s
+        )
+
+    @property
+    def warming_up(self) -> bool:
+        return self._warming_up
+
+    async def wait_until_warm(self, timeout_s: float) -> None:
+        """Return once warm-up has finished (or failed, or `timeout_s` passed): a request that arrives while a new
+        worker warms up, as after a crashed worker's restart, is served late rather than refused."""
+        if self._warming_up:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready_event.wait(), timeout_s)
 
     @property
     def num_classes(self) -> int:
@@ -94,6 +114,7 @@ class Classifier:
         """Start batching and warm up before declaring readiness: at batch 1 and at the largest batch on the CPU,
         at every batch size the batcher can form on a GPU."""
         self.batcher.start()
+        self._warming_up = True
         loop = asyncio.get_running_loop()
         largest = self.settings.max_batch_size
         # On a GPU each new input shape makes cuDNN search its convolution algorithms (ONNX Runtime's default
@@ -105,17 +126,20 @@ class Classifier:
         except Exception as exc:
             self.failure = f"warm-up failed: {exc}"
             log.exception("model warm-up failed; the service stays unready")
-            return
-        self._warmed_up = True
-        gc_settings.settle()  # freeze what is alive now, and let each request's garbage die young
-        log.info(
-            "model %s %s ready: backend=%s provider=%s device=%s",
-            self.package.name,
-            self.package.version,
-            self.info.backend,
-            self.info.provider,
-            self.info.device,
-        )
+        else:
+            self._warmed_up = True
+            gc_settings.settle()  # freeze what is alive now, and let each request's garbage die young
+            log.info(
+                "model %s %s ready: backend=%s provider=%s device=%s",
+                self.package.name,
+                self.package.version,
+                self.info.backend,
+                self.info.provider,
+                self.info.device,
+            )
+        finally:
+            self._warming_up = False
+            self._ready_event.set()
 
     async def stop(self) -> None:
         self._warmed_up = False
@@ -177,6 +201,17 @@ class Classifier:
         Raises ApiError: 400 for a wrong shape/dtype or too many images, 503 (Retry-After) when the queue is
         full or the model is not ready, 504 past the deadline.
         """
+        started = time.perf_counter_ns()
+        statistics = self.batcher.statistics  # the v2 statistics extension's success and fail counts
+        try:
+            probabilities = await self._infer(pixels, deadline)
+        except Exception:
+            statistics.fail.add(time.perf_counter_ns() - started)
+            raise
+        statistics.success.add(time.perf_counter_ns() - started)
+        return probabilities
+
+    async def _infer(self, pixels: np.ndarray, deadline: float | None) -> np.ndarray:
         try:
             self.predictor.check_input(pixels)
         except ValueError as exc:

@@ -21,7 +21,7 @@ from service.classifier import Classifier
 from service.errors import ApiError
 from service.request_reading import (
     MULTIPART,
-    admit,
+    admit_when_warm,
     decode_base64,
     form_image,
     media_type_of,
@@ -51,7 +51,7 @@ def attached_classifier(request: Request) -> Classifier | None:
 
 async def classify(request: Request) -> JSONResponse:
     """One image: multipart field `image`, a raw image body, or JSON {"image": base64, "top_k": k}."""
-    classifier = admit(attached_classifier(request))
+    classifier = await admit_when_warm(attached_classifier(request))
     deadline = asyncio.get_running_loop().time() + classifier.settings.request_timeout_s
     query_top_k = request.query_params.get("top_k")
     if query_top_k is not None:
@@ -59,14 +59,14 @@ async def classify(request: Request) -> JSONResponse:
     media_type = media_type_of(request)
     max_bytes = classifier.settings.max_body_bytes
     if media_type == MULTIPART:
-        form = await read_form(request, max_bytes, max_files=1)
+        form = await read_form(request, max_bytes, classifier.uploads, max_files=1)
         data = await form_image(form, "image")
         body_top_k = form.get("top_k")
     elif media_type in RAW_IMAGE_TYPES:
-        data = await read_body(request, max_bytes)
+        data = await read_body(request, max_bytes, classifier.uploads)
         body_top_k = None
     elif media_type == JSON_TYPE:
-        body = await read_body(request, max_bytes)
+        body = await read_body(request, max_bytes, classifier.uploads)
         if len(body) <= INLINE_PARSE_MAX_BYTES:
             data, body_top_k = parse_json_image(body)
         else:  # base64 of a big image would hold up every other request on the event loop
@@ -89,7 +89,7 @@ async def classify(request: Request) -> JSONResponse:
 
 async def classify_batch(request: Request) -> JSONResponse:
     """Many images (multipart field `images`, repeated): one result per image, in order; bad images fail alone."""
-    classifier = admit(attached_classifier(request))
+    classifier = await admit_when_warm(attached_classifier(request))
     deadline = asyncio.get_running_loop().time() + classifier.settings.request_timeout_s
     query_top_k = request.query_params.get("top_k")
     if query_top_k is not None:
@@ -97,7 +97,8 @@ async def classify_batch(request: Request) -> JSONResponse:
     media_type = media_type_of(request)
     if media_type != MULTIPART:
         raise unsupported_media_type(media_type, [MULTIPART])
-    form = await read_form(request, classifier.settings.max_body_bytes, max_files=classifier.settings.max_batch_images)
+    settings = classifier.settings
+    form = await read_form(request, settings.max_body_bytes, classifier.uploads, max_files=settings.max_batch_images)
     uploads = form.getlist("images")
     if not uploads:
         raise ApiError("no_images", "send at least one image in the multipart field 'images'")

@@ -20,6 +20,9 @@ class ErrorCode:
 
 ERRORS: dict[str, ErrorCode] = {
     # The request as a whole.
+    "unauthorized": ErrorCode(
+        401, "no valid API key (Authorization: Bearer KEY) where VISIONSERVE_API_KEYS_FILE requires one"
+    ),
     "pickle_refused": ErrorCode(415, "a pickle content type: unpickling runs code, so it is never read"),
     "unsupported_media_type": ErrorCode(415, "a content type the route does not take"),
     "invalid_content_length": ErrorCode(400, "a Content-Length header that is not a number"),
@@ -41,13 +44,18 @@ ERRORS: dict[str, ErrorCode] = {
     "invalid_base64": ErrorCode(400, "an image string that is not standard base64"),
     "empty": ErrorCode(400, "an image of zero bytes"),
     "corrupt": ErrorCode(400, "an image whose bytes do not decode (truncated or damaged)"),
-    "unsupported_format": ErrorCode(415, "an image that is not JPEG, PNG or WebP"),
+    "unsupported_format": ErrorCode(
+        415, "an image that is not JPEG, MPO, PNG, WebP, AVIF or HEIC/HEIF (HEIC with the photos extra)"
+    ),
     "image_too_large": ErrorCode(
         413, "one image over a limit: its bytes over the body limit, or its pixels over VISIONSERVE_MAX_IMAGE_PIXELS"
     ),
     # The server's state.
     "not_ready": ErrorCode(503, "the model is still loading or warming up (with Retry-After)"),
     "queue_full": ErrorCode(503, "more images waiting than VISIONSERVE_MAX_QUEUE (with Retry-After)"),
+    "too_many_uploads": ErrorCode(
+        503, "a body over 256 KiB while VISIONSERVE_MAX_UPLOAD_BYTES_IN_FLIGHT are being received (with Retry-After)"
+    ),
     "shutting_down": ErrorCode(503, "the server stopped while the request was queued"),
     "deadline_exceeded": ErrorCode(504, "no answer within VISIONSERVE_REQUEST_TIMEOUT_S of the request's arrival"),
     # Starlette's own refusals, and anything unexpected.

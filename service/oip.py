@@ -15,6 +15,11 @@ Errors are `{"error": message, "code": code}` with the codes of service.errors (
 404 unknown model or version, 413 body or image too large, 415 unsupported content or image format, 503 not ready or
 overloaded (with Retry-After), 504 past the request deadline. The protocol has no per-element errors: the first
 bad image fails the whole request.
+
+Two of Triton's extensions, so that its tools (perf_analyzer, tritonclient) work: model configuration
+(`GET .../config`: Triton's model configuration as JSON, built from the package and the batcher's settings) and
+statistics (`GET .../stats`, `GET /v2/models/stats`: the counters of service.batcher.InferenceStatistics, this
+worker process's). Both are listed in the server metadata's `extensions`.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from starlette.routing import Route
 from inference.package import INPUT_NAME, OUTPUT_PROBABILITIES
 from service.classifier import Classifier
 from service.errors import ApiError
-from service.request_reading import admit, decode_base64, media_type_of, read_body
+from service.request_reading import admit_when_warm, decode_base64, media_type_of, parse_length, read_body
+from service.settings import ServiceSettings
 
 SERVER_NAME = "visionserve"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 BYTES_INPUT_NAME = "images"  # the alternative input: encoded images, one per batch element
 BYTES_CONTENT_TYPES = ("base64",)  # accepted values of a JSON BYTES input's `content_type` parameter
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary extension's header: bytes of JSON before the data
@@ -48,6 +54,12 @@ PLATFORMS = {
     "onnx": "onnx_onnxv1",
     "onnx-int8": "onnx_onnxv1",
     "torchscript": "pytorch_torchscript",
+}
+# Triton's name for the same formats, in the model configuration.
+TRITON_PLATFORMS = {
+    "onnx": "onnxruntime_onnx",
+    "onnx-int8": "onnxruntime_onnx",
+    "torchscript": "pytorch_libtorch",
 }
 
 
@@ -78,9 +90,10 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """(JSON, binary data) of an infer body; without the extension's header the whole body is JSON."""
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit() or not 0 < int(header_length) <= len(body):
+    length = parse_length(header_length)
+    if length is None or not 0 < length <= len(body):
         raise bad_request(f"{HEADER_LENGTH} must be a length between 1 and the body's {len(body)} bytes")
-    return body[: int(header_length)], body[int(header_length) :]
+    return body[:length], body[length:]
 
 
 def parse_infer_request(body: bytes, limits: InputLimits, binary: bytes = b"") -> InferRequest:
@@ -332,6 +345,38 @@ def model_metadata(classifier: Classifier) -> dict[str, Any]:
     }
 
 
+def model_config(
+    name: str,
+    input_size: tuple[int, int],
+    num_classes: int,
+    backend: str,
+    device: str,
+    settings: ServiceSettings,
+) -> dict[str, Any]:
+    """Triton's model configuration (its ModelConfig as JSON) of what this server really does with the model.
+
+    `max_batch_size` is VISIONSERVE_MAX_BATCH_IMAGES, the most images one request may carry: that is what Triton's
+    clients read it for (perf_analyzer refuses a larger -b), and a request bigger than one model call
+    (VISIONSERVE_MAX_BATCH_SIZE) is split by the batcher. Dims leave out the batch dimension, as Triton's do.
+    """
+    height, width = input_size
+    return {
+        "name": name,
+        "platform": TRITON_PLATFORMS[backend],
+        "max_batch_size": settings.max_batch_images,
+        "input": [{"name": INPUT_NAME, "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": [height, width, 3]}],
+        "output": [{"name": OUTPUT_PROBABILITIES, "data_type": "TYPE_FP32", "dims": [num_classes]}],
+        "dynamic_batching": {"max_queue_delay_microseconds": round(settings.max_latency_ms * 1000)},
+        "instance_group": [
+            {
+                "name": name,
+                "kind": "KIND_GPU" if device == "cuda" else "KIND_CPU",
+                "count": settings.model_instances,
+            }
+        ],
+    }
+
+
 def server_metadata() -> dict[str, Any]:
     return {
         "name": SERVER_NAME,
@@ -388,12 +433,27 @@ def routes(classifier: Classifier) -> list[Route]:
             status_code=200 if is_ready else 400,
         )
 
+    async def config(request: Request) -> Response:
+        check_model(request)
+        spec, info = classifier.spec, classifier.info
+        return JSONResponse(
+            model_config(
+                classifier.package.name, tuple(spec.input_size), spec.num_classes, info.backend, info.device, settings
+            )
+        )
+
+    async def stats(request: Request) -> Response:
+        if "name" in request.path_params:  # else /v2/models/stats: every model's, this one's
+            check_model(request)
+        package = classifier.package
+        return JSONResponse({"model_stats": [classifier.batcher.statistics.model_stats(package.name, package.version)]})
+
     async def infer(request: Request) -> Response:
         deadline = asyncio.get_running_loop().time() + settings.request_timeout_s  # counted from arrival
         check_model(request)
-        admit(classifier)
+        await admit_when_warm(classifier)
         media_type_of(request)  # refuses a pickle content type (415); JSON or the binary extension's body follow
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, classifier.uploads)
         header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
         # Parsing a large tensor would hold up every other request on the event loop.
         parsed = await classifier.run_in_pool(parse_infer_request, header, limits, binary)
@@ -415,10 +475,15 @@ def routes(classifier: Classifier) -> list[Route]:
         Route("/v2/", server, methods=["GET"]),
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2/models/stats", stats, methods=["GET"]),  # before {name}, which would take "stats" as a name
         Route(model, metadata, methods=["GET"]),
         Route(version, metadata, methods=["GET"]),
         Route(f"{model}/ready", model_ready, methods=["GET"]),
         Route(f"{version}/ready", model_ready, methods=["GET"]),
         Route(f"{model}/infer", infer, methods=["POST"]),
         Route(f"{version}/infer", infer, methods=["POST"]),
+        Route(f"{model}/config", config, methods=["GET"]),
+        Route(f"{version}/config", config, methods=["GET"]),
+        Route(f"{model}/stats", stats, methods=["GET"]),
+        Route(f"{version}/stats", stats, methods=["GET"]),
     ]

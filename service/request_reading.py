@@ -17,9 +17,11 @@ from starlette.requests import ClientDisconnect, Request
 
 from service.classifier import Classifier
 from service.errors import ApiError
+from service.uploads import UploadBudget
 
 MULTIPART = "multipart/form-data"
 MAX_FORM_FIELDS = 8  # non-file fields (top_k); more is not a real client
+DIGITS = re.compile(r"[0-9]+")
 DATA_URL_PREFIX = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 
 
@@ -32,6 +34,14 @@ def admit(classifier: Classifier | None) -> Classifier:
         raise ApiError("not_ready", "the model is still loading or warming up", {"Retry-After": "1"})
     classifier.batcher.admit()
     return classifier
+
+
+async def admit_when_warm(classifier: Classifier | None) -> Classifier:
+    """admit, once a warm-up in progress has finished (at most the request timeout later): a worker that has just
+    started, or restarted after a crash, serves the requests that reached it rather than refusing them."""
+    if classifier is not None and classifier.warming_up:
+        await classifier.wait_until_warm(classifier.settings.request_timeout_s)
+    return admit(classifier)
 
 
 def media_type_of(request: Request) -> str:
@@ -49,14 +59,19 @@ def unsupported_media_type(media_type: str, accepted: list[str]) -> ApiError:
     )
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, refusing (413) a declared or streamed size over `max_bytes` without reading the rest."""
+async def read_body(request: Request, max_bytes: int, uploads: UploadBudget) -> bytes:
+    """The whole body, refusing (413) a declared or streamed size over `max_bytes` without reading the rest, and
+    (503) one that would take the bytes being received past the upload budget."""
     declared = request.headers.get("content-length")
+    reserved = 0
     if declared is not None:
-        if not declared.strip().isdigit():
+        length = parse_length(declared)
+        if length is None:
             raise ApiError("invalid_content_length", f"Content-Length {declared!r} is not a number")
-        if int(declared) > max_bytes:
+        if length > max_bytes:
             raise body_too_large(max_bytes)
+        uploads.reserve(length)
+        reserved = length
     chunks = []
     received = 0
     try:
@@ -64,19 +79,30 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             received += len(chunk)
             if received > max_bytes:  # a chunked body (or one longer than declared)
                 raise body_too_large(max_bytes)
+            if received > reserved:  # a chunked body reserves as it arrives
+                uploads.reserve(received - reserved)
+                reserved = received
             chunks.append(chunk)
     except ClientDisconnect:
         raise ApiError("client_disconnected", "the client closed the connection mid-body") from None
+    finally:
+        uploads.release(reserved)
     return b"".join(chunks)
+
+
+def parse_length(value: str) -> int | None:
+    """A header's byte count: ASCII digits only (str.isdigit also takes '¹', which int() refuses), else None."""
+    value = value.strip()
+    return int(value) if DIGITS.fullmatch(value) else None
 
 
 def body_too_large(max_bytes: int) -> ApiError:
     return ApiError("body_too_large", f"the request body is larger than the limit of {max_bytes} bytes")
 
 
-async def read_form(request: Request, max_bytes: int, max_files: int) -> FormData:
+async def read_form(request: Request, max_bytes: int, uploads: UploadBudget, max_files: int) -> FormData:
     """A multipart body (at most `max_bytes`, `max_files` file parts and MAX_FORM_FIELDS other fields)."""
-    body = await read_body(request, max_bytes)
+    body = await read_body(request, max_bytes, uploads)
 
     async def chunks():
         yield body

@@ -1,9 +1,13 @@
 """The BentoML service: wires the Classifier to the HTTP routes; `bentoml serve service.service:ImageClassifier`.
 
-BentoML provides the server, workers, /livez, /readyz, /metrics, the model store and build/containerize; the
-routes are a Starlette app mounted with `bentoml.asgi_app` for full control of parsing, limits and JSON errors.
+BentoML provides the server, workers, /livez, /readyz, /metrics, the API page (/, /docs.json), the model store and
+build/containerize; the routes are a Starlette app mounted with `bentoml.asgi_app` for full control of parsing,
+limits and JSON errors, and their OpenAPI description reaches BentoML's page through a second, schema-only app
+(service.openapi). API keys and CORS, when set, are ASGI middleware around BentoML's whole app.
 Batching happens in-process (service.batcher), not through BentoML's batchable APIs, whose self-calls loop back
 over HTTP with arrays as JSON.
+The Open Inference Protocol over gRPC (service.grpc_server) runs in each worker beside the HTTP routes, started
+and stopped by the startup and shutdown hooks.
 """
 
 from __future__ import annotations
@@ -11,35 +15,38 @@ from __future__ import annotations
 import asyncio
 
 import bentoml
+import grpc
 
 from inference.package import ModelPackage, PackageError
 from inference.runtime import DeviceUnavailableError, check_device
-from service import bentoml_config
-from service.app import attach, create_app
+from service import auth, bentoml_config, grpc_server, openapi
+from service.app import asgi_middlewares, attach, create_app
+from service.auth import AccessControl
 from service.classifier import Classifier, resolve_package
 from service.settings import ServiceSettings, SettingsError
 
 
-def checked_configuration() -> tuple[ServiceSettings, ModelPackage]:
-    """The settings and the verified package, or exit with the one-line reason.
+def checked_configuration() -> tuple[ServiceSettings, ModelPackage, AccessControl]:
+    """The settings, the verified package and the API keys, or exit with the one-line reason.
 
-    Runs at import, so in `bentoml serve`'s own process before any worker starts: a bad variable, a missing,
-    tampered or unknown package (or one without the chosen backend's file), or device=cuda where CUDA cannot
-    be used stops the command, instead of a worker that fails in __init__ and that BentoML restarts forever.
-    Each worker re-verifies its own copy.
+    Runs at import, so in `bentoml serve`'s own process before any worker starts: a bad variable, a missing or
+    unreadable key file, a missing, tampered or unknown package (or one without the chosen backend's file), or
+    device=cuda where CUDA cannot be used stops the command, instead of a worker that fails in __init__ and that
+    BentoML restarts forever. Each worker re-verifies its own copy.
     """
     try:
         settings = ServiceSettings.from_env()
+        access = auth.configured()  # the same keys as auth.check_authorization's, for any other server
         package = resolve_package(settings.model)
         package.model_path(settings.backend)
         if settings.device == "cuda":  # `auto` falls back to the CPU, `cuda` must work or not start at all
             check_device(package.root, settings.backend, settings.device)
     except (SettingsError, PackageError, FileNotFoundError, DeviceUnavailableError) as exc:
         raise SystemExit(f"visionserve: cannot serve: {exc}") from None
-    return settings, package
+    return settings, package, access
 
 
-SETTINGS, PACKAGE = checked_configuration()
+SETTINGS, PACKAGE, ACCESS = checked_configuration()
 app = create_app()
 
 # The container image's base; the bentofiles add the Python packages (GPU or CPU). BentoML apt-installs
@@ -48,6 +55,8 @@ app = create_app()
 CONTAINER_IMAGE = bentoml.images.Image(base_image="python:3.11-slim", python_version="3.11", distro="prebuilt-wheels")
 
 
+# Mounted after `app`, whose fallback route answers every path first: this one only carries the schema.
+@bentoml.asgi_app(openapi.schema_app(openapi.Contract.of(SETTINGS, PACKAGE, ACCESS)), path="/", name="openapi")
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
     name="visionserve",
@@ -68,14 +77,20 @@ class ImageClassifier:
         self.classifier = Classifier(SETTINGS, PACKAGE)
         attach(app, self.classifier)
         self._warm_up: asyncio.Task | None = None
+        self._grpc: grpc.aio.Server | None = None
 
     @bentoml.on_startup
     async def start_batching(self) -> None:
         # Warm up in the background: /livez answers at once, /readyz turns 200 after the warm-up batches.
         self._warm_up = asyncio.get_running_loop().create_task(self.classifier.start())
+        # The Open Inference Protocol over gRPC, on this worker's event loop and Classifier: its requests join the
+        # HTTP requests' batches. Listens at once, as /livez answers; ServerReady waits for the warm-up.
+        self._grpc = await grpc_server.start(self.classifier, ACCESS)
 
     @bentoml.on_shutdown
     async def stop_batching(self) -> None:
+        # gRPC first: its requests in flight still find the batcher running, and none can outlast the timeout.
+        await grpc_server.stop(self._grpc, SETTINGS.request_timeout_s)
         await self.classifier.stop()
 
     def __is_ready__(self) -> bool:
@@ -83,3 +98,7 @@ class ImageClassifier:
 
     def __is_alive__(self) -> bool:
         return self.classifier.failure is None
+
+
+for _middleware, _options in asgi_middlewares(SETTINGS, ACCESS):
+    ImageClassifier.add_asgi_middleware(_middleware, **_options)

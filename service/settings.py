@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -13,6 +14,8 @@ from inference.runtime import DEVICES, cpu_threads
 ENV_PREFIX = "VISIONSERVE_"
 # The BentoML model-store tag that the export stage registers and bentofile.yaml packs into the Bento.
 DEFAULT_MODEL_TAG = "visionserve-classifier:latest"
+# A browser origin as it sends it: scheme://host[:port], nothing after.
+ORIGIN = re.compile(r"^https?://[^/\s]+$")
 
 
 class SettingsError(ValueError):
@@ -33,6 +36,9 @@ class ServiceSettings:
     max_queue: int = 512  # images waiting for the model; past it requests get 503 + Retry-After at once
     request_timeout_s: float = 10.0  # from arrival to answer; past it 504
     max_body_bytes: int = 16 * 1024 * 1024  # a request body over this gets 413 without being read
+    # Bytes of bodies larger than 256 KiB being received at once in a worker; past it such uploads get 503 before
+    # their bodies are read.
+    max_upload_bytes_in_flight: int = 128 * 1024 * 1024
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # width * height from the header; over it 413 before decoding
     max_batch_images: int = 64  # images in one /classify_batch (or v2 infer) request
     # Server processes, each with its own event loop, batcher and model session. Python work per request bounds
@@ -47,6 +53,19 @@ class ServiceSettings:
     # TF32 on the GPU (ONNX Runtime's CUDA provider): faster on Ampere and later, outputs no longer within the
     # export gate's 1e-4 of the float32 it verified. Off by default.
     tf32: bool = False
+    # API keys (service.auth): a file of `sha256:<hex>` lines, one per key (`python -m service.auth hash` makes a
+    # line). Set: every prediction and metadata route wants `Authorization: Bearer KEY`. Empty: the routes are open.
+    api_keys_file: str = ""
+    # The keys of the routes that load or unload models (none yet); without the file such routes refuse every call.
+    admin_keys_file: str = ""
+    # Also want a key for /livez, /readyz, /metrics and the v2 health routes (probes then need one too).
+    auth_health: bool = False
+    # Comma-separated origins (https://app.example.com) whose browser pages may call the API; empty = no CORS.
+    cors_origins: str = ""
+    # The Open Inference Protocol over gRPC (service.grpc_server), served by every worker on this port (SO_REUSEPORT
+    # lets them share it); 8001 as in Triton. 0 turns it off.
+    grpc_port: int = 8001
+    grpc_host: str = "0.0.0.0"  # the interface it listens on; 0.0.0.0 is every IPv4 one, as BentoML's HTTP default
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -59,6 +78,7 @@ class ServiceSettings:
             "max_batch_size",
             "max_queue",
             "max_body_bytes",
+            "max_upload_bytes_in_flight",
             "max_image_pixels",
             "max_batch_images",
             "workers",
@@ -70,14 +90,33 @@ class ServiceSettings:
             raise SettingsError(f"{ENV_PREFIX}MAX_LATENCY_MS must be >= 0, got {self.max_latency_ms}")
         if self.request_timeout_s <= 0:
             raise SettingsError(f"{ENV_PREFIX}REQUEST_TIMEOUT_S must be > 0, got {self.request_timeout_s}")
+        if not 0 <= self.grpc_port <= 65535:
+            raise SettingsError(f"{ENV_PREFIX}GRPC_PORT must be a port number (0 turns gRPC off), got {self.grpc_port}")
+        if self.grpc_port and not self.grpc_host.strip():
+            raise SettingsError(f"{ENV_PREFIX}GRPC_HOST must name an interface (0.0.0.0: all) when gRPC is on")
         if self.threads < 0:
             raise SettingsError(f"{ENV_PREFIX}THREADS must be >= 0, got {self.threads}")
+        if self.max_upload_bytes_in_flight < self.max_body_bytes:
+            # A body of the largest allowed size could never be received.
+            raise SettingsError(
+                f"{ENV_PREFIX}MAX_UPLOAD_BYTES_IN_FLIGHT ({self.max_upload_bytes_in_flight}) must not be below "
+                f"{ENV_PREFIX}MAX_BODY_BYTES ({self.max_body_bytes})"
+            )
         if self.max_batch_images > self.max_queue:
             # A request bigger than the whole queue could never be admitted.
             raise SettingsError(
                 f"{ENV_PREFIX}MAX_BATCH_IMAGES ({self.max_batch_images}) must not exceed "
                 f"{ENV_PREFIX}MAX_QUEUE ({self.max_queue})"
             )
+        for origin in self.cors_origin_list:
+            if origin != "*" and not ORIGIN.match(origin):
+                raise SettingsError(
+                    f"{ENV_PREFIX}CORS_ORIGINS has {origin!r}; an origin is scheme://host[:port] (or *), comma-separated"
+                )
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip().rstrip("/") for origin in self.cors_origins.split(",") if origin.strip()]
 
     @property
     def threads_per_worker(self) -> int:

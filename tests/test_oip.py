@@ -358,7 +358,11 @@ def client(classifier):
 def test_server_metadata_and_health(client):
     server = client.get("/v2").json()
     assert server["name"] == "visionserve"
-    assert isinstance(server["version"], str) and server["extensions"] == ["binary_tensor_data"]
+    assert isinstance(server["version"], str) and server["extensions"] == [
+        "binary_tensor_data",
+        "model_configuration",
+        "statistics",
+    ]
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
     assert client.get("/v2/models/color/ready").json() == {"name": "color", "ready": True}

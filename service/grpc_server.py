@@ -1,0 +1,292 @@
+"""The Open Inference Protocol over gRPC (KServe v2 `inference.GRPCInferenceService`), beside the HTTP routes.
+
+A grpc.aio server on VISIONSERVE_GRPC_PORT (8001 by default, 0 = off), started in each BentoML worker by the
+service's startup hook on that worker's event loop, so it shares the worker's Classifier: gRPC and HTTP requests
+join the same batches, queue, limits, statistics and metrics. Every worker binds the same port with SO_REUSEPORT
+and the kernel spreads *connections* (not requests) over them, as it does for BentoML's HTTP socket.
+
+RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, and Triton's ModelConfig and
+ModelStatistics (perf_analyzer asks for both); any other answers UNIMPLEMENTED. ModelInfer takes the REST route's
+inputs (service.oip): `pixels` UINT8 [N, H, W, 3] or `images` BYTES [N] of encoded images, in
+`raw_input_contents` (whose layout is that of Triton's binary extension over HTTP) or in `contents`; the request
+is checked by the REST route's own parser, and the probabilities come back in `raw_output_contents`.
+
+A refusal carries the ApiError's message and a status from GRPC_STATUS, with its code of service.errors in the
+trailing metadata `visionserve-error-code` (and `retry-after` on 503s). A message over VISIONSERVE_MAX_BODY_BYTES
+is refused by gRPC itself with RESOURCE_EXHAUSTED. With API keys set (service.auth), every RPC needs the metadata
+`authorization: Bearer KEY`, except the health RPCs unless VISIONSERVE_AUTH_HEALTH=true, as over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+
+from inference.package import OUTPUT_PROBABILITIES
+from service import oip
+from service.auth import AccessControl
+from service.classifier import Classifier
+from service.errors import ApiError
+from service.metrics import service_metrics
+from service.protos import grpc_service_pb2 as pb
+from service.protos import grpc_service_pb2_grpc as pb_grpc
+from service.request_reading import admit
+
+log = logging.getLogger(__name__)
+
+# The gRPC status of each HTTP status that service.errors uses.
+GRPC_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,  # HTTP only (a route's wrong method), listed for completeness
+    # What gRPC answers itself for a message over the size limit; an image over a limit is the same refusal.
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    500: grpc.StatusCode.INTERNAL,
+    # Not ready, queue full, shutting down: worth retrying, which UNAVAILABLE says to gRPC clients.
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+ERROR_CODE_KEY = "visionserve-error-code"  # trailing metadata: the refusal's code of service.errors
+# Typed `contents` field of each datatype the model's inputs take (the alternative to raw_input_contents).
+CONTENTS_FIELDS = {"UINT8": "uint_contents", "BYTES": "bytes_contents"}
+
+
+def grpc_status(error: ApiError) -> grpc.StatusCode:
+    return GRPC_STATUS.get(error.status, grpc.StatusCode.UNKNOWN)
+
+
+def rest_request(request: pb.ModelInferRequest) -> tuple[bytes, bytes]:
+    """A ModelInferRequest as the REST route's JSON and binary data (Triton's binary extension), for oip's parser.
+
+    Raises ApiError (400) for what only gRPC can get wrong: raw contents that do not match the inputs.
+    """
+    inputs = [
+        {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)} for tensor in request.inputs
+    ]
+    binary = b""
+    if inputs:
+        first = request.inputs[0]
+        raw = request.raw_input_contents
+        if raw:
+            if len(raw) != len(inputs):
+                raise oip.bad_request(f"raw_input_contents has {len(raw)} entries for {len(inputs)} input tensors")
+            if first.HasField("contents"):
+                raise oip.bad_request(f"input {first.name!r} has both contents and raw_input_contents")
+            binary = raw[0]
+        elif first.HasField("contents"):
+            binary = _contents_bytes(first)
+        else:
+            raise oip.bad_request(f"input {first.name!r} has no data: set raw_input_contents or its contents")
+        # The parser refuses a second input before it looks at any data.
+        inputs[0]["parameters"] = {"binary_data_size": len(binary)}
+    header: dict[str, Any] = {"inputs": inputs, "outputs": [{"name": output.name} for output in request.outputs]}
+    if request.id:
+        header["id"] = request.id
+    return json.dumps(header).encode(), binary
+
+
+def _contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor) -> bytes:
+    """A tensor's typed contents as raw bytes; a datatype the model does not take gives none (the parser says why)."""
+    field = CONTENTS_FIELDS.get(tensor.datatype)
+    if field is None:
+        return b""
+    values = getattr(tensor.contents, field)
+    if tensor.datatype == "BYTES":
+        return b"".join(len(element).to_bytes(4, "little") + element for element in values)
+    pixels = np.asarray(values, dtype=np.uint32)
+    if pixels.size and pixels.max() > 255:
+        raise oip.bad_request(f"input {tensor.name!r} must hold integers in 0..255 (UINT8)")
+    return pixels.astype(np.uint8).tobytes()
+
+
+def parse_infer_request(request: pb.ModelInferRequest, limits: oip.InputLimits) -> oip.InferRequest:
+    """A ModelInferRequest -> the validated InferRequest of the REST route, with its checks and messages."""
+    header, binary = rest_request(request)
+    return oip.parse_infer_request(header, limits, binary)
+
+
+def _message(values: dict[str, Any], message: Any) -> Any:
+    """`message` filled from a REST answer's JSON (the same field names); a field that the REST answer has and the
+    gRPC message lacks (model metadata's `parameters`, or one added to the REST side first) is left out, not
+    fatal; tests/test_grpc.py compares the two protocols' answers."""
+    return json_format.ParseDict(values, message, ignore_unknown_fields=True)
+
+
+def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None
+
+
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def rpc(health: bool = False) -> Callable[[Handler], Handler]:
+    """An RPC method: the API-key check (health RPCs only when VISIONSERVE_AUTH_HEALTH is on), and every
+    ApiError (or unexpected error) turned into the gRPC status with the message and the code as metadata."""
+
+    def wrap(method: Handler) -> Handler:
+        @functools.wraps(method)
+        async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                if not health or self.access.protect_health:
+                    self.access.check(_metadata_value(context, "authorization"))
+                return await method(self, request, context)
+            except ApiError as exc:
+                error = exc
+            except Exception as exc:  # not asyncio.CancelledError: a cancelled RPC has nobody to answer
+                log.error("unhandled error in gRPC %s", method.__name__, exc_info=exc)
+                error = ApiError("internal", "internal server error")
+            service_metrics().rejected_requests.labels(reason=error.code).inc()
+            trailing = ((ERROR_CODE_KEY, error.code), *((k.lower(), v) for k, v in error.headers.items()))
+            await context.abort(grpc_status(error), error.message, trailing)
+
+        return handler
+
+    return wrap
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The protocol's RPCs over one Classifier; the answers are those of the REST routes (service.oip)."""
+
+    def __init__(self, classifier: Classifier, access: AccessControl) -> None:
+        self.classifier = classifier
+        self.access = access  # the same keys and check as auth.check_authorization's
+        settings = classifier.settings
+        # As the REST routes': one encoded image can be no bigger than the whole message.
+        self.limits = oip.InputLimits(
+            tuple(classifier.spec.input_size), settings.max_batch_images, settings.max_body_bytes
+        )
+
+    def check_model(self, name: str, version: str) -> None:
+        """404 unless `name` (and `version`, if given) is the served model; the REST routes' messages."""
+        package = self.classifier.package
+        if name != package.name:
+            raise ApiError("model_not_found", f"unknown model {name!r}; this server serves {package.name!r}")
+        if version and version != package.version:
+            raise ApiError(
+                "version_not_found", f"unknown version {version!r} of model {name!r}; available: {package.version!r}"
+            )
+
+    @rpc(health=True)
+    async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.classifier.failure is None)
+
+    @rpc(health=True)
+    async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=bool(self.classifier.ready))
+
+    @rpc(health=True)  # Triton, and the HTTP key check (service.auth), count model readiness as health too
+    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        self.check_model(request.name, request.version)
+        return pb.ModelReadyResponse(ready=bool(self.classifier.ready))
+
+    @rpc()
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
+        return _message(oip.server_metadata(), pb.ServerMetadataResponse())
+
+    @rpc()
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        self.check_model(request.name, request.version)
+        return _message(oip.model_metadata(self.classifier), pb.ModelMetadataResponse())
+
+    @rpc()
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
+        self.check_model(request.name, request.version)
+        classifier = self.classifier
+        spec, info = classifier.spec, classifier.info
+        config = oip.model_config(
+            classifier.package.name,
+            tuple(spec.input_size),
+            spec.num_classes,
+            info.backend,
+            info.device,
+            classifier.settings,
+        )
+        return pb.ModelConfigResponse(config=_message(config, pb.ModelConfig()))
+
+    @rpc()
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context) -> pb.ModelStatisticsResponse:
+        if request.name:  # else every model's: this one's
+            self.check_model(request.name, request.version)
+        package = self.classifier.package
+        stats = self.classifier.batcher.statistics.model_stats(package.name, package.version)
+        return pb.ModelStatisticsResponse(model_stats=[_message(stats, pb.ModelStatistics())])
+
+    @rpc()
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        classifier = self.classifier
+        loop = asyncio.get_running_loop()
+        # The request timeout from arrival, or the client's own gRPC deadline if that comes first.
+        timeout = classifier.settings.request_timeout_s
+        remaining = context.time_remaining()
+        deadline = loop.time() + (timeout if remaining is None else min(timeout, remaining))
+        self.check_model(request.model_name, request.model_version)
+        admit(classifier)
+        if request.raw_input_contents:  # a view of the bytes: nothing worth a thread hop
+            parsed = parse_infer_request(request, self.limits)
+        else:  # typed contents: a Python loop over every element, off the event loop as the REST route's JSON
+            parsed = await classifier.run_in_pool(parse_infer_request, request, self.limits)
+        pixels = parsed.pixels
+        if pixels is None:  # as the REST infer route: the first bad image fails the request
+            decoded = await classifier.decode_many(list(parsed.encoded))
+            for index, entry in enumerate(decoded):
+                if isinstance(entry, ApiError):
+                    raise entry.with_message(f"element {index} of {oip.BYTES_INPUT_NAME!r}: {entry.message}")
+            pixels = np.stack(decoded)
+        probabilities = await classifier.infer(pixels, deadline)
+        package = classifier.package
+        output = pb.ModelInferResponse.InferOutputTensor(
+            name=OUTPUT_PROBABILITIES, datatype="FP32", shape=list(probabilities.shape)
+        )
+        return pb.ModelInferResponse(
+            model_name=package.name,
+            model_version=package.version,
+            id=request.id,
+            outputs=[output],
+            raw_output_contents=[probabilities.astype("<f4").tobytes()],  # little-endian, row-major
+        )
+
+
+class GrpcStartError(RuntimeError):
+    """The gRPC server could not listen (its port is taken by a process that does not share it)."""
+
+
+async def start(classifier: Classifier, access: AccessControl) -> grpc.aio.Server | None:
+    """Serve the protocol on the settings' gRPC host and port on the running event loop; None when the port is 0."""
+    settings = classifier.settings
+    if not settings.grpc_port:
+        return None
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_body_bytes),
+            # On by default on Linux; said here because every worker binds the same port.
+            ("grpc.so_reuseport", 1),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(classifier, access), server)
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise GrpcStartError(f"visionserve: cannot serve gRPC on {address} (VISIONSERVE_GRPC_PORT): {exc}") from None
+    await server.start()
+    log.info("gRPC (Open Inference Protocol) listening on %s", address)
+    return server
+
+
+async def stop(server: grpc.aio.Server | None, grace_s: float) -> None:
+    """Refuse new RPCs at once and let those in flight finish for up to `grace_s` seconds."""
+    if server is not None:
+        await server.stop(grace_s)

@@ -1,0 +1,1 @@
+"""The Open Inference Protocol's gRPC messages and service (grpc_service.proto) and their generated Python modules."""
