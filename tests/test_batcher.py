@@ -306,3 +306,33 @@ def test_a_free_instance_stops_waiting_when_the_latency_budget_is_spent():
     queued, results = run(scenario)
     assert queued == 0  # request 2 went to the second instance alone
     assert [r.tolist() for r in results] == [[[1.0]], [[2.0]]]
+
+
+def test_a_stuck_model_answers_504_frees_the_queue_and_shows_how_long_it_is_stuck_until_it_recovers():
+    async def scenario():
+        gate = threading.Event()
+        model = EchoModel(gate)
+        async with started(model, max_batch_size=1, max_latency_ms=0, max_queue=3) as batcher:
+            loop = asyncio.get_running_loop()
+            stuck = asyncio.create_task(batcher.submit(tagged(1), deadline=loop.time() + 0.2))
+            await asyncio.to_thread(model.started.wait, 5)
+            # Three more fill the queue behind the stuck call; the next one is refused.
+            waiting = [asyncio.create_task(batcher.submit(tagged(2 + i), deadline=loop.time() + 0.2)) for i in range(3)]
+            await asyncio.sleep(0.01)
+            assert batcher.queued_images == 3
+            with pytest.raises(ApiError) as full:
+                batcher.admit()
+            assert full.value.code == "queue_full"
+            # At the deadline every request gets 504 and the queue is free again, though the model is still stuck.
+            outcomes = await asyncio.gather(stuck, *waiting, return_exceptions=True)
+            assert [o.code for o in outcomes] == ["deadline_exceeded"] * 4
+            assert batcher.queued_images == 0
+            batcher.admit(3)
+            assert batcher.stalled_for() >= 0.2
+            # Unstuck: the stale queue entries are skipped, and a new request is answered.
+            gate.set()
+            answer = await batcher.submit(tagged(9), deadline=loop.time() + 5)
+            assert answer[0, 0] == 9 and batcher.stalled_for() == 0
+            assert model.batches == [[1], [9]]
+
+    run(scenario)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -358,3 +359,27 @@ def test_metadata_names_the_model_and_runtime(classifier, color_package):
     assert (metadata["input"]["height"], metadata["input"]["width"]) == (32, 32)
     assert metadata["backend"] == "onnx" and metadata["execution_provider"] == CPU_PROVIDER
     assert metadata["sha256"] == classifier.package.manifest["files"]["model.onnx"]["sha256"]
+
+
+def test_readiness_turns_false_while_a_model_call_is_stuck_and_back_once_it_finishes(tmp_path):
+    async def scenario():
+        package = make_color_package(tmp_path / "color")
+        classifier = Classifier(ServiceSettings(model=str(package), device="cpu", request_timeout_s=0.2))
+        await classifier.start()
+        try:
+            assert classifier.ready
+            gate = threading.Event()
+            predict = classifier.batcher.predict
+            classifier.batcher.predict = lambda pixels: gate.wait(5) and predict(pixels)
+            loop = asyncio.get_running_loop()
+            call = asyncio.create_task(classifier.infer(color_pixels("red"), deadline=loop.time() + 5))
+            await asyncio.sleep(0.4)  # the call has run longer than a request may wait
+            assert not classifier.ready
+            gate.set()
+            probabilities = await call
+            assert COLOR_CLASSES[int(np.argmax(probabilities[0]))] == "red"
+            assert classifier.ready
+        finally:
+            await classifier.stop()
+
+    asyncio.run(scenario())

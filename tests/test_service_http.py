@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from service.classify_routes import parse_json_image
 from service.errors import ERRORS, ApiError
 from service.request_reading import decode_base64
 from tests.support.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
-from tests.support.in_process import InProcessClient, in_process_service  # noqa: F401 (tests/test_photos.py)
+from tests.support.in_process import in_process_service
 from tests.support.servers import (
     REPO,
     SERVICE,
@@ -32,7 +33,6 @@ from tests.support.servers import (
     make_slow_color_package,
     start_server,
     stop_server,
-    wait_for,
 )
 
 # --- parsing, without a server ----------------------------------------------------------------------------------
@@ -435,14 +435,15 @@ def slow_service(tmp_path_factory):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_ready_only_after_warm_up_then_overload_is_refused_fast_and_recovers(slow_service):
+def test_ready_only_after_warm_up_requests_meanwhile_wait_then_overload_is_refused_fast_and_recovers(slow_service):
     url = slow_service.url
-    # Alive at once, but not ready while the warm-up batch runs (about two seconds).
+    # Alive at once, but not ready while the warm-up batches run (about two seconds each).
     assert httpx.get(url + "/livez").status_code == 200
     assert httpx.get(url + "/readyz").status_code == 503
-    not_ready = httpx.post(url + "/classify", content=png("red"), headers={"content-type": "image/png"})
-    assert_error(not_ready, 503, "not_ready")
-    wait_for(slow_service, "/readyz", timeout_s=60)
+    # A request that arrives meanwhile (as after a crashed worker's restart) waits for the warm-up and is served.
+    early = httpx.post(url + "/classify", content=png("red"), headers={"content-type": "image/png"}, timeout=60)
+    assert labels(early)[0] == "red"
+    assert httpx.get(url + "/readyz").status_code == 200
 
     async def burst():
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -569,3 +570,79 @@ def test_serve_exits_with_one_line_when_it_cannot_serve(tmp_path, problem, setti
     last_line = output.strip().splitlines()[-1]
     assert last_line.startswith("visionserve: cannot serve: ") and message in last_line
     assert "Traceback" not in output
+
+
+def test_errors_answered_in_plain_text_inside_the_app_reach_the_client_as_json():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from service.app import JsonErrors
+
+    async def plain(request):
+        return PlainTextResponse("Method Not Allowed", status_code=405, headers={"Allow": "GET"})
+
+    async def fine(request):
+        return PlainTextResponse("# HELP metrics")
+
+    client = TestClient(JsonErrors(Starlette(routes=[Route("/plain", plain), Route("/fine", fine)])))
+    refused = client.get("/plain")
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET"
+    assert refused.json() == {"error": "Method Not Allowed", "code": "method_not_allowed"}
+    assert client.get("/fine").text == "# HELP metrics"  # successes pass untouched
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH"])
+def test_bentomls_own_routes_answer_a_wrong_method_in_json(client, method):
+    for path in ("/livez", "/readyz", "/metrics"):
+        response = client.request(method, path)
+        assert_error(response, 405, "method_not_allowed")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_sigterm_with_the_queue_full_answers_every_admitted_request_and_exits_within_the_deadline(tmp_path):
+    """Drain: nothing admitted is dropped without an answer; the longest it takes is the request timeout, which the
+    deployments' grace period (30 s, deploy/) exceeds."""
+    timeout_s = 5
+    package = make_slow_color_package(tmp_path / "slow")
+    settings = {
+        "VISIONSERVE_DEVICE": "cpu",
+        "VISIONSERVE_THREADS": "1",
+        "VISIONSERVE_MAX_BATCH_SIZE": "1",
+        "VISIONSERVE_MAX_QUEUE": "4",
+        "VISIONSERVE_MAX_BATCH_IMAGES": "1",
+        "VISIONSERVE_REQUEST_TIMEOUT_S": str(timeout_s),
+    }
+    server = start_server(package, tmp_path, settings)
+    try:
+
+        async def drain():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+
+                async def one():
+                    try:
+                        response = await client.post(
+                            "/classify", content=png("red"), headers={"content-type": "image/png"}
+                        )
+                    except httpx.TransportError as exc:
+                        return type(exc).__name__
+                    return f"{response.status_code} {response.json().get('code', '')}".strip()
+
+                requests = [asyncio.create_task(one()) for _ in range(6)]
+                await asyncio.sleep(0.5)  # one running, four queued, one refused (queue_full)
+                signalled = time.monotonic()
+                os.kill(server.process.pid, signal.SIGTERM)
+                answers = await asyncio.gather(*requests)
+                await asyncio.to_thread(server.process.wait, 60)
+                return answers, time.monotonic() - signalled
+
+        answers, exited_after = asyncio.run(drain())
+    finally:
+        stop_server(server)
+    assert sorted(answers).count("503 queue_full") == 1
+    admitted = [a for a in answers if a != "503 queue_full"]
+    assert len(admitted) == 5 and set(admitted) <= {"200", "504 deadline_exceeded"} and "200" in admitted
+    assert server.process.returncode == 0 and exited_after < timeout_s + 10
