@@ -16,6 +16,7 @@ import asyncio
 import base64
 import json
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -152,6 +153,9 @@ def run(args: argparse.Namespace) -> dict:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "package": model,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "saturation_rps": saturation,
         "rate_rps": round(rate, 1),
         "minutes": args.minutes,
@@ -179,7 +183,7 @@ def markdown(r: dict) -> str:
         f"Command: `{r['command']}`  ",
         f"Date: {r['date']}  ",
         f"Machine: {m['nproc']} cores ({m['cpu_model']}), no GPU; load average at start {m['load_average_at_start']}  ",
-        f"Model package: `{r['package']}`",
+        f"Model package: `{r['package']}`; code at commit {r['commit']}",
         "",
         f"Saturation (closed loop, /classify): {r['saturation_rps']:.0f} requests/s; soak at {r['rate_rps']:.0f} "
         f"requests/s for {r['minutes']} min: {r['requests']} requests ({r['by_kind']}).",
