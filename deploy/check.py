@@ -199,10 +199,30 @@ def starts_without_network(tag: str) -> dict:
     return {"network": "none", "ready": ready}
 
 
+def probe_grpc(address: str, url: str, images: list[tuple[str, bytes]]) -> dict:
+    """The Open Inference Protocol over gRPC, as Triton's client speaks it: readiness and one infer of encoded JPEGs."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    metadata = httpx.get(f"{url}/metadata", timeout=10).json()  # the model's name and classes
+    model, classes = metadata["name"], metadata["classes"]
+    client = grpcclient.InferenceServerClient(address)
+    encoded = grpcclient.InferInput("images", [len(images)], "BYTES")
+    encoded.set_data_from_numpy(np.array([blob for _, blob in images], dtype=object))
+    probabilities = client.infer(model, [encoded]).as_numpy("probabilities")
+    top = [classes[i] for i in probabilities.argmax(axis=1)]
+    return {
+        "ready": client.is_server_ready(),
+        "images": len(images),
+        "top1_correct": sum(t == label for t, (label, _) in zip(top, images, strict=True)),
+    }
+
+
 def check_image(kind: str, image: dict, images: list[tuple[str, bytes]], gpus: bool) -> dict:
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     name = f"visionserve-check-{kind}-{port}"
-    run = ["run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000", *(["--gpus", "all"] if gpus else [])]
+    publish = ["-p", f"127.0.0.1:{port}:3000", "-p", f"127.0.0.1:{grpc_port}:8001"]
+    run = ["run", "-d", "--name", name, *publish, *(["--gpus", "all"] if gpus else [])]
     started = time.perf_counter()
     docker(*run, image["tag"])
     try:
@@ -210,6 +230,7 @@ def check_image(kind: str, image: dict, images: list[tuple[str, bytes]], gpus: b
         ready_seconds = wait_ready(url, name, started)
         user = docker("exec", name, "id", "-u").strip()
         answers = probe(url, images)
+        answers["grpc"] = probe_grpc(f"127.0.0.1:{grpc_port}", url, images)
         drain = stop_under_load(url, name, images[:16])
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
@@ -256,7 +277,7 @@ def markdown(results: dict) -> str:
         f"{results['base_image']['bytes'] / mb:.0f} MB",
         "",
         "| image | size | added to the base | build | `docker run` to /readyz | user | /classify | /classify_batch "
-        "top-1 | v2 infer | bad image | no network at start | `docker stop` under load |",
+        "top-1 | v2 infer (HTTP; gRPC top-1) | bad image | no network at start | `docker stop` under load |",
         "|---|---:|---:|---:|---:|---|---|---|---|---|---|---|",
     ]
     for kind, image in results["images"].items():
@@ -268,7 +289,8 @@ def markdown(results: dict) -> str:
             f"| {a['classify']['status']}: {top.get('label')} {top.get('probability', 0):.2f} "
             f"(true: {a['classify']['true_label']}) "
             f"| {a['classify_batch']['status']}: {a['classify_batch']['top1_correct']}/{a['classify_batch']['images']} "
-            f"| {a['v2_infer']['status']} | {a['bad_image']['status']} `{a['bad_image']['body'].get('code')}` "
+            f"| {a['v2_infer']['status']}; gRPC {a['grpc']['top1_correct']}/{a['grpc']['images']} "
+            f"| {a['bad_image']['status']} `{a['bad_image']['body'].get('code')}` "
             f"| {'ready' if image['offline_start']['ready'] else 'NOT ready'} "
             f"| {drain['requests_sent_before_stop']} requests sent before the stop: {drain['outcomes']}, "
             f"{drain['unanswered']} unanswered; stopped in {drain['stop_seconds']:.1f} s (grace {drain['grace_seconds']} s), "

@@ -16,6 +16,7 @@ from service.settings import ENV_PREFIX, ServiceSettings
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 KUBERNETES = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
 SERVICE_PORT = 3000  # BentoML's default, which the images EXPOSE
+GRPC_PORT = ServiceSettings.grpc_port
 VARIABLES = {ENV_PREFIX + field.name.upper() for field in fields(ServiceSettings)}
 PRE_STOP_SLEEP_S = 5
 
@@ -49,7 +50,7 @@ def test_a_deployment_names_only_what_the_service_has(name, pod, container):
     env = {item["name"]: item["value"] for item in container.get("env", [])}
     assert set(env) <= VARIABLES, f"{name}: unknown variables {set(env) - VARIABLES}"
     ServiceSettings.from_env(env)  # every value parses and passes the service's own checks
-    assert [port["containerPort"] for port in container["ports"]] == [SERVICE_PORT]
+    assert [port["containerPort"] for port in container["ports"]] == [SERVICE_PORT, GRPC_PORT]
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     # The grace period covers the preStop pause and the longest request, and is what the container check stops with.
@@ -74,7 +75,7 @@ def test_compose_names_only_what_the_service_has():
     [service] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"].values()
     assert set(service["environment"]) <= VARIABLES
     ServiceSettings.from_env(service["environment"])
-    assert service["ports"] == [f"{SERVICE_PORT}:{SERVICE_PORT}"]
+    assert service["ports"] == [f"{SERVICE_PORT}:{SERVICE_PORT}", f"{GRPC_PORT}:{GRPC_PORT}"]
     assert service["stop_grace_period"] == f"{STOP_GRACE_S}s"
     assert "/readyz" in " ".join(service["healthcheck"]["test"])
 
