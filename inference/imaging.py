@@ -18,8 +18,8 @@ Policy (documented in the README):
 - Size: the image is scaled so that it covers the model's (H, W) and centre-cropped (aspect ratio kept),
   with bilinear filtering (antialiased when shrinking). An image already of size (H, W) is untouched.
 - Large JPEGs (and MPO) are decoded at a reduced DCT scale first: 1/d with d the largest of 1, 2, 4, 8 such that
-  min(ceil(w / d), ceil(h / d)) >= 2 * max(H, W), for a w x h image and the model's (H, W): the shorter side keeps
-  at least twice the model's longer side (whatever the EXIF orientation). The scaled IDCT rebuilds each 8x8 block
+  min(ceil(w / d), ceil(h / d)) >= 6 * max(H, W), for a w x h image and the model's (H, W): the shorter side keeps
+  at least six times the model's longer side (whatever the EXIF orientation). The scaled IDCT rebuilds each 8x8 block
   from its lowest frequencies, a low-pass filter at no cost, and skips most of the decoder's and the resize's work;
   small images (CIFAR's 32x32) have d = 1 and decode exactly as before. `dct_scaling=False` decodes at full size
   (benchmarks, tests).
@@ -59,6 +59,9 @@ if heif_plugin is not None:
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "AVIF", "HEIF"})
 DCT_SCALED_FORMATS = frozenset({"JPEG", "MPO"})
 DCT_SCALES = (8, 4, 2)  # libjpeg-turbo's 1/d scales that keep whole 8x8 blocks, largest reduction first
+# The scaled image keeps this many times the model's side: the smallest multiple at which predictions on photo-sized
+# test images stayed within 0.2 points of a full decode (2 and 4 lost more: benchmarks/results/photos.md).
+DCT_SCALE_MARGIN = 6
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to 120 MB of RGB
 JPEG_START = b"\xff\xd8\xff"  # start-of-image marker, then the first segment's marker
 EXIF_ID = b"Exif\x00\x00"  # opens an EXIF block (APP1): the orientation lives there
@@ -159,8 +162,9 @@ def jpeg_header(data: bytes) -> bytes:
 
 def dct_scale(width: int, height: int, size: tuple[int, int]) -> int:
     """The d of the 1/d DCT scale that a width x height JPEG is decoded at for a model of `size` = (H, W): the
-    largest of 8, 4, 2 whose scaled shorter side keeps at least twice the model's longer side, else 1."""
-    needed = 2 * max(size)
+    largest of 8, 4, 2 whose scaled shorter side keeps at least DCT_SCALE_MARGIN times the model's longer side,
+    else 1."""
+    needed = DCT_SCALE_MARGIN * max(size)
     for scale in DCT_SCALES:
         if min(-(-width // scale), -(-height // scale)) >= needed:
             return scale

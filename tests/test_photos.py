@@ -14,8 +14,10 @@ import pytest
 import simplejpeg
 from PIL import Image, features
 
+from benchmarks.photos import encode
 from inference import imaging
 from inference.imaging import (
+    DCT_SCALE_MARGIN,
     PHOTOS_EXTRA,
     ImageDecodeError,
     dct_scale,
@@ -32,17 +34,6 @@ needs_heif = pytest.mark.skipif(
 )
 needs_avif = pytest.mark.skipif(not features.check("avif"), reason="this Pillow build has no AVIF codec")
 DECODE_REASONS = {"corrupt", "unsupported_format", "image_too_large"}
-
-
-def encode(image: Image.Image, fmt: str, **save_args) -> bytes:
-    buffer = io.BytesIO()
-    if fmt == "HEIF":  # pillow-heif encodes (the dev extra); the decoder the service uses may be pi-heif
-        import pillow_heif
-
-        pillow_heif.from_pillow(image).save(buffer, **save_args)
-    else:
-        image.save(buffer, format=fmt, **save_args)
-    return buffer.getvalue()
 
 
 def photo(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -66,24 +57,26 @@ def exif_block(orientation: int = 1) -> Image.Exif:
     ("width", "height", "size", "scale"),
     [
         (32, 32, (32, 32), 1),  # CIFAR: decoded as ever
-        (64, 64, (32, 32), 1),  # 1/2 would leave 32 < 64
-        (127, 900, (32, 32), 2),  # ceil(127 / 2) = 64: exactly enough
-        (126, 900, (32, 32), 1),  # 63: one short
+        (300, 300, (32, 32), 1),  # 1/2 would leave 150 < 192
+        (383, 900, (32, 32), 2),  # ceil(383 / 2) = 192: exactly enough
+        (382, 900, (32, 32), 1),  # 191: one short
         (4000, 3000, (32, 32), 8),  # 500 x 375
-        (4000, 3000, (224, 224), 4),  # 1000 x 750; 1/8 would leave 375 < 448
-        (1920, 1080, (224, 224), 2),  # 960 x 540
-        (1920, 1080, (32, 32), 8),
-        (1024, 1024, (32, 64), 8),  # the model's longer side counts: 128 >= 2 * 64
-        (1024, 1024, (32, 65), 4),
+        (4000, 3000, (224, 224), 2),  # 2000 x 1500; 1/4 would leave 750 < 1344
+        (1920, 1080, (224, 224), 1),
+        (1920, 1080, (32, 32), 4),  # 480 x 270; 1/8 would leave 135 < 192
+        (1024, 1024, (32, 32), 4),  # the photo-sized test set: 256 x 256
+        (3072, 3072, (32, 64), 8),  # the model's longer side counts: 384 >= 6 * 64
+        (3072, 3072, (32, 65), 4),
     ],
 )
-def test_the_scale_keeps_the_shorter_side_at_twice_the_models_longer_side(width, height, size, scale):
+def test_the_scale_keeps_the_shorter_side_at_six_times_the_models_longer_side(width, height, size, scale):
+    assert DCT_SCALE_MARGIN == 6
     assert dct_scale(width, height, size) == scale
     assert dct_scale(height, width, size) == scale  # EXIF rotation cannot change it
     if scale > 1:
-        assert min(math.ceil(width / scale), math.ceil(height / scale)) >= 2 * max(size)
+        assert min(math.ceil(width / scale), math.ceil(height / scale)) >= 6 * max(size)
     if scale < 8:
-        assert min(math.ceil(width / (2 * scale)), math.ceil(height / (2 * scale))) < 2 * max(size)
+        assert min(math.ceil(width / (2 * scale)), math.ceil(height / (2 * scale))) < 6 * max(size)
 
 
 # ---- both decoders give the same pixels at each scale ----------------------------------------------------------
@@ -96,7 +89,7 @@ JPEG_VARIANTS = [
     ("L", {}),
 ]
 # (width, height) that the model input (8, 8) decodes at 1/8, 1/4, 1/2, 1/1: odd sizes test the rounding up.
-SCALED_SIZES = {8: (201, 151), 4: (101, 79), 2: (51, 37), 1: (31, 17)}
+SCALED_SIZES = {8: (603, 453), 4: (303, 237), 2: (153, 111), 1: (93, 51)}
 
 
 @pytest.mark.parametrize(("mode", "save_args"), JPEG_VARIANTS)
@@ -517,25 +510,12 @@ def test_random_damage_never_escapes_as_another_exception(fmt):
 
 @pytest.fixture(scope="module")
 def service_client(tmp_path_factory):
-    """The service's app in this process over the colour package (as tests/test_service_http.py builds it)."""
-    from service.app import attach, create_app
-    from service.classifier import Classifier
-    from service.settings import ServiceSettings
+    """The service's app in this process over the colour package."""
     from tests.support.color_package import make_color_package
-    from tests.support.in_process import InProcessClient
-    from tests.support.servers import SERVICE_TEST_SETTINGS
+    from tests.support.in_process import in_process_service
 
-    package = make_color_package(tmp_path_factory.mktemp("photos") / "color")
-    classifier = Classifier(ServiceSettings.from_env({**SERVICE_TEST_SETTINGS, "VISIONSERVE_MODEL": str(package)}))
-    app = create_app()
-    attach(app, classifier)
-    client = InProcessClient(app)
-    client.run(classifier.start())
-    try:
+    with in_process_service(make_color_package(tmp_path_factory.mktemp("photos") / "color")) as client:
         yield client
-    finally:
-        client.run(classifier.stop())
-        client.close()
 
 
 def classify(client, data: bytes):
