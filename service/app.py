@@ -1,7 +1,8 @@
 """The service's Starlette app (mounted into BentoML by service.service): both route sets and the JSON errors.
 
-Routes: POST /classify, POST /classify_batch, GET /metadata (service.classify_routes), and the Open Inference
-Protocol's /v2 routes (service.oip), mounted by `attach` once the Classifier exists. BentoML adds /livez, /readyz
+Routes: POST /classify, POST /classify_batch, GET /metadata (service.classify_routes), the Open Inference
+Protocol's /v2 routes (service.oip) and Triton's model repository extension (service.repository_routes), mounted by
+`attach` once the models are loaded (service.repository). BentoML adds /livez, /readyz
 and /metrics around them. Every refusal is `{"error": message, "code": code}` with a code of service.errors, a path
 that no route has included (FallbackRoute). The API-key check and CORS are ASGI middleware (`asgi_middlewares`)
 that service.service adds to BentoML's app, so that they cover BentoML's routes too.
@@ -22,11 +23,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import classify_routes, oip
+from service import classify_routes, oip, repository_routes
 from service.auth import AccessControl, ApiKeyMiddleware
 from service.classifier import Classifier
 from service.errors import ApiError
 from service.metrics import service_metrics
+from service.repository import ModelRepository, as_repository
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ class FallbackRoute(BaseRoute):
 
 
 def create_app() -> Starlette:
-    """The app with the service's own routes; they answer 503 not_ready until `attach` gives them a classifier."""
+    """The app with the service's own routes; they answer 503 not_ready until `attach` gives them the models."""
     return Starlette(
         routes=[*classify_routes.routes(), FallbackRoute()],
         exception_handlers={
@@ -65,12 +67,16 @@ def create_app() -> Starlette:
     )
 
 
-def attach(app: Starlette, classifier: Classifier) -> None:
-    """Give the routes their classifier and mount the Open Inference Protocol (/v2) routes (before the fallback)."""
-    app.state.classifier = classifier
+def attach(app: Starlette, served: ModelRepository | Classifier, access: AccessControl | None = None) -> None:
+    """Give the routes their models (one classifier is a repository of one model) and mount the Open Inference
+    Protocol (/v2) and repository routes before the fallback. `access`: whose keys may load and unload models
+    (by default nobody's)."""
+    repository = as_repository(served)
+    app.state.repository = repository
     routes = app.router.routes
     fallback = [route for route in routes if isinstance(route, FallbackRoute)]
-    routes[:] = [route for route in routes if not isinstance(route, FallbackRoute)] + oip.routes(classifier) + fallback
+    mounted = oip.routes(repository) + repository_routes.routes(repository, access or AccessControl())
+    routes[:] = [route for route in routes if not isinstance(route, FallbackRoute)] + mounted + fallback
 
 
 class JsonErrors:

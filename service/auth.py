@@ -8,7 +8,8 @@ or echoed: not by the check, not in a message about a bad file line.
 With VISIONSERVE_API_KEYS_FILE set, every route wants `Authorization: Bearer KEY` except BentoML's API page and
 schema (they describe the API; the page's Authorize button takes a key) and, unless VISIONSERVE_AUTH_HEALTH=true,
 the health routes and /metrics, which probes and scrapers call without one. VISIONSERVE_ADMIN_KEYS_FILE holds the
-keys of routes that load or unload models: there are none yet, but `check_admin_authorization` is their check.
+keys of the routes that load or unload models (POST /v2/repository/models/{name}/load and /unload): they want an
+admin key instead of an API key, and refuse every call when no admin key file is set.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ HASH_LINE = re.compile(r"^sha256:([0-9a-f]{64})$")
 # BentoML's own health routes and the v2 protocol's (Triton counts model readiness as health too).
 HEALTH_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 MODEL_READY_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/ready$")
+# The routes that change what is served: checked against the admin keys by the route itself.
+ADMIN_PATH = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
 # BentoML's API page, its assets and its schemas: open, so that a browser can load the page and enter a key.
 DOCS_PATHS = frozenset({"/", "/docs.json", "/schema.json"})
 DOCS_PREFIXES = ("/static_content/", "/assets/")
@@ -118,9 +121,14 @@ class AccessControl:
     def is_health(self, path: str) -> bool:
         return path in HEALTH_PATHS or MODEL_READY_PATH.match(path) is not None
 
+    @staticmethod
+    def is_admin(path: str) -> bool:
+        return ADMIN_PATH.match(path) is not None
+
     def requires_key(self, path: str) -> bool:
-        """Whether a request for `path` needs an API key: all but the docs and (unless protected) health."""
-        if not self.enabled or path in DOCS_PATHS or path.startswith(DOCS_PREFIXES):
+        """Whether a request for `path` needs an API key: all but the docs, (unless protected) health, and the admin
+        routes, which want an admin key instead (check_admin)."""
+        if not self.enabled or path in DOCS_PATHS or path.startswith(DOCS_PREFIXES) or self.is_admin(path):
             return False
         return self.protect_health or not self.is_health(path)
 

@@ -139,13 +139,14 @@ class Batcher:
         max_latency_ms: float,
         max_queue: int,
         model_instances: int = 1,
+        labels: tuple[str, str] = ("", ""),
     ) -> None:
         self.predict = predict  # (N, H, W, 3) uint8 -> (N, C) float32; thread-safe when model_instances > 1
         self.model_instances = model_instances  # model calls that may run at once
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_ms / 1000
         self.max_queue = max_queue
-        self.metrics = service_metrics()
+        self.metrics = service_metrics().for_model(*labels)  # the (model, version) series this batcher observes
         self.statistics = InferenceStatistics()
         self.queued_images = 0
         self._queue: collections.deque[_Item] = collections.deque()

@@ -53,7 +53,10 @@ def resolve_package(model: str) -> ModelPackage:
 class Classifier:
     """Load + verify the package, create the runtime, warm up, and serve `infer` through the batcher."""
 
-    def __init__(self, settings: ServiceSettings, package: ModelPackage | None = None) -> None:
+    def __init__(
+        self, settings: ServiceSettings, package: ModelPackage | None = None, uploads: UploadBudget | None = None
+    ) -> None:
+        """`uploads`: the worker's budget of bodies being received, shared by every model it serves."""
         self.settings = settings
         self.package = package or resolve_package(settings.model)
         self.spec = self.package.spec
@@ -67,6 +70,8 @@ class Classifier:
         self.info = self.predictor.info
         self.metrics = service_metrics()
         self.metrics.set_runtime(
+            self.package.name,
+            self.package.version,
             self.info.backend,
             self.info.provider,
             self.info.device,
@@ -79,9 +84,13 @@ class Classifier:
             max_latency_ms=settings.max_latency_ms,
             max_queue=settings.max_queue,
             model_instances=settings.model_instances,
+            labels=(self.package.name, self.package.version),
         )
         self._decode_pool: ThreadPoolExecutor | None = None
-        self.uploads = UploadBudget(settings.max_upload_bytes_in_flight)
+        self.uploads = uploads or UploadBudget(settings.max_upload_bytes_in_flight)
+        # Growth of the process's resident memory while this version loaded and warmed up (service.repository
+        # measures it); None when nobody measured.
+        self.memory_bytes: int | None = None
         self._warmed_up = False
         self._warming_up = False
         self._ready_event = asyncio.Event()  # set once warmed up: requests that arrived during warm-up wait for it
@@ -110,9 +119,14 @@ class Classifier:
     def num_classes(self) -> int:
         return self.spec.num_classes
 
-    async def start(self) -> None:
+    async def start(self, settle_gc: bool = True) -> None:
         """Start batching and warm up before declaring readiness: at batch 1 and at the largest batch on the CPU,
-        at every batch size the batcher can form on a GPU."""
+        at every batch size the batcher can form on a GPU.
+
+        `settle_gc`: then freeze what is alive out of the garbage collector's reach (service.gc_settings); a version
+        loaded while serving skips it, since a full collection on the event loop would stall the requests in flight
+        and a frozen version could never be collected once unloaded.
+        """
         self.batcher.start()
         self._warming_up = True
         loop = asyncio.get_running_loop()
@@ -128,7 +142,8 @@ class Classifier:
             log.exception("model warm-up failed; the service stays unready")
         else:
             self._warmed_up = True
-            gc_settings.settle()  # freeze what is alive now, and let each request's garbage die young
+            if settle_gc:
+                gc_settings.settle()  # freeze what is alive now, and let each request's garbage die young
             log.info(
                 "model %s %s ready: backend=%s provider=%s device=%s",
                 self.package.name,
@@ -292,4 +307,6 @@ class Classifier:
                 "request_timeout_s": self.settings.request_timeout_s,
             },
             "ready": self.ready,
+            # The worker's RSS growth while this version loaded and warmed up (null if not measured).
+            "memory_bytes": self.memory_bytes,
         }

@@ -21,7 +21,9 @@ class ErrorCode:
 ERRORS: dict[str, ErrorCode] = {
     # The request as a whole.
     "unauthorized": ErrorCode(
-        401, "no valid API key (Authorization: Bearer KEY) where VISIONSERVE_API_KEYS_FILE requires one"
+        401,
+        "no valid API key (Authorization: Bearer KEY) where VISIONSERVE_API_KEYS_FILE requires one, or no admin key "
+        "(VISIONSERVE_ADMIN_KEYS_FILE) for loading or unloading a model",
     ),
     "pickle_refused": ErrorCode(415, "a pickle content type: unpickling runs code, so it is never read"),
     "unsupported_media_type": ErrorCode(415, "a content type the route does not take"),
@@ -30,7 +32,9 @@ ERRORS: dict[str, ErrorCode] = {
     "client_disconnected": ErrorCode(400, "the client closed the connection before the whole body arrived"),
     "invalid_multipart": ErrorCode(400, "a malformed multipart body, or an image part that is not a file upload"),
     "invalid_json": ErrorCode(400, "a body that is not JSON, not an object, or has unknown fields"),
-    "invalid_request": ErrorCode(400, "an inference request (/v2) that breaks the protocol or the model's inputs"),
+    "invalid_request": ErrorCode(
+        400, "a /v2 request (inference or repository) that breaks the protocol or the model's inputs"
+    ),
     "url_not_supported": ErrorCode(400, "a JSON body with a URL: the server never fetches URLs"),
     "missing_image": ErrorCode(400, "/classify without an image (multipart field `image`, or JSON `image`)"),
     "no_images": ErrorCode(400, "/classify_batch without any multipart field `images`"),
@@ -38,8 +42,14 @@ ERRORS: dict[str, ErrorCode] = {
     "too_many_images": ErrorCode(400, "more images in one request than VISIONSERVE_MAX_BATCH_IMAGES"),
     "invalid_top_k": ErrorCode(400, "top_k that is not an integer between 1 and the number of classes"),
     "invalid_input": ErrorCode(400, "pixels of the wrong shape or dtype for the model"),
-    "model_not_found": ErrorCode(404, "a /v2 model name that this server does not serve"),
-    "version_not_found": ErrorCode(404, "a /v2 model version that this server does not serve"),
+    "invalid_model_choice": ErrorCode(
+        400, "no `model` while several models are served, or the query and the body naming different ones"
+    ),
+    "invalid_model_name": ErrorCode(
+        400, "a model or version name with a path separator or '..', a path outside the repository, or not a folder"
+    ),
+    "model_not_found": ErrorCode(404, "a model that this server does not serve (unknown, or unloaded)"),
+    "version_not_found": ErrorCode(404, "a model version that is not loaded (or, to load, not in the repository)"),
     # One image (in /classify_batch, that image's entry in `results`; elsewhere the whole request).
     "invalid_base64": ErrorCode(400, "an image string that is not standard base64"),
     "empty": ErrorCode(400, "an image of zero bytes"),
@@ -50,6 +60,12 @@ ERRORS: dict[str, ErrorCode] = {
     "image_too_large": ErrorCode(
         413, "one image over a limit: its bytes over the body limit, or its pixels over VISIONSERVE_MAX_IMAGE_PIXELS"
     ),
+    # Loading a model version (POST /v2/repository/models/{name}/load); the version serving keeps serving.
+    "load_in_progress": ErrorCode(409, "the model is already loading a version; retry when it is done"),
+    "package_invalid": ErrorCode(
+        422, "the version's package fails verification: a missing or tampered file (sha256), a bad manifest"
+    ),
+    "model_load_failed": ErrorCode(422, "the version's runtime session could not be created, or its warm-up failed"),
     # The server's state.
     "not_ready": ErrorCode(503, "the model is still loading or warming up (with Retry-After)"),
     "queue_full": ErrorCode(503, "more images waiting than VISIONSERVE_MAX_QUEUE (with Retry-After)"),

@@ -1,8 +1,9 @@
 """The Open Inference Protocol over gRPC (KServe v2 `inference.GRPCInferenceService`), beside the HTTP routes.
 
 A grpc.aio server on VISIONSERVE_GRPC_PORT (8001 by default, 0 = off), started in each BentoML worker by the
-service's startup hook on that worker's event loop, so it shares the worker's Classifier: gRPC and HTTP requests
-join the same batches, queue, limits, statistics and metrics. Every worker binds the same port with SO_REUSEPORT
+service's startup hook on that worker's event loop, so it shares the worker's models (service.repository): gRPC and
+HTTP requests join the same batches, queues, limits, statistics and metrics, and every model and loaded version is
+served (an empty `version` is the model's default). The repository extension (load, unload) is HTTP only. Every worker binds the same port with SO_REUSEPORT
 and the kernel spreads *connections* (not requests) over them, as it does for BentoML's HTTP socket.
 
 RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, and Triton's ModelConfig and
@@ -38,7 +39,8 @@ from service.errors import ApiError
 from service.metrics import service_metrics
 from service.protos import grpc_service_pb2 as pb
 from service.protos import grpc_service_pb2_grpc as pb_grpc
-from service.request_reading import admit
+from service.repository import ModelRepository, as_repository
+from service.request_reading import admit_when_warm
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,11 @@ GRPC_STATUS = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     405: grpc.StatusCode.UNIMPLEMENTED,  # HTTP only (a route's wrong method), listed for completeness
+    409: grpc.StatusCode.ABORTED,  # HTTP only (a load while another runs), listed for completeness
     # What gRPC answers itself for a message over the size limit; an image over a limit is the same refusal.
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.FAILED_PRECONDITION,  # HTTP only (a version refused at load), listed for completeness
     500: grpc.StatusCode.INTERNAL,
     # Not ready, queue full, shutting down: worth retrying, which UNAVAILABLE says to gRPC clients.
     503: grpc.StatusCode.UNAVAILABLE,
@@ -158,39 +162,27 @@ def rpc(health: bool = False) -> Callable[[Handler], Handler]:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The protocol's RPCs over one Classifier; the answers are those of the REST routes (service.oip)."""
+    """The protocol's RPCs over every served model; the answers are those of the REST routes (service.oip)."""
 
-    def __init__(self, classifier: Classifier, access: AccessControl) -> None:
-        self.classifier = classifier
+    def __init__(self, served: ModelRepository | Classifier, access: AccessControl) -> None:
+        self.repository = as_repository(served)
         self.access = access  # the same keys and check as auth.check_authorization's
-        settings = classifier.settings
-        # As the REST routes': one encoded image can be no bigger than the whole message.
-        self.limits = oip.InputLimits(
-            tuple(classifier.spec.input_size), settings.max_batch_images, settings.max_body_bytes
-        )
 
-    def check_model(self, name: str, version: str) -> None:
-        """404 unless `name` (and `version`, if given) is the served model; the REST routes' messages."""
-        package = self.classifier.package
-        if name != package.name:
-            raise ApiError("model_not_found", f"unknown model {name!r}; this server serves {package.name!r}")
-        if version and version != package.version:
-            raise ApiError(
-                "version_not_found", f"unknown version {version!r} of model {name!r}; available: {package.version!r}"
-            )
+    def chosen(self, name: str, version: str) -> Classifier:
+        """The model `name` at `version` (its default when empty); 404 with the REST routes' messages."""
+        return self.repository.get(name, version or None)
 
     @rpc(health=True)
     async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=self.classifier.failure is None)
+        return pb.ServerLiveResponse(live=self.repository.failure is None)
 
     @rpc(health=True)
     async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=bool(self.classifier.ready))
+        return pb.ServerReadyResponse(ready=bool(self.repository.ready))
 
     @rpc(health=True)  # Triton, and the HTTP key check (service.auth), count model readiness as health too
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-        self.check_model(request.name, request.version)
-        return pb.ModelReadyResponse(ready=bool(self.classifier.ready))
+        return pb.ModelReadyResponse(ready=bool(self.chosen(request.name, request.version).ready))
 
     @rpc()
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
@@ -198,54 +190,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc()
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
-        self.check_model(request.name, request.version)
-        return _message(oip.model_metadata(self.classifier), pb.ModelMetadataResponse())
+        classifier = self.chosen(request.name, request.version)
+        metadata = oip.model_metadata(classifier, self.repository.versions(classifier.package.name))
+        return _message(metadata, pb.ModelMetadataResponse())
 
     @rpc()
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
-        self.check_model(request.name, request.version)
-        classifier = self.classifier
-        spec, info = classifier.spec, classifier.info
-        config = oip.model_config(
-            classifier.package.name,
-            tuple(spec.input_size),
-            spec.num_classes,
-            info.backend,
-            info.device,
-            classifier.settings,
-        )
+        config = oip.classifier_config(self.chosen(request.name, request.version))
         return pb.ModelConfigResponse(config=_message(config, pb.ModelConfig()))
 
     @rpc()
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context) -> pb.ModelStatisticsResponse:
-        if request.name:  # else every model's: this one's
-            self.check_model(request.name, request.version)
-        package = self.classifier.package
-        stats = self.classifier.batcher.statistics.model_stats(package.name, package.version)
-        return pb.ModelStatisticsResponse(model_stats=[_message(stats, pb.ModelStatistics())])
+        # No name: every model's; a name without a version: every loaded version of it.
+        stats = oip.statistics(self.repository, request.name or None, request.version or None)
+        return pb.ModelStatisticsResponse(
+            model_stats=[_message(entry, pb.ModelStatistics()) for entry in stats["model_stats"]]
+        )
 
     @rpc()
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        classifier = self.classifier
-        loop = asyncio.get_running_loop()
-        # The request timeout from arrival, or the client's own gRPC deadline if that comes first.
-        timeout = classifier.settings.request_timeout_s
-        remaining = context.time_remaining()
-        deadline = loop.time() + (timeout if remaining is None else min(timeout, remaining))
-        self.check_model(request.model_name, request.model_version)
-        admit(classifier)
-        if request.raw_input_contents:  # a view of the bytes: nothing worth a thread hop
-            parsed = parse_infer_request(request, self.limits)
-        else:  # typed contents: a Python loop over every element, off the event loop as the REST route's JSON
-            parsed = await classifier.run_in_pool(parse_infer_request, request, self.limits)
-        pixels = parsed.pixels
-        if pixels is None:  # as the REST infer route: the first bad image fails the request
-            decoded = await classifier.decode_many(list(parsed.encoded))
-            for index, entry in enumerate(decoded):
-                if isinstance(entry, ApiError):
-                    raise entry.with_message(f"element {index} of {oip.BYTES_INPUT_NAME!r}: {entry.message}")
-            pixels = np.stack(decoded)
-        probabilities = await classifier.infer(pixels, deadline)
+        # Held until the answer: a rollout meanwhile leaves this request on the version that admitted it.
+        with self.repository.lease(request.model_name, request.model_version or None) as classifier:
+            probabilities = await self._infer(classifier, request, context)
         package = classifier.package
         output = pb.ModelInferResponse.InferOutputTensor(
             name=OUTPUT_PROBABILITIES, datatype="FP32", shape=list(probabilities.shape)
@@ -258,14 +224,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raw_output_contents=[probabilities.astype("<f4").tobytes()],  # little-endian, row-major
         )
 
+    async def _infer(self, classifier: Classifier, request: pb.ModelInferRequest, context) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        # The request timeout from arrival, or the client's own gRPC deadline if that comes first.
+        timeout = classifier.settings.request_timeout_s
+        remaining = context.time_remaining()
+        deadline = loop.time() + (timeout if remaining is None else min(timeout, remaining))
+        await admit_when_warm(classifier)
+        limits = oip.input_limits(classifier)  # as the REST routes': one image no bigger than the whole message
+        if request.raw_input_contents:  # a view of the bytes: nothing worth a thread hop
+            parsed = parse_infer_request(request, limits)
+        else:  # typed contents: a Python loop over every element, off the event loop as the REST route's JSON
+            parsed = await classifier.run_in_pool(parse_infer_request, request, limits)
+        return await oip.infer_parsed(classifier, parsed, deadline)
+
 
 class GrpcStartError(RuntimeError):
     """The gRPC server could not listen (its port is taken by a process that does not share it)."""
 
 
-async def start(classifier: Classifier, access: AccessControl) -> grpc.aio.Server | None:
+async def start(served: ModelRepository | Classifier, access: AccessControl) -> grpc.aio.Server | None:
     """Serve the protocol on the settings' gRPC host and port on the running event loop; None when the port is 0."""
-    settings = classifier.settings
+    settings = served.settings
     if not settings.grpc_port:
         return None
     server = grpc.aio.server(
@@ -275,7 +255,7 @@ async def start(classifier: Classifier, access: AccessControl) -> grpc.aio.Serve
             ("grpc.so_reuseport", 1),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(classifier, access), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(served, access), server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     try:
         server.add_insecure_port(address)

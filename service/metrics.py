@@ -30,16 +30,42 @@ LATENCY_BUCKETS = (
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+MODEL_LABELS = ("model", "version")  # every per-model series: the model's name and the version that served
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """The batching series of one model version (children of ServiceMetrics' histograms with its labels)."""
+
+    queue_wait_seconds: object
+    batch_size: object
+    inference_seconds: object
+
+
 @dataclass(frozen=True)
 class ServiceMetrics:
-    queue_wait_seconds: object  # Histogram: arrival in the batcher's queue -> taken into a batch
-    batch_size: object  # Histogram: images per model call
-    inference_seconds: object  # Histogram: one model call (a whole batch)
+    queue_wait_seconds: object  # Histogram by model, version: arrival in the batcher's queue -> taken into a batch
+    batch_size: object  # Histogram by model, version: images per model call
+    inference_seconds: object  # Histogram by model, version: one model call (a whole batch)
     rejected_requests: object  # Counter, label reason = ApiError.code
-    runtime: object  # Gauge = 1, labels say the backend, provider and device in use and whether CUDA fell back
+    runtime: object  # Gauge = 1 by model, version: the backend, provider and device in use, and whether CUDA fell back
+    model_loaded: object  # Gauge by model, version: 1 while the version takes requests, 0 once unloaded
+    model_memory_bytes: object  # Gauge by model, version: the worker's RSS growth while the version loaded
+    model_loads: object  # Counter by model, outcome (loaded | refused): loads after start-up (route or polling)
 
-    def set_runtime(self, backend: str, provider: str, device: str, requested_device: str, fallback: bool) -> None:
+    def for_model(self, model: str, version: str) -> ModelMetrics:
+        return ModelMetrics(
+            self.queue_wait_seconds.labels(model, version),
+            self.batch_size.labels(model, version),
+            self.inference_seconds.labels(model, version),
+        )
+
+    def set_runtime(
+        self, model: str, version: str, backend: str, provider: str, device: str, requested_device: str, fallback: bool
+    ) -> None:
         self.runtime.labels(
+            model=model,
+            version=version,
             backend=backend,
             provider=provider,
             device=device,
@@ -57,16 +83,19 @@ def service_metrics() -> ServiceMetrics:
         queue_wait_seconds=Histogram(
             "visionserve_queue_wait_seconds",
             "Time a request's images waited in the batching queue before their batch started",
+            MODEL_LABELS,
             buckets=LATENCY_BUCKETS,
         ),
         batch_size=Histogram(
             "visionserve_batch_size",
             "Images per model call (adaptive batching)",
+            MODEL_LABELS,
             buckets=BATCH_SIZE_BUCKETS,
         ),
         inference_seconds=Histogram(
             "visionserve_inference_seconds",
             "Duration of one model call on a whole batch",
+            MODEL_LABELS,
             buckets=LATENCY_BUCKETS,
         ),
         rejected_requests=Counter(
@@ -77,7 +106,24 @@ def service_metrics() -> ServiceMetrics:
         runtime=Gauge(
             "visionserve_runtime_info",
             "1 for the runtime in use: backend, execution provider, device, and whether CUDA fell back to the CPU",
-            ["backend", "provider", "device", "requested_device", "cuda_fallback"],
+            [*MODEL_LABELS, "backend", "provider", "device", "requested_device", "cuda_fallback"],
             multiprocess_mode="livemax",  # one series per label set, not one per worker pid
+        ),
+        model_loaded=Gauge(
+            "visionserve_model_loaded",
+            "1 while the model version takes requests in a worker, 0 once it is unloaded",
+            MODEL_LABELS,
+            multiprocess_mode="livemax",
+        ),
+        model_memory_bytes=Gauge(
+            "visionserve_model_memory_bytes",
+            "Growth of the worker's resident memory while the model version loaded and warmed up (the largest worker's)",
+            MODEL_LABELS,
+            multiprocess_mode="livemax",
+        ),
+        model_loads=Counter(
+            "visionserve_model_loads",
+            "Model versions loaded after start-up (load route or polling), by outcome: loaded or refused",
+            ["model", "outcome"],
         ),
     )

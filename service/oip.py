@@ -1,4 +1,7 @@
-"""The Open Inference Protocol (KServe v2) over REST: health, metadata and infer routes over the shared Classifier.
+"""The Open Inference Protocol (KServe v2) over REST: health, metadata and infer routes over every served model.
+
+Each model and loaded version has its routes (`/v2/models/{name}[/versions/{version}]/...`; without a version, the
+model's default); an unknown one is a 404 naming what is served. The models come from service.repository.
 
 Spec: https://github.com/kserve/open-inference-protocol (specification/protocol/inference_rest.md).
 
@@ -19,7 +22,8 @@ bad image fails the whole request.
 Two of Triton's extensions, so that its tools (perf_analyzer, tritonclient) work: model configuration
 (`GET .../config`: Triton's model configuration as JSON, built from the package and the batcher's settings) and
 statistics (`GET .../stats`, `GET /v2/models/stats`: the counters of service.batcher.InferenceStatistics, this
-worker process's). Both are listed in the server metadata's `extensions`.
+worker process's). Both are listed in the server metadata's `extensions`, with the model repository extension
+(service.repository_routes).
 """
 
 from __future__ import annotations
@@ -39,11 +43,12 @@ from starlette.routing import Route
 from inference.package import INPUT_NAME, OUTPUT_PROBABILITIES
 from service.classifier import Classifier
 from service.errors import ApiError
+from service.repository import ModelRepository, as_repository
 from service.request_reading import admit_when_warm, decode_base64, media_type_of, parse_length, read_body
 from service.settings import ServiceSettings
 
 SERVER_NAME = "visionserve"
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]
 BYTES_INPUT_NAME = "images"  # the alternative input: encoded images, one per batch element
 BYTES_CONTENT_TYPES = ("base64",)  # accepted values of a JSON BYTES input's `content_type` parameter
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary extension's header: bytes of JSON before the data
@@ -294,6 +299,19 @@ def image_too_large(index: int, limits: InputLimits) -> ApiError:
     return ApiError("image_too_large", f"element {index} is over the limit of {limits.max_image_bytes} bytes")
 
 
+async def infer_parsed(classifier: Classifier, parsed: InferRequest, deadline: float) -> np.ndarray:
+    """The probabilities of a validated infer request (REST or gRPC): its pixels, or its encoded images decoded; the
+    protocol has no per-element errors, so the first bad image fails the whole request."""
+    pixels = parsed.pixels
+    if pixels is None:
+        decoded = await classifier.decode_many(list(parsed.encoded))
+        for index, entry in enumerate(decoded):
+            if isinstance(entry, ApiError):
+                raise entry.with_message(f"element {index} of {BYTES_INPUT_NAME!r}: {entry.message}")
+        pixels = np.stack(decoded)
+    return await classifier.infer(pixels, deadline)
+
+
 def infer_response(
     model_name: str,
     model_version: str,
@@ -320,13 +338,21 @@ def infer_response(
     return Response(header + data, media_type=BINARY_MEDIA_TYPE, headers={HEADER_LENGTH: str(len(header))})
 
 
-def model_metadata(classifier: Classifier) -> dict[str, Any]:
-    """The $metadata_model_response; `parameters` (a server-specific addition) carries what the spec has no field for."""
+def input_limits(classifier: Classifier) -> InputLimits:
+    """What one infer request to `classifier` may hold; one encoded image can be no bigger than the whole body (the
+    per-element check refuses it before decoding)."""
+    settings = classifier.settings
+    return InputLimits(tuple(classifier.spec.input_size), settings.max_batch_images, settings.max_body_bytes)
+
+
+def model_metadata(classifier: Classifier, versions: list[str] | None = None) -> dict[str, Any]:
+    """The $metadata_model_response; `parameters` (a server-specific addition) carries what the spec has no field for.
+    `versions`: the model's loaded versions (by default the classifier's own)."""
     spec, package, info = classifier.spec, classifier.package, classifier.info
     height, width = spec.input_size
     return {
         "name": package.name,
-        "versions": [package.version],
+        "versions": versions or [package.version],
         "platform": PLATFORMS[info.backend],
         "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, height, width, 3]}],
         "outputs": [{"name": OUTPUT_PROBABILITIES, "datatype": "FP32", "shape": [-1, spec.num_classes]}],
@@ -385,28 +411,47 @@ def server_metadata() -> dict[str, Any]:
     }
 
 
-def routes(classifier: Classifier) -> list[Route]:
-    """The v2 routes over `classifier`, with the limits of its settings.
+def classifier_config(classifier: Classifier) -> dict[str, Any]:
+    """model_config of one loaded version, with its model's settings."""
+    spec, info = classifier.spec, classifier.info
+    return model_config(
+        classifier.package.name,
+        tuple(spec.input_size),
+        spec.num_classes,
+        info.backend,
+        info.device,
+        classifier.settings,
+    )
+
+
+def statistics(repository: ModelRepository, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+    """The statistics extension's answer: of one version, of every loaded version of `name`, or of every model."""
+    if version is not None:
+        chosen = [repository.get(name, version)]
+    elif name is not None:
+        repository.get(name)  # 404 unless served
+        chosen = [repository.get(name, v) for v in repository.versions(name)]
+    else:
+        chosen = [classifier for _, classifiers in repository.loaded() for classifier in classifiers]
+    return {
+        "model_stats": [
+            classifier.batcher.statistics.model_stats(classifier.package.name, classifier.package.version)
+            for classifier in chosen
+        ]
+    }
+
+
+def routes(served: ModelRepository | Classifier) -> list[Route]:
+    """The v2 routes over every model of `served` (one classifier is a repository of one model).
 
     They raise ApiError; the app that mounts them renders it as `{"error", "code"}` (service.app does).
     """
-    settings = classifier.settings
-    # One encoded image can be no bigger than the whole body; the per-element check refuses it before decoding.
-    limits = InputLimits(tuple(classifier.spec.input_size), settings.max_batch_images, settings.max_body_bytes)
+    repository = as_repository(served)
+    settings = repository.settings
 
-    def check_model(request: Request) -> None:
-        name = request.path_params["name"]
-        version = request.path_params.get("version")
-        if name != classifier.package.name:
-            raise ApiError(
-                "model_not_found",
-                f"unknown model {name!r}; this server serves {classifier.package.name!r}",
-            )
-        if version is not None and version != classifier.package.version:
-            raise ApiError(
-                "version_not_found",
-                f"unknown version {version!r} of model {name!r}; available: {classifier.package.version!r}",
-            )
+    def chosen(request: Request) -> Classifier:
+        """The path's model and version (its default when the path has none); 404 naming what is served."""
+        return repository.get(request.path_params["name"], request.path_params.get("version"))
 
     async def server(request: Request) -> Response:
         return JSONResponse(server_metadata())
@@ -414,19 +459,19 @@ def routes(classifier: Classifier) -> list[Route]:
     # The protocol's health answers: "A 200 status code indicates true and a 4xx status code indicates false"
     # (400, as Triton answers). BentoML's own /livez and /readyz answer 503 for false, as load balancers expect.
     async def live(request: Request) -> Response:
-        is_live = classifier.failure is None  # a failed warm-up leaves the server up but dead
+        is_live = repository.failure is None  # a failed warm-up at start-up leaves the server up but dead
         return JSONResponse({"live": is_live}, status_code=200 if is_live else 400)
 
     async def ready(request: Request) -> Response:
-        is_ready = bool(classifier.ready)
+        is_ready = bool(repository.ready)
         return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 400)
 
     async def metadata(request: Request) -> Response:
-        check_model(request)
-        return JSONResponse(model_metadata(classifier))
+        classifier = chosen(request)
+        return JSONResponse(model_metadata(classifier, repository.versions(classifier.package.name)))
 
     async def model_ready(request: Request) -> Response:
-        check_model(request)
+        classifier = chosen(request)
         is_ready = bool(classifier.ready)
         return JSONResponse(
             {"name": classifier.package.name, "ready": is_ready},
@@ -434,37 +479,23 @@ def routes(classifier: Classifier) -> list[Route]:
         )
 
     async def config(request: Request) -> Response:
-        check_model(request)
-        spec, info = classifier.spec, classifier.info
-        return JSONResponse(
-            model_config(
-                classifier.package.name, tuple(spec.input_size), spec.num_classes, info.backend, info.device, settings
-            )
-        )
+        return JSONResponse(classifier_config(chosen(request)))
 
     async def stats(request: Request) -> Response:
-        if "name" in request.path_params:  # else /v2/models/stats: every model's, this one's
-            check_model(request)
-        package = classifier.package
-        return JSONResponse({"model_stats": [classifier.batcher.statistics.model_stats(package.name, package.version)]})
+        params = request.path_params  # none on /v2/models/stats: every model's
+        return JSONResponse(statistics(repository, params.get("name"), params.get("version")))
 
     async def infer(request: Request) -> Response:
         deadline = asyncio.get_running_loop().time() + settings.request_timeout_s  # counted from arrival
-        check_model(request)
-        await admit_when_warm(classifier)
-        media_type_of(request)  # refuses a pickle content type (415); JSON or the binary extension's body follow
-        body = await read_body(request, settings.max_body_bytes, classifier.uploads)
-        header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-        # Parsing a large tensor would hold up every other request on the event loop.
-        parsed = await classifier.run_in_pool(parse_infer_request, header, limits, binary)
-        pixels = parsed.pixels
-        if pixels is None:
-            decoded = await classifier.decode_many(list(parsed.encoded))
-            for index, entry in enumerate(decoded):
-                if isinstance(entry, ApiError):
-                    raise entry.with_message(f"element {index} of {BYTES_INPUT_NAME!r}: {entry.message}")
-            pixels = np.stack(decoded)
-        probabilities = await classifier.infer(pixels, deadline)
+        # Held until the answer: a rollout meanwhile leaves this request on the version that admitted it.
+        with repository.lease(request.path_params["name"], request.path_params.get("version")) as classifier:
+            await admit_when_warm(classifier)
+            media_type_of(request)  # refuses a pickle content type (415); JSON or the binary extension's body follow
+            body = await read_body(request, settings.max_body_bytes, repository.uploads)
+            header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+            # Parsing a large tensor would hold up every other request on the event loop.
+            parsed = await classifier.run_in_pool(parse_infer_request, header, input_limits(classifier), binary)
+            probabilities = await infer_parsed(classifier, parsed, deadline)
         package = classifier.package
         return infer_response(package.name, package.version, parsed.id, probabilities, parsed.binary_output)
 

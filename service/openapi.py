@@ -33,6 +33,7 @@ from service.settings import ServiceSettings
 
 TAG_CLASSIFY = "Classification"
 TAG_V2 = "Open Inference Protocol (v2)"
+TAG_REPOSITORY = "Model repository (Triton's extension)"
 SECURITY_SCHEME = "apiKey"
 
 # The codes of each step of a request, in the order service.request_reading checks them.
@@ -41,10 +42,12 @@ BODY = ("pickle_refused", "invalid_content_length", "body_too_large", "too_many_
 IMAGE = ("empty", "corrupt", "unsupported_format", "image_too_large")  # the decoder's (inference.imaging)
 ANSWER = ("deadline_exceeded", "shutting_down")
 MODEL = ("model_not_found", "version_not_found")
+CHOICE = ("invalid_model_choice", *MODEL)  # a model named in the query or body, or none while several are served
 # Refusals of no operation in particular: the "default" response of every operation.
 ROUTING = ("method_not_allowed", "not_found", "http_error")
 
 CLASSIFY_CODES = (
+    *CHOICE,
     *ADMISSION,
     "invalid_top_k",
     *BODY,
@@ -59,6 +62,7 @@ CLASSIFY_CODES = (
     *ANSWER,
 )
 CLASSIFY_BATCH_CODES = (
+    *CHOICE,
     *ADMISSION,
     "invalid_top_k",
     *BODY,
@@ -80,6 +84,19 @@ INFER_CODES = (
     *IMAGE,
     *ANSWER,
 )
+# A repository call's small JSON body (service.repository_routes).
+REPOSITORY_BODY = ("pickle_refused", "invalid_content_length", "body_too_large", "client_disconnected", "invalid_json")
+LOAD_CODES = (
+    "unauthorized",
+    *REPOSITORY_BODY,
+    "invalid_request",
+    "invalid_model_name",
+    *MODEL,
+    "load_in_progress",
+    "package_invalid",
+    "model_load_failed",
+)
+UNLOAD_CODES = ("unauthorized", *REPOSITORY_BODY, "invalid_request", "invalid_model_name", *MODEL, "load_in_progress")
 
 
 @dataclass(frozen=True)
@@ -93,9 +110,12 @@ class Contract:
     input_size: tuple[int, int]  # (H, W)
     backend: str
     access: AccessControl
+    models: tuple[str, ...] = ()  # every model served at start-up; the examples are the first one's
 
     @classmethod
-    def of(cls, settings: ServiceSettings, package: ModelPackage, access: AccessControl) -> Contract:
+    def of(
+        cls, settings: ServiceSettings, package: ModelPackage, access: AccessControl, models: list[str] | None = None
+    ) -> Contract:
         spec = package.spec
         return cls(
             settings,
@@ -105,6 +125,7 @@ class Contract:
             tuple(spec.input_size),
             settings.backend,
             access,
+            tuple(dict.fromkeys(models or [package.name])),
         )
 
     @property
@@ -180,7 +201,7 @@ def operation(
 ) -> dict[str, Any]:
     """One OpenAPI operation; a route that wants an API key also lists `unauthorized`."""
     codes = list(codes)
-    if contract.access.requires_key(path):
+    if contract.access.requires_key(path) and "unauthorized" not in codes:
         codes.insert(0, "unauthorized")
     return {
         "tags": [tag],
@@ -236,6 +257,29 @@ def limits_text(contract: Contract) -> str:
     )
 
 
+def model_choice_parameters(contract: Contract, body_too: bool) -> list[dict[str, Any]]:
+    """The query's `model` and `version`: optional while one model is served."""
+    served = ", ".join(f"`{name}`" for name in contract.models)
+    also = " (or the body's `model` field; the two must agree)" if body_too else ""
+    return [
+        {
+            "name": "model",
+            "in": "query",
+            "required": False,
+            "description": f"the model to use{also}; optional when the server serves one model. At start-up: {served}",
+            "schema": {"type": "string"},
+            "example": contract.model_name,
+        },
+        {
+            "name": "version",
+            "in": "query",
+            "required": False,
+            "description": "the model's version; by default its default version (the one loaded last)",
+            "schema": {"type": "string"},
+        },
+    ]
+
+
 def classify_operations(contract: Contract) -> dict[str, dict[str, Any]]:
     settings = contract.settings
     top_k = top_k_schema(contract)
@@ -246,6 +290,8 @@ def classify_operations(contract: Contract) -> dict[str, dict[str, Any]]:
         "description": "how many classes to answer (a top_k in the body wins)",
         "schema": top_k,
     }
+    model_field = {"type": "string", "description": "the model to use (as the query's `model`)"}
+    version_field = {"type": "string", "description": "the model's version (as the query's `version`)"}
     image_file = {"type": "string", "format": "binary", "description": "an encoded image"}
     raw_image = {"schema": {"type": "string", "format": "binary"}}
     model_fields = {
@@ -260,7 +306,8 @@ def classify_operations(contract: Contract) -> dict[str, dict[str, Any]]:
         "One image: a multipart upload (field `image`), a raw body (`Content-Type`: "
         + ", ".join(f"`{media_type}`" for media_type in sorted(RAW_IMAGE_TYPES))
         + '), or JSON `{"image": "<base64>", "top_k": 3}` (standard base64; a `data:` URL prefix is dropped; URLs '
-        "are never fetched). " + limits_text(contract),
+        "are never fetched). The model is the query's `model` (or the body's), optional while one model is served; "
+        "name it in the query so that the request is admitted before its body is read. " + limits_text(contract),
         CLASSIFY_CODES,
         {
             "200": json_response(
@@ -278,7 +325,7 @@ def classify_operations(contract: Contract) -> dict[str, dict[str, Any]]:
             )
         },
         operationId="classify",
-        parameters=[top_k_query],
+        parameters=[top_k_query, *model_choice_parameters(contract, body_too=True)],
         requestBody={
             "required": True,
             "content": {
@@ -286,7 +333,12 @@ def classify_operations(contract: Contract) -> dict[str, dict[str, Any]]:
                     "schema": {
                         "type": "object",
                         "required": ["image"],
-                        "properties": {"image": image_file, "top_k": top_k},
+                        "properties": {
+                            "image": image_file,
+                            "top_k": top_k,
+                            "model": model_field,
+                            "version": version_field,
+                        },
                     },
                     "encoding": {"image": {"contentType": ", ".join(sorted(RAW_IMAGE_TYPES))}},
                 },
@@ -299,6 +351,8 @@ def classify_operations(contract: Contract) -> dict[str, dict[str, Any]]:
                         "properties": {
                             "image": {"type": "string", "format": "byte", "description": "the encoded image, base64"},
                             "top_k": top_k,
+                            "model": model_field,
+                            "version": version_field,
                         },
                     },
                     "example": {"image": base64.b64encode(example_image()).decode(), "top_k": 3},
@@ -361,7 +415,7 @@ def classify_operations(contract: Contract) -> dict[str, dict[str, Any]]:
             )
         },
         operationId="classify_batch",
-        parameters=[top_k_query],
+        parameters=[top_k_query, *model_choice_parameters(contract, body_too=False)],
         requestBody={
             "required": True,
             "content": {
@@ -385,8 +439,10 @@ def classify_operations(contract: Contract) -> dict[str, dict[str, Any]]:
         TAG_CLASSIFY,
         "The model and the server's settings",
         "The model's name, version, classes and input; the served file's sha256; the backend, execution provider "
-        "and device really in use (and why CUDA was not, if asked for); the batching settings and limits.",
-        ("not_ready",),
+        "and device really in use (and why CUDA was not, if asked for); the batching settings and limits; the "
+        "memory its loading took (`memory_bytes`: the worker's RSS growth while it loaded and warmed up). `models` "
+        "lists every loaded version of every model. With several models served and none named, only `models`.",
+        ("not_ready", *CHOICE),
         {
             "200": json_response(
                 "The metadata",
@@ -405,11 +461,14 @@ def classify_operations(contract: Contract) -> dict[str, dict[str, Any]]:
                         "batching": {"type": "object"},
                         "limits": {"type": "object"},
                         "ready": {"type": "boolean"},
+                        "memory_bytes": {"type": "integer", "nullable": True},
+                        "models": {"type": "array", "items": {"type": "object"}},
                     },
                 },
             )
         },
         operationId="metadata",
+        parameters=model_choice_parameters(contract, body_too=False),
     )
     return {
         "/classify": {"post": classify},
@@ -611,9 +670,119 @@ def v2_operations(contract: Contract) -> dict[str, dict[str, Any]]:
     return paths
 
 
+def repository_operations(contract: Contract) -> dict[str, dict[str, Any]]:
+    """Triton's model repository extension (service.repository_routes)."""
+    name_parameter = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "description": "the model's name (its folder in the repository)",
+        "schema": {"type": "string"},
+        "example": contract.model_name,
+    }
+    version_body = {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "parameters": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"version": {"type": "string"}},
+                        }
+                    },
+                },
+                "example": {"parameters": {"version": contract.model_version}},
+            }
+        },
+    }
+    admin = "Wants an admin key (VISIONSERVE_ADMIN_KEYS_FILE; without it the route refuses every call). "
+    index = operation(
+        contract,
+        "/v2/repository/index",
+        TAG_REPOSITORY,
+        "Repository index",
+        "Every version in the repository or loaded: READY (serving), LOADING, or UNAVAILABLE with the reason (not "
+        'loaded, unloaded, or why its load was refused). `{"ready": true}` lists only the READY ones.',
+        (*REPOSITORY_BODY, "invalid_request"),
+        {
+            "200": json_response(
+                "The versions",
+                {"type": "array", "items": {"type": "object"}},
+                [{"name": contract.model_name, "version": contract.model_version, "state": "READY", "reason": ""}],
+            )
+        },
+        operationId="v2_repository_index",
+        requestBody={
+            "required": False,
+            "content": {
+                "application/json": {
+                    "schema": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+                    "example": {"ready": True},
+                }
+            },
+        },
+    )
+    load = operation(
+        contract,
+        "/v2/repository/models/{name}/load",
+        TAG_REPOSITORY,
+        "Load a model version and make it the default",
+        admin + "Loads `parameters.version` (by default the highest in the repository): verifies its checksums, "
+        "creates its runtime session and warms it up, then makes it the model's default at once; requests already "
+        "admitted to the version it replaces finish there, and that version is unloaded when they are answered. A "
+        "version that is missing, tampered with, or fails to load or warm up is refused and the version serving "
+        "keeps serving. Answers once the version serves.",
+        LOAD_CODES,
+        {
+            "200": json_response(
+                "The version now serving",
+                {"type": "object"},
+                {
+                    "name": contract.model_name,
+                    "version": contract.model_version,
+                    "state": "READY",
+                    "memory_bytes": 10485760,
+                    "memory_measure": "rss_delta_at_load",
+                },
+            )
+        },
+        operationId="v2_repository_models_name_load",
+        parameters=[name_parameter],
+        requestBody=version_body,
+    )
+    unload = operation(
+        contract,
+        "/v2/repository/models/{name}/unload",
+        TAG_REPOSITORY,
+        "Unload a model (or one version)",
+        admin + "Stops serving `parameters.version`, or every version of the model; requests already admitted are "
+        "answered first. The default moves to the highest version left.",
+        UNLOAD_CODES,
+        {
+            "200": json_response(
+                "What was unloaded",
+                {"type": "object"},
+                {"name": contract.model_name, "unloaded": ["1"], "default": "2"},
+            )
+        },
+        operationId="v2_repository_models_name_unload",
+        parameters=[name_parameter],
+        requestBody=version_body,
+    )
+    return {
+        "/v2/repository/index": {"post": index},
+        "/v2/repository/models/{name}/load": {"post": load},
+        "/v2/repository/models/{name}/unload": {"post": unload},
+    }
+
+
 def operations(contract: Contract) -> dict[str, dict[str, Any]]:
     """{path: {method: OpenAPI operation}} for every route of service.app."""
-    return {**classify_operations(contract), **v2_operations(contract)}
+    return {**classify_operations(contract), **v2_operations(contract), **repository_operations(contract)}
 
 
 async def _not_attached(request: Request) -> JSONResponse:
@@ -621,6 +790,11 @@ async def _not_attached(request: Request) -> JSONResponse:
     return JSONResponse(
         {"error": "the model is still loading", "code": "not_ready"}, status_code=503, headers={"Retry-After": "1"}
     )
+
+
+def wants_key(access: AccessControl, path: str) -> bool:
+    """Whether the page's Authorize button applies: an API key, or an admin key where one can be given."""
+    return access.requires_key(path) or (access.is_admin(path) and access.admin_keys is not None)
 
 
 def schema_app(contract: Contract) -> FastAPI:
@@ -636,7 +810,7 @@ def schema_app(contract: Contract) -> FastAPI:
                     _not_attached,
                     methods=[method.upper()],
                     openapi_extra=spec,
-                    dependencies=[bearer] if contract.access.requires_key(path) else None,
+                    dependencies=[bearer] if wants_key(contract.access, path) else None,
                 )
             )
     return app

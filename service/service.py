@@ -1,4 +1,7 @@
-"""The BentoML service: wires the Classifier to the HTTP routes; `bentoml serve service.service:ImageClassifier`.
+"""The BentoML service: wires the served models to the HTTP routes; `bentoml serve service.service:ImageClassifier`.
+
+The models are VISIONSERVE_MODEL's one package, or every model of VISIONSERVE_REPOSITORY (docs/models.md), each with
+its own Classifier in service.repository, which also loads new versions while serving.
 
 BentoML provides the server, workers, /livez, /readyz, /metrics, the API page (/, /docs.json), the model store and
 build/containerize; the routes are a Starlette app mounted with `bentoml.asgi_app` for full control of parsing,
@@ -17,36 +20,40 @@ import asyncio
 import bentoml
 import grpc
 
-from inference.package import ModelPackage, PackageError
+from inference.package import PackageError
 from inference.runtime import DeviceUnavailableError, check_device
 from service import auth, bentoml_config, grpc_server, openapi
 from service.app import asgi_middlewares, attach, create_app
 from service.auth import AccessControl
-from service.classifier import Classifier, resolve_package
+from service.repository import ModelRepository
+from service.repository_layout import PackageSource, PlannedVersion, RepositoryError, open_source, plan
 from service.settings import ServiceSettings, SettingsError
 
 
-def checked_configuration() -> tuple[ServiceSettings, ModelPackage, AccessControl]:
-    """The settings, the verified package and the API keys, or exit with the one-line reason.
+def checked_configuration() -> tuple[ServiceSettings, PackageSource, list[PlannedVersion], AccessControl]:
+    """The settings, where the models come from, every version to serve (verified) and the API keys, or exit with
+    the one-line reason.
 
     Runs at import, so in `bentoml serve`'s own process before any worker starts: a bad variable, a missing or
-    unreadable key file, a missing, tampered or unknown package (or one without the chosen backend's file), or
-    device=cuda where CUDA cannot be used stops the command, instead of a worker that fails in __init__ and that
-    BentoML restarts forever. Each worker re-verifies its own copy.
+    unreadable key file, a missing, tampered or unknown package (or one without the chosen backend's file), a bad
+    repository (a folder name that is not a name, a repository.json key it does not know, a model it names that is
+    missing), or device=cuda where CUDA cannot be used stops the command, instead of a worker that fails in __init__
+    and that BentoML restarts forever. Each worker re-verifies its own copy.
     """
     try:
         settings = ServiceSettings.from_env()
         access = auth.configured()  # the same keys as auth.check_authorization's, for any other server
-        package = resolve_package(settings.model)
-        package.model_path(settings.backend)
+        source = open_source(settings)
+        planned = plan(source, settings)
         if settings.device == "cuda":  # `auto` falls back to the CPU, `cuda` must work or not start at all
-            check_device(package.root, settings.backend, settings.device)
-    except (SettingsError, PackageError, FileNotFoundError, DeviceUnavailableError) as exc:
+            for entry in planned:
+                check_device(entry.package.root, entry.settings.backend, settings.device)
+    except (SettingsError, PackageError, RepositoryError, FileNotFoundError, DeviceUnavailableError) as exc:
         raise SystemExit(f"visionserve: cannot serve: {exc}") from None
-    return settings, package, access
+    return settings, source, planned, access
 
 
-SETTINGS, PACKAGE, ACCESS = checked_configuration()
+SETTINGS, SOURCE, PLANNED, ACCESS = checked_configuration()
 app = create_app()
 
 # The container image's base; the bentofiles add the Python packages (GPU or CPU). BentoML apt-installs
@@ -56,7 +63,11 @@ CONTAINER_IMAGE = bentoml.images.Image(base_image="python:3.11-slim", python_ver
 
 
 # Mounted after `app`, whose fallback route answers every path first: this one only carries the schema.
-@bentoml.asgi_app(openapi.schema_app(openapi.Contract.of(SETTINGS, PACKAGE, ACCESS)), path="/", name="openapi")
+@bentoml.asgi_app(
+    openapi.schema_app(openapi.Contract.of(SETTINGS, PLANNED[0].package, ACCESS, [entry.name for entry in PLANNED])),
+    path="/",
+    name="openapi",
+)
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
     name="visionserve",
@@ -72,32 +83,33 @@ CONTAINER_IMAGE = bentoml.images.Image(base_image="python:3.11-slim", python_ver
 )
 class ImageClassifier:
     def __init__(self) -> None:
-        # Creates the runtime session for the package verified at import; fails loudly (e.g. device=cuda without
+        # Creates the runtime session of every version verified at import; fails loudly (e.g. device=cuda without
         # a usable GPU) so the server never starts half-working.
-        self.classifier = Classifier(SETTINGS, PACKAGE)
-        attach(app, self.classifier)
+        self.repository = ModelRepository.from_plan(SETTINGS, SOURCE, PLANNED)
+        attach(app, self.repository, ACCESS)
         self._warm_up: asyncio.Task | None = None
         self._grpc: grpc.aio.Server | None = None
 
     @bentoml.on_startup
     async def start_batching(self) -> None:
-        # Warm up in the background: /livez answers at once, /readyz turns 200 after the warm-up batches.
-        self._warm_up = asyncio.get_running_loop().create_task(self.classifier.start())
-        # The Open Inference Protocol over gRPC, on this worker's event loop and Classifier: its requests join the
+        # Warm up in the background: /livez answers at once, /readyz turns 200 after the warm-up batches. Polling
+        # the repository for new versions (VISIONSERVE_REPOSITORY_POLL_S) starts once every model is warm.
+        self._warm_up = asyncio.get_running_loop().create_task(self.repository.start(SETTINGS.repository_poll_s))
+        # The Open Inference Protocol over gRPC, on this worker's event loop and models: its requests join the
         # HTTP requests' batches. Listens at once, as /livez answers; ServerReady waits for the warm-up.
-        self._grpc = await grpc_server.start(self.classifier, ACCESS)
+        self._grpc = await grpc_server.start(self.repository, ACCESS)
 
     @bentoml.on_shutdown
     async def stop_batching(self) -> None:
-        # gRPC first: its requests in flight still find the batcher running, and none can outlast the timeout.
+        # gRPC first: its requests in flight still find the batchers running, and none can outlast the timeout.
         await grpc_server.stop(self._grpc, SETTINGS.request_timeout_s)
-        await self.classifier.stop()
+        await self.repository.stop()
 
     def __is_ready__(self) -> bool:
-        return self.classifier.ready
+        return self.repository.ready
 
     def __is_alive__(self) -> bool:
-        return self.classifier.failure is None
+        return self.repository.failure is None
 
 
 for _middleware, _options in asgi_middlewares(SETTINGS, ACCESS):

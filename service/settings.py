@@ -26,6 +26,11 @@ class SettingsError(ValueError):
 class ServiceSettings:
     # A package folder, or a BentoML model-store tag ("name" or "name:version") holding the package files.
     model: str = DEFAULT_MODEL_TAG
+    # A model repository (Triton's layout, DIR/<name>/<version>/manifest.json; docs/models.md): every model in it is
+    # served. Set, it replaces VISIONSERVE_MODEL.
+    repository: str = ""
+    # Seconds between scans of the repository for new versions (each worker loads them itself); 0 = no polling.
+    repository_poll_s: float = 0.0
     backend: str = "onnx"  # onnx | onnx-int8 | torchscript
     device: str = "auto"  # auto | cuda | cpu
     max_batch_size: int = 64  # images per model call
@@ -56,7 +61,8 @@ class ServiceSettings:
     # API keys (service.auth): a file of `sha256:<hex>` lines, one per key (`python -m service.auth hash` makes a
     # line). Set: every prediction and metadata route wants `Authorization: Bearer KEY`. Empty: the routes are open.
     api_keys_file: str = ""
-    # The keys of the routes that load or unload models (none yet); without the file such routes refuse every call.
+    # The keys of the routes that load or unload models (/v2/repository/models/...); without the file such routes
+    # refuse every call.
     admin_keys_file: str = ""
     # Also want a key for /livez, /readyz, /metrics and the v2 health routes (probes then need one too).
     auth_health: bool = False
@@ -96,6 +102,10 @@ class ServiceSettings:
             raise SettingsError(f"{ENV_PREFIX}GRPC_HOST must name an interface (0.0.0.0: all) when gRPC is on")
         if self.threads < 0:
             raise SettingsError(f"{ENV_PREFIX}THREADS must be >= 0, got {self.threads}")
+        if self.repository_poll_s < 0:
+            raise SettingsError(f"{ENV_PREFIX}REPOSITORY_POLL_S must be >= 0, got {self.repository_poll_s}")
+        if self.repository_poll_s and not self.repository:
+            raise SettingsError(f"{ENV_PREFIX}REPOSITORY_POLL_S polls a repository: set {ENV_PREFIX}REPOSITORY too")
         if self.max_upload_bytes_in_flight < self.max_body_bytes:
             # A body of the largest allowed size could never be received.
             raise SettingsError(

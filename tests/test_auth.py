@@ -220,6 +220,26 @@ def test_health_wants_a_key_when_set(classifier, tmp_path):
             client.portal.call(classifier.stop)
 
 
+def test_loading_a_model_wants_an_admin_key_not_an_api_key(classifier, tmp_path):
+    keys, admin = key_file(tmp_path / "keys", KEY), key_file(tmp_path / "admin", OTHER_KEY)
+    settings = ServiceSettings(model=classifier.settings.model, device="cpu", api_keys_file=keys, admin_keys_file=admin)
+    access = AccessControl.from_settings(settings)
+    app = create_app()
+    attach(app, classifier, access)
+    with TestClient(with_middlewares(app, asgi_middlewares(settings, access))) as client:
+        client.portal.call(classifier.start)
+        try:
+            load = "/v2/repository/models/color/load"
+            assert_unauthorized(client.post(load, headers={"Authorization": f"Bearer {KEY}"}))  # an API key
+            assert_unauthorized(client.post(load))
+            loaded = client.post(load, headers={"Authorization": f"Bearer {OTHER_KEY}"})
+            assert (loaded.status_code, loaded.json()["version"]) == (200, "1")
+            assert_unauthorized(client.post("/v2/repository/index", headers={"Authorization": f"Bearer {OTHER_KEY}"}))
+            assert client.post("/v2/repository/index", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        finally:
+            client.portal.call(classifier.stop)
+
+
 ORIGIN = "https://app.example.com"
 
 

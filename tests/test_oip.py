@@ -362,6 +362,7 @@ def test_server_metadata_and_health(client):
         "binary_tensor_data",
         "model_configuration",
         "statistics",
+        "model_repository",
     ]
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}

@@ -21,7 +21,7 @@ from PIL import Image
 from benchmarks.servers import free_port
 from inference.imaging import encode_png
 from inference.runtime import cpu_threads
-from service.classify_routes import parse_json_image
+from service.classify_routes import ModelChoice, parse_json_image
 from service.errors import ERRORS, ApiError
 from service.request_reading import decode_base64
 from tests.support.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
@@ -38,9 +38,13 @@ from tests.support.servers import (
 # --- parsing, without a server ----------------------------------------------------------------------------------
 
 
-def test_json_body_gives_image_bytes_and_top_k():
-    data, top_k = parse_json_image(json.dumps({"image": base64.b64encode(b"abc").decode(), "top_k": 2}).encode())
-    assert (data, top_k) == (b"abc", 2)
+def test_json_body_gives_image_bytes_the_model_choice_and_top_k():
+    data, choice, top_k = parse_json_image(
+        json.dumps({"image": base64.b64encode(b"abc").decode(), "top_k": 2}).encode()
+    )
+    assert (data, choice, top_k) == (b"abc", ModelChoice(), 2)
+    body = {"image": base64.b64encode(b"abc").decode(), "model": "color", "version": "2"}
+    assert parse_json_image(json.dumps(body).encode())[1] == ModelChoice("color", "2")
 
 
 def test_base64_accepts_a_data_url_prefix():
@@ -57,6 +61,8 @@ def test_base64_accepts_a_data_url_prefix():
         (b'{"url": "http://169.254.169.254/"}', "url_not_supported"),
         (b'{"top_k": 1}', "missing_image"),
         (b'{"image": 12}', "missing_image"),
+        (b'{"image": "aGk=", "model": 3}', "invalid_model_choice"),
+        (b'{"image": "aGk=", "version": ""}', "invalid_model_choice"),
         (b'{"image": "abcde"}', "invalid_base64"),  # length not a multiple of 4
         (b'{"image": "ab!?"}', "invalid_base64"),  # not in the alphabet
         ('{"image": "\u00e9abc"}'.encode(), "invalid_base64"),  # not ASCII

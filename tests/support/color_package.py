@@ -62,7 +62,9 @@ def color_model(input_size: tuple[int, int]) -> onnx.ModelProto:
     return model
 
 
-def make_color_package(root: Path, input_size: tuple[int, int] = (32, 32), name: str = "color") -> Path:
+def make_color_package(
+    root: Path, input_size: tuple[int, int] = (32, 32), name: str = "color", version: str = "1"
+) -> Path:
     """Write a complete, verifiable package folder at `root` and return it."""
     root.mkdir(parents=True, exist_ok=True)
     onnx_name = BACKEND_FILES["onnx"]
@@ -72,7 +74,7 @@ def make_color_package(root: Path, input_size: tuple[int, int] = (32, 32), name:
         "format": PACKAGE_FORMAT,
         "format_version": PACKAGE_FORMAT_VERSION,
         "name": name,
-        "version": "1",
+        "version": version,
         "spec": spec.to_dict(),
         "files": {
             onnx_name: {

@@ -14,7 +14,10 @@ from pathlib import Path
 import httpx
 
 from service.app import attach, create_app
+from service.auth import AccessControl
 from service.classifier import Classifier
+from service.repository import ModelRepository
+from service.repository_layout import open_source, plan
 from service.settings import ServiceSettings
 from tests.support.servers import SERVICE_TEST_SETTINGS
 
@@ -55,4 +58,24 @@ def in_process_service(package: Path, settings: dict[str, str] = SERVICE_TEST_SE
         yield client
     finally:
         client.run(classifier.stop())
+        client.close()
+
+
+@contextmanager
+def in_process_repository(
+    root: Path, settings: dict[str, str] = SERVICE_TEST_SETTINGS, access: AccessControl | None = None
+) -> Iterator[tuple[InProcessClient, ModelRepository]]:
+    """(client, repository): the service's app over every model of the repository folder `root`, as service.service
+    builds it (VISIONSERVE_REPOSITORY), warmed up; `access` says whose keys may load and unload."""
+    service_settings = ServiceSettings.from_env({**settings, "VISIONSERVE_REPOSITORY": str(root)})
+    source = open_source(service_settings)
+    repository = ModelRepository.from_plan(service_settings, source, plan(source, service_settings))
+    app = create_app()
+    attach(app, repository, access)
+    client = InProcessClient(app)
+    client.run(repository.start())
+    try:
+        yield client, repository
+    finally:
+        client.run(repository.stop())
         client.close()
