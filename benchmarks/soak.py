@@ -121,6 +121,8 @@ def window_p99(samples: list[tuple], start: float, end: float) -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    # Read before the run: the tree may move on during a long one.
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     images = read_test_jpegs(args.archive, 256)
     model = json.loads((args.package / "manifest.json").read_text())["name"]
     env = {"VISIONSERVE_MODEL": str(args.package.resolve())}

@@ -16,6 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BENTOFILES = {"gpu": REPO / "bentofile.yaml", "cpu": REPO / "bentofile-cpu.yaml"}
 MODEL_NAME = "visionserve-classifier"  # the model tag both bentofiles pack
+# The project's own entries in site-packages: its metadata and the editable install's hook.
+PROJECT_ENTRIES = ("visionserve-", "visionserve.", "__editable__")
 
 
 class BuildError(Exception):
@@ -41,20 +43,27 @@ def build_bento(bentofile: Path, home: Path) -> str:
 
 
 def isolated_python(folder: Path) -> Path:
-    """A virtual environment at `folder` that imports this interpreter's installed packages but not the project.
+    """A virtual environment at `folder` with this interpreter's installed packages but not the project.
 
-    Its `.pth` file adds this environment's site-packages to the path; Python reads `.pth` files only in site
-    folders of its own, so the editable install's hook (itself a `.pth` file there) is never run.
+    Every entry of this environment's site-packages is linked into the new one, except the project's own: its
+    distribution metadata and the editable install's hook (a `.pth` file and its finder), which would make the
+    checkout importable and `importlib.metadata` find a version that no Bento has.
     """
     venv.EnvBuilder(with_pip=False).create(folder)
     python = folder / "bin" / "python"
-    purelib = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    (Path(purelib) / "installed-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    purelib = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    for site_packages in map(Path, site.getsitepackages()):
+        for entry in site_packages.iterdir():
+            if entry.name.startswith(PROJECT_ENTRIES) or (purelib / entry.name).exists():
+                continue
+            (purelib / entry.name).symlink_to(entry)
     return python
 
 

@@ -29,7 +29,6 @@ worker process's). Both are listed in the server metadata's `extensions`, with t
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
 import math
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from inference.package import INPUT_NAME, OUTPUT_PROBABILITIES
+from service import __version__
 from service.classifier import Classifier
 from service.errors import ApiError
 from service.repository import ModelRepository, as_repository
@@ -406,7 +406,7 @@ def model_config(
 def server_metadata() -> dict[str, Any]:
     return {
         "name": SERVER_NAME,
-        "version": importlib.metadata.version(SERVER_NAME),
+        "version": __version__,
         "extensions": EXTENSIONS,
     }
 

@@ -32,9 +32,14 @@ def python(tmp_path_factory):
 
 
 def test_the_isolated_interpreter_has_the_dependencies_but_not_the_project(python, tmp_path):
-    probe = "import bentoml, onnxruntime, PIL\ntry:\n import service\nexcept ImportError:\n print('isolated')"
+    probe = (
+        "import importlib.metadata, bentoml, onnxruntime, PIL\n"
+        "try:\n import service\nexcept ImportError:\n print('no code')\n"
+        "try:\n importlib.metadata.version('visionserve')\nexcept importlib.metadata.PackageNotFoundError:\n"
+        " print('no metadata')"
+    )
     result = subprocess.run([python, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env={})
-    assert result.stdout.strip() == "isolated", result.stderr
+    assert result.stdout.split() == ["no", "code", "no", "metadata"], result.stderr
 
 
 @pytest.mark.parametrize("image", sorted(BENTOFILES))
@@ -47,7 +52,11 @@ def test_the_built_bento_serves_without_the_checkout(image, store, python, tmp_p
     # cwd outside the checkout: nothing of the project on the path but the Bento's own src/.
     with BentoServer(tag, env, log_dir=tmp_path, python=python, cwd=tmp_path) as server:
         answer = httpx.post(f"{server.url}/classify", files={"image": ("blue.jpg", buffer.getvalue(), "image/jpeg")})
+        server_metadata = httpx.get(f"{server.url}/v2")
+        schema = httpx.get(f"{server.url}/docs.json")
         log = server.log_tail()
     assert answer.status_code == 200, answer.text
     assert answer.json()["predictions"][0]["label"] == "blue"
+    assert server_metadata.status_code == 200 and server_metadata.json()["version"]
+    assert schema.status_code == 200 and "/classify" in schema.json()["paths"]
     assert "No module named" not in log
