@@ -29,19 +29,24 @@ CIFAR10_CLASSES = (
 # ---- data ------------------------------------------------------------------------------------------------------
 
 
-def read_test_jpegs(archive: Path, count: int, seed: int = 0) -> list[bytes]:
-    """`count` encoded JPEGs drawn at random (seeded) from the archive's test/<class>/ members."""
-    blobs = []
+def labelled_test_jpegs(archive: Path, count: int, seed: int = 0) -> list[tuple[str, str, bytes]]:
+    """(member name, class, JPEG bytes) of `count` test images drawn at random (seeded) from the archive's
+    test/<class>/ members (a seeded permutation of all of them, so a smaller count is a prefix of a larger one's)."""
+    members = []
     with tarfile.open(archive, "r:*") as tar:
         for member in tar:
             parts = Path(member.name).parts
             if "test" not in parts or not member.isfile() or not member.name.endswith(".jpg"):
                 continue
-            blobs.append(tar.extractfile(member).read())
-    if not blobs:
+            members.append((member.name, parts[-2], tar.extractfile(member).read()))
+    if not members:
         raise ValueError(f"{archive} has no test/<class>/*.jpg members")
-    order = np.random.default_rng(seed).permutation(len(blobs))[:count]
-    return [blobs[i] for i in order]
+    return [members[i] for i in np.random.default_rng(seed).permutation(len(members))[:count]]
+
+
+def read_test_jpegs(archive: Path, count: int, seed: int = 0) -> list[bytes]:
+    """`count` encoded JPEGs drawn at random (seeded) from the archive's test/<class>/ members."""
+    return [blob for _, _, blob in labelled_test_jpegs(archive, count, seed)]
 
 
 def decode_all(blobs: list[bytes], size: tuple[int, int]) -> np.ndarray:

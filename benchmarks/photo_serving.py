@@ -26,8 +26,17 @@ import numpy as np
 from PIL import Image
 
 from batch.job import BatchJob, run_job
-from benchmarks.common import CACHE, CIFAR10_CLASSES, DEFAULT_ARCHIVE, LOGS, RESULTS, machine, run_and_report
-from benchmarks.photos import JPEG_QUALITY, camera_like, encode, labelled_test_jpegs
+from benchmarks.common import (
+    CACHE,
+    CIFAR10_CLASSES,
+    DEFAULT_ARCHIVE,
+    LOGS,
+    RESULTS,
+    labelled_test_jpegs,
+    machine,
+    run_and_report,
+)
+from benchmarks.photos import JPEG_QUALITY, camera_like, encode
 from benchmarks.random_weights import random_package
 from benchmarks.raw_engine import best, measure_engine
 from benchmarks.servers import SERVICE, BentoServer

@@ -26,7 +26,6 @@ import argparse
 import io
 import statistics
 import sys
-import tarfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -36,7 +35,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageDraw, ImageFont
 
-from benchmarks.common import DEFAULT_ARCHIVE, RESULTS, describe_package, machine, run_and_report
+from benchmarks.common import DEFAULT_ARCHIVE, RESULTS, describe_package, labelled_test_jpegs, machine, run_and_report
 from benchmarks.servers import REPO
 from inference import imaging
 from inference.files import atomic_write
@@ -52,21 +51,6 @@ ACCURACY_TARGET_POINTS = 0.2
 
 
 # ---- photos ----------------------------------------------------------------------------------------------------
-
-
-def labelled_test_jpegs(archive: Path, count: int, seed: int = 0) -> list[tuple[str, str, bytes]]:
-    """(member name, class, JPEG bytes) of `count` test images drawn as benchmarks.common.read_test_jpegs draws
-    them (a seeded permutation of all of them, so a smaller count is a prefix of a larger one's)."""
-    members = []
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if "test" not in parts or not member.isfile() or not member.name.endswith(".jpg"):
-                continue
-            members.append((member.name, parts[-2], tar.extractfile(member).read()))
-    if not members:
-        raise ValueError(f"{archive} has no test/<class>/*.jpg members")
-    return [members[i] for i in np.random.default_rng(seed).permutation(len(members))[:count]]
 
 
 def cached(path: Path, make: Callable[[], bytes]) -> bytes:

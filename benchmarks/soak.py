@@ -155,9 +155,7 @@ def run(args: argparse.Namespace) -> dict:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "package": model,
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": commit,
         "saturation_rps": saturation,
         "rate_rps": round(rate, 1),
         "minutes": args.minutes,

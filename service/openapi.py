@@ -477,26 +477,23 @@ def classify_operations(contract: Contract) -> dict[str, dict[str, Any]]:
     }
 
 
+def path_parameter(name: str, description: str, example: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+        "example": example,
+    }
+
+
 def v2_operations(contract: Contract) -> dict[str, dict[str, Any]]:
     settings = contract.settings
     height, width = contract.input_size
     num_classes = len(contract.class_names)
-    name_parameter = {
-        "name": "name",
-        "in": "path",
-        "required": True,
-        "description": "the model's name",
-        "schema": {"type": "string"},
-        "example": contract.model_name,
-    }
-    version_parameter = {
-        "name": "version",
-        "in": "path",
-        "required": True,
-        "description": "the model's version",
-        "schema": {"type": "string"},
-        "example": contract.model_version,
-    }
+    name_parameter = path_parameter("name", "the model's name", contract.model_name)
+    version_parameter = path_parameter("version", "the model's version", contract.model_version)
     model = "/v2/models/{name}"
     version = "/v2/models/{name}/versions/{version}"
     paths: dict[str, dict[str, Any]] = {}
@@ -672,14 +669,7 @@ def v2_operations(contract: Contract) -> dict[str, dict[str, Any]]:
 
 def repository_operations(contract: Contract) -> dict[str, dict[str, Any]]:
     """Triton's model repository extension (service.repository_routes)."""
-    name_parameter = {
-        "name": "name",
-        "in": "path",
-        "required": True,
-        "description": "the model's name (its folder in the repository)",
-        "schema": {"type": "string"},
-        "example": contract.model_name,
-    }
+    name_parameter = path_parameter("name", "the model's name (its folder in the repository)", contract.model_name)
     version_body = {
         "required": False,
         "content": {
