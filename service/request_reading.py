@@ -70,7 +70,7 @@ async def read_body(request: Request, max_bytes: int, uploads: UploadBudget) -> 
             raise ApiError("invalid_content_length", f"Content-Length {declared!r} is not a number")
         if length > max_bytes:
             raise body_too_large(max_bytes)
-        uploads.reserve(length)
+        uploads.reserve(length, length)
         reserved = length
     chunks = []
     received = 0
@@ -80,7 +80,7 @@ async def read_body(request: Request, max_bytes: int, uploads: UploadBudget) -> 
             if received > max_bytes:  # a chunked body (or one longer than declared)
                 raise body_too_large(max_bytes)
             if received > reserved:  # a chunked body reserves as it arrives
-                uploads.reserve(received - reserved)
+                uploads.reserve(received - reserved, received)
                 reserved = received
             chunks.append(chunk)
     except ClientDisconnect:

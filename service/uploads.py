@@ -16,9 +16,11 @@ class UploadBudget:
         self.max_bytes = max_bytes
         self.in_flight = 0
 
-    def reserve(self, count: int) -> None:
-        """Count `count` more bytes as being received, or raise 503 too_many_uploads if they do not fit."""
-        if count > SMALL_BODY_BYTES and self.in_flight + count > self.max_bytes:
+    def reserve(self, count: int, body_bytes: int) -> None:
+        """Count `count` more bytes of a body now `body_bytes` long (declared, or received so far) as being received,
+        or raise 503 too_many_uploads if they do not fit. The exemption goes by the body's size, not the increment: a
+        chunked body arrives in small pieces."""
+        if body_bytes > SMALL_BODY_BYTES and self.in_flight + count > self.max_bytes:
             raise ApiError(
                 "too_many_uploads",
                 f"too many bytes of uploads are being received ({self.in_flight}); retry later",

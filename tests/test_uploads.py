@@ -31,21 +31,21 @@ def request(chunks: list[bytes], content_length: int | None, reads: list[int]) -
 
 def test_large_uploads_past_the_budget_are_refused_and_small_ones_always_fit():
     budget = UploadBudget(3 * MB)
-    budget.reserve(2 * MB)
+    budget.reserve(2 * MB, 2 * MB)
     with pytest.raises(ApiError) as refused:
-        budget.reserve(2 * MB)
+        budget.reserve(2 * MB, 2 * MB)
     assert refused.value.code == "too_many_uploads" and refused.value.status == 503
     assert refused.value.headers["Retry-After"] == "1"
-    budget.reserve(SMALL_BODY_BYTES)  # small bodies are bounded by the connections, never refused
-    budget.reserve(SMALL_BODY_BYTES)
+    budget.reserve(SMALL_BODY_BYTES, SMALL_BODY_BYTES)  # small bodies are bounded by the connections, never refused
+    budget.reserve(SMALL_BODY_BYTES, SMALL_BODY_BYTES)
     budget.release(2 * MB + 2 * SMALL_BODY_BYTES)
     assert budget.in_flight == 0
-    budget.reserve(3 * MB)
+    budget.reserve(3 * MB, 3 * MB)
 
 
 def test_a_declared_body_that_does_not_fit_is_refused_before_any_byte_is_read():
     budget = UploadBudget(4 * MB)
-    budget.reserve(3 * MB)  # another upload being received
+    budget.reserve(3 * MB, 3 * MB)  # another upload being received
     reads: list[int] = []
     with pytest.raises(ApiError) as refused:
         asyncio.run(read_body(request([b"x" * MB, b"x" * MB], 2 * MB, reads), 16 * MB, budget))
@@ -55,7 +55,7 @@ def test_a_declared_body_that_does_not_fit_is_refused_before_any_byte_is_read():
 
 def test_a_chunked_body_reserves_as_it_arrives_and_is_refused_once_it_does_not_fit():
     budget = UploadBudget(4 * MB)
-    budget.reserve(2 * MB)
+    budget.reserve(2 * MB, 2 * MB)
     reads: list[int] = []
     chunks = [b"x" * MB] * 5
     with pytest.raises(ApiError) as refused:
@@ -63,6 +63,18 @@ def test_a_chunked_body_reserves_as_it_arrives_and_is_refused_once_it_does_not_f
     assert refused.value.code == "too_many_uploads"
     assert len(reads) == 3  # refused with the third megabyte, the other two never read
     assert budget.in_flight == 2 * MB  # what the refused body held is given back
+
+
+def test_a_chunked_body_in_small_pieces_counts_against_the_budget_once_it_is_large():
+    budget = UploadBudget(4 * MB)
+    budget.reserve(3 * MB, 3 * MB)
+    reads: list[int] = []
+    chunks = [b"x" * (64 * 1024)] * 64  # 4 MB as a server receives it, in 64 KiB pieces
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(read_body(request(chunks, None, reads), 16 * MB, budget))
+    assert refused.value.code == "too_many_uploads"
+    assert len(reads) == 17  # 16 pieces fill the 1 MiB of room left; the 17th is refused
+    assert budget.in_flight == 3 * MB
 
 
 def test_a_body_that_fits_is_read_whole_and_its_bytes_given_back():
