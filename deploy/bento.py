@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENTOFILES = {"gpu": REPO / "bentofile.yaml", "cpu": REPO / "bentofile-cpu.yaml"}
-MODEL_NAME = "visionserve-classifier"  # the model tag both bentofiles pack
+MODEL_NAME = "visionserve-classifier"  # the model tag both bentofiles pack by default
 # The project's own entries in site-packages: its metadata and the editable install's hook.
 PROJECT_ENTRIES = ("visionserve-", "visionserve.", "__editable__")
 
@@ -35,9 +35,11 @@ def register_model(package: Path, home: Path) -> str:
     return _run([sys.executable, "-c", code, str(package)], home).splitlines()[-1]
 
 
-def build_bento(bentofile: Path, home: Path) -> str:
-    """`bentoml build -f bentofile` from the repository root into `home`'s store; returns the Bento's tag."""
-    output = _run([sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "-o", "tag", str(REPO)], home)
+def build_bento(bentofile: Path, home: Path, models: str = f"{MODEL_NAME}:latest") -> str:
+    """`bentoml build -f bentofile` from the repository root into `home`'s store, packing the model-store tags
+    `models` names (VISIONSERVE_MODEL's form: comma-separated); returns the Bento's tag."""
+    command = [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "-o", "tag", str(REPO)]
+    output = _run(command, home, {"VISIONSERVE_MODEL": models, "VISIONSERVE_REPOSITORY": ""})
     # `-o tag` prints `__tag__:name:version` as its last line.
     return output.strip().splitlines()[-1].removeprefix("__tag__:")
 
@@ -67,8 +69,8 @@ def isolated_python(folder: Path) -> Path:
     return python
 
 
-def _run(command: list, home: Path) -> str:
-    result = subprocess.run(command, cwd=REPO, env=bentoml_env(home), capture_output=True, text=True)
+def _run(command: list, home: Path, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(command, cwd=REPO, env={**bentoml_env(home), **(env or {})}, capture_output=True, text=True)
     if result.returncode != 0:
         raise BuildError(
             f"{' '.join(map(str, command[:4]))} failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}"

@@ -20,10 +20,10 @@ from service.classifier import Classifier
 from service.errors import ApiError
 from service.metrics import service_metrics
 from service.repository_layout import (
+    PackageList,
     PackageSource,
     PlannedVersion,
     RepositoryError,
-    SinglePackage,
     check_name,
     model_settings,
     quoted,
@@ -128,7 +128,7 @@ class ModelRepository:
     @classmethod
     def single(cls, classifier: Classifier) -> ModelRepository:
         """A repository of one classifier made elsewhere (started and stopped by its owner, as in tests)."""
-        repository = cls(classifier.settings, SinglePackage(classifier.package))
+        repository = cls(classifier.settings, PackageList([classifier.package]))
         repository.uploads = classifier.uploads
         model = repository._model(classifier.package.name, classifier.settings)
         model.default = model.versions[classifier.package.version] = ModelVersion(classifier)

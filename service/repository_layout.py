@@ -1,6 +1,7 @@
-"""Where the served models come from: a model repository folder in Triton's layout with its config file, or the one
-package of VISIONSERVE_MODEL; their names, versions, settings and verified packages, every problem a one-line error.
+"""Where the served models come from: a model repository folder in Triton's layout with its config file, or the
+packages of VISIONSERVE_MODEL; their names, versions, settings and verified packages, every problem a one-line error.
 
+VISIONSERVE_MODEL's packages (one, or several comma-separated) are a repository of one version per model.
 A repository is `DIR/<name>/<version>/manifest.json + files` (docs/models.md). Folders whose names start with "."
 are ignored, so that a version copied in under a hidden name and then renamed appears whole. `DIR/repository.json`
 (optional) sets each model's batching, threads, backend and versions:
@@ -254,40 +255,53 @@ def _folder_names(parent: Path, what: str, strict: bool) -> list[str]:
     return names
 
 
-class SinglePackage:
-    """The one package of VISIONSERVE_MODEL (a folder or a model-store tag), as a repository of one model."""
+class PackageList:
+    """The packages of VISIONSERVE_MODEL (folders or model-store tags, comma-separated), one model and version each,
+    named by their manifests."""
 
-    def __init__(self, package: ModelPackage) -> None:
-        self.first = package
+    def __init__(self, packages: list[ModelPackage]) -> None:
+        self.packages: dict[str, ModelPackage] = {}
+        for package in packages:
+            if package.name in self.packages:
+                raise RepositoryError(
+                    f"two packages are both model {package.name!r} ({self.packages[package.name].root} and "
+                    f"{package.root}); serve versions of one model from a repository folder"
+                )
+            self.packages[package.name] = package
 
     @property
     def label(self) -> str:
-        return str(self.first.root)
+        return ", ".join(str(package.root) for package in self.packages.values())
 
     def model_names(self, strict: bool = True) -> list[str]:
-        return [self.first.name]
+        return list(self.packages)
 
     def model_config(self, name: str) -> ModelConfig:
         return ModelConfig()
 
+    def _package_of(self, name: str) -> ModelPackage:
+        if name not in self.packages:
+            raise RepositoryError(
+                f"unknown model {name!r}; this server serves {quoted(self.packages)}", "model_not_found"
+            )
+        return self.packages[name]
+
     def versions(self, name: str, strict: bool = True) -> list[str]:
-        if name != self.first.name:
-            raise RepositoryError(f"unknown model {name!r}; this server serves {self.first.name!r}", "model_not_found")
-        return [self.first.version]
+        return [self._package_of(name).version]
 
     def stamp(self, name: str, version: str) -> tuple[int, int]:
-        status = self.first.root.stat()
+        status = self._package_of(name).root.stat()
         return status.st_ino, status.st_mtime_ns
 
     def package(self, name: str, version: str, backend: str) -> ModelPackage:
         """The package again, re-verified: a reload refuses files changed since start-up."""
         check_name(version, "version")
-        if version not in self.versions(name):
+        served = self._package_of(name)
+        if version != served.version:
             raise RepositoryError(
-                f"unknown version {version!r} of model {name!r}; available: {self.first.version!r}",
-                "version_not_found",
+                f"unknown version {version!r} of model {name!r}; available: {served.version!r}", "version_not_found"
             )
-        package = verified(self.first.root, name, version, backend)
+        package = verified(served.root, name, version, backend)
         if (package.name, package.version) != (name, version):
             raise RepositoryError(
                 f"{package.root} now says model {package.name!r} version {package.version!r}, not {name!r} {version!r}"
@@ -295,7 +309,7 @@ class SinglePackage:
         return package
 
 
-PackageSource = RepositoryFolder | SinglePackage
+PackageSource = RepositoryFolder | PackageList
 
 
 @dataclass(frozen=True)
@@ -309,10 +323,10 @@ class PlannedVersion:
 
 
 def open_source(settings: ServiceSettings) -> PackageSource:
-    """VISIONSERVE_REPOSITORY if set, else the package of VISIONSERVE_MODEL (verified)."""
+    """VISIONSERVE_REPOSITORY if set, else the packages of VISIONSERVE_MODEL (verified)."""
     if settings.repository:
         return RepositoryFolder(settings.repository)
-    return SinglePackage(resolve_package(settings.model))
+    return PackageList([resolve_package(reference) for reference in settings.model_references])
 
 
 def model_settings(source: PackageSource, settings: ServiceSettings, name: str, models: int) -> ServiceSettings:

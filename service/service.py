@@ -16,9 +16,12 @@ and stopped by the startup and shutdown hooks.
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import bentoml
 import grpc
+import yaml
 
 from inference.package import PackageError
 from inference.runtime import DeviceUnavailableError, check_device
@@ -28,6 +31,28 @@ from service.auth import AccessControl
 from service.repository import ModelRepository
 from service.repository_layout import PackageSource, PlannedVersion, RepositoryError, open_source, plan
 from service.settings import ServiceSettings, SettingsError
+
+# A built Bento holds this code under <bento>/src/ and its description in <bento>/bento.yaml.
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+BENTO_INFO = SOURCE_ROOT.parent / "bento.yaml"
+
+
+def bento_defaults() -> dict[str, str]:
+    """The Bento's environment variables when this code runs from a built Bento, else none.
+
+    Its container image sets them; read here too, so that `bentoml serve TAG` outside a container serves the models
+    the Bento was built with. Variables set in the environment win."""
+    if SOURCE_ROOT.name != "src" or not BENTO_INFO.is_file():
+        return {}
+    info = yaml.safe_load(BENTO_INFO.read_text()) or {}
+    return {entry["name"]: str(entry["value"]) for entry in info.get("envs") or [] if entry.get("value") is not None}
+
+
+def store_tags(settings: ServiceSettings) -> list[str]:
+    """VISIONSERVE_MODEL's model-store tags (its other references are folders): `bentoml build` packs these."""
+    if settings.repository:
+        return []
+    return [reference for reference in settings.model_references if not Path(reference).is_dir()]
 
 
 def checked_configuration() -> tuple[ServiceSettings, PackageSource, list[PlannedVersion], AccessControl]:
@@ -41,7 +66,7 @@ def checked_configuration() -> tuple[ServiceSettings, PackageSource, list[Planne
     and that BentoML restarts forever. Each worker re-verifies its own copy.
     """
     try:
-        settings = ServiceSettings.from_env()
+        settings = ServiceSettings.from_env({**bento_defaults(), **os.environ})
         access = auth.configured()  # the same keys as auth.check_authorization's, for any other server
         source = open_source(settings)
         planned = plan(source, settings)
@@ -77,6 +102,8 @@ CONTAINER_IMAGE = bentoml.images.Image(base_image="python:3.11-slim", python_ver
     workers=SETTINGS.workers,
     # Our own deadline answers 504 with a JSON body; BentoML's timeout is only the backstop behind it.
     traffic={"timeout": SETTINGS.request_timeout_s + 5},
+    # The Bento records the models it was built with; the tags themselves are packed through `models` below.
+    envs=[{"name": "VISIONSERVE_MODEL", "value": SETTINGS.model}],
     # No access log and no spans for the prediction routes unless BentoML's configuration asks for them
     # (service/bentoml_config.py).
     **bentoml_config.SERVICE_DEFAULTS,
@@ -111,6 +138,9 @@ class ImageClassifier:
     def __is_alive__(self) -> bool:
         return self.repository.failure is None
 
+
+# `bentoml build` packs every model the service declares: each store tag VISIONSERVE_MODEL names.
+ImageClassifier.models.extend(bentoml.models.BentoModel(tag) for tag in store_tags(SETTINGS))
 
 for _middleware, _options in asgi_middlewares(SETTINGS, ACCESS):
     ImageClassifier.add_asgi_middleware(_middleware, **_options)

@@ -24,7 +24,8 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    # A package folder, or a BentoML model-store tag ("name" or "name:version") holding the package files.
+    # A package folder, or a BentoML model-store tag ("name" or "name:version") holding the package files; several,
+    # comma-separated, serve one model each (named by its manifest), and the Bento built with them packs every tag.
     model: str = DEFAULT_MODEL_TAG
     # A model repository (Triton's layout, DIR/<name>/<version>/manifest.json; docs/models.md): every model in it is
     # served. Set, it replaces VISIONSERVE_MODEL.
@@ -74,7 +75,7 @@ class ServiceSettings:
     grpc_host: str = "0.0.0.0"  # the interface it listens on; 0.0.0.0 is every IPv4 one, as BentoML's HTTP default
 
     def __post_init__(self) -> None:
-        if not self.model:
+        if not self.model_references:
             raise SettingsError(f"{ENV_PREFIX}MODEL must name a package folder or a BentoML model tag")
         if self.backend not in BACKEND_FILES:
             raise SettingsError(f"{ENV_PREFIX}BACKEND={self.backend!r} is unknown; valid: {', '.join(BACKEND_FILES)}")
@@ -123,6 +124,11 @@ class ServiceSettings:
                 raise SettingsError(
                     f"{ENV_PREFIX}CORS_ORIGINS has {origin!r}; an origin is scheme://host[:port] (or *), comma-separated"
                 )
+
+    @property
+    def model_references(self) -> list[str]:
+        """VISIONSERVE_MODEL's package folders and model-store tags, in order."""
+        return [reference.strip() for reference in self.model.split(",") if reference.strip()]
 
     @property
     def cors_origin_list(self) -> list[str]:

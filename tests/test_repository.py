@@ -527,6 +527,25 @@ def test_one_package_is_a_repository_of_one_model(tmp_path):
         assert index == [{"name": "color", "version": "1", "state": "READY", "reason": ""}]
 
 
+def test_several_packages_in_visionserve_model_are_one_model_each(tmp_path):
+    first = make_color_package(tmp_path / "color")
+    second = make_color_package(tmp_path / "tint", input_size=(48, 48), name="tint", version="4")
+    settings = ServiceSettings(model=f" {first} ,{second}", device="cpu")
+    assert settings.model_references == [str(first), str(second)]
+    planned = plan(open_source(settings), settings)
+    assert [(entry.name, entry.version) for entry in planned] == [("color", "1"), ("tint", "4")]
+    assert {entry.settings.threads_per_worker for entry in planned} == {max(1, settings.threads_per_worker // 2)}
+
+
+def test_two_packages_of_one_model_name_are_refused(tmp_path):
+    first = make_color_package(tmp_path / "a")
+    second = make_color_package(tmp_path / "b", version="2")
+    with pytest.raises(RepositoryError, match="two packages are both model 'color'"):
+        open_source(ServiceSettings(model=f"{first},{second}", device="cpu"))
+    with pytest.raises(SettingsError, match="VISIONSERVE_MODEL must name"):
+        ServiceSettings(model=" , ")
+
+
 def test_grpc_serves_every_model(tmp_path):
     import grpc
 
