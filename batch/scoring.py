@@ -55,6 +55,15 @@ def decode_chunk(
     return DecodedChunk([r.id for r in records], pixels, errors)
 
 
+def merge(chunks: Sequence[DecodedChunk]) -> DecodedChunk:
+    """Consecutive decoded chunks as one, in order."""
+    return DecodedChunk(
+        [record_id for chunk in chunks for record_id in chunk.ids],
+        np.concatenate([chunk.pixels for chunk in chunks]),
+        [error for chunk in chunks for error in chunk.errors],
+    )
+
+
 def top_k_rows(chunk: DecodedChunk, probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[ScoreRow]:
     """Rows in record order; `probabilities` (n_decoded, C) float32 belongs to chunk.pixels row by row."""
     # Stable argsort of the negated probabilities: tied classes keep their class order.

@@ -192,15 +192,25 @@ def write_image_files(images: list[bytes], folder: Path) -> Path:
     return listing
 
 
-def wrk_closed_loop(server: str, url: str, listing: Path, concurrency: int, duration: float, warmup: float) -> Phase:
+def wrk_closed_loop(
+    server: str,
+    url: str,
+    listing: Path,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    headers: dict[str, str] | None = None,
+) -> Phase:
     """closed_loop's measurement made by wrk (C, one thread): `concurrency` connections, each sending its next
     request when the last is answered. It costs a fraction of the Python client's CPU, which shares the cores
-    with the server under test. Warm-up is a separate wrk run whose figures are dropped."""
+    with the server under test. Warm-up is a separate wrk run whose figures are dropped. `headers` go with every
+    request."""
+    header_options = [f"-H{name}: {value}" for name, value in (headers or {}).items()]
 
     def run_wrk(seconds: float) -> dict:
         command = [
             "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", f"--timeout={REQUEST_TIMEOUT_S:g}s",
-            "-s", str(WRK_SCRIPT), url, "--", str(listing),
+            *header_options, "-s", str(WRK_SCRIPT), url, "--", str(listing),
         ]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         return json.loads(result.stdout.strip().splitlines()[-1])
@@ -249,6 +259,41 @@ def sweep(
         )
         phases.append(phase)
     return phases
+
+
+def best_concurrency(
+    server: str, url: str, listing: Path, concurrencies: list[int], seconds: float, warmup: float
+) -> dict:
+    """wrk at each concurrency: {"best_concurrency": c, "by_concurrency": {str(c): figures}} (string keys, as
+    JSON writes them), the best by requests/s."""
+    by_concurrency = {}
+    for concurrency in concurrencies:
+        phase = wrk_closed_loop(server, url, listing, concurrency, seconds, warmup)
+        by_concurrency[str(concurrency)] = {
+            "requests_per_second": phase.requests_per_second,
+            "p50_ms": phase.p50_ms,
+            "p99_ms": phase.p99_ms,
+            "statuses": phase.statuses,
+        }
+    best = max(by_concurrency, key=lambda c: by_concurrency[c]["requests_per_second"])
+    return {"best_concurrency": int(best), "by_concurrency": by_concurrency}
+
+
+def best_rate_of(figures: dict) -> float:
+    """The requests/s of best_concurrency's best concurrency."""
+    return figures["by_concurrency"][str(figures["best_concurrency"])]["requests_per_second"]
+
+
+def rounds_table(rounds: list[dict[str, dict]], names: list[str]) -> list[str]:
+    """Markdown rows: each round's best requests/s (and at which concurrency) of every server, by name."""
+    lines = [
+        "| round | " + " | ".join(f"{name} req/s (best c)" for name in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for index, figures in enumerate(rounds, 1):
+        cells = [f"{best_rate_of(figures[name])} ({figures[name]['best_concurrency']})" for name in names]
+        lines.append(f"| {index} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def best_phase(phases: list[Phase]) -> Phase:

@@ -22,7 +22,8 @@ concurrency: it shows that the tool works unchanged over both (model metadata, T
 statistics, binary tensors over HTTP, raw contents over gRPC), not how fast anything is. `phase` is the
 measurement: for the lesson CNN (cnn_bn) and the CIFAR ResNet-18 (random weights unless packages are given, built
 as benchmarks/load_test.py builds them), one server each, gRPC and HTTP alternating at each concurrency for
-`--rounds` rounds, on a quiet machine. perf_analyzer shares the machine's cores with the server. Server-side
+`--rounds` rounds, then wrk's /classify with a CIFAR-10 JPEG at the same concurrency (the load benchmark's client,
+beside it for the same load), on a quiet machine. perf_analyzer shares the machine's cores with the server. Server-side
 figures (queue, compute) need an integer model version, as Triton's: perf_analyzer reads the version as a number,
 so a package versioned by its export time (20261205-153936) gets client-side figures only.
 """
@@ -40,8 +41,20 @@ import tempfile
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import median
 
-from benchmarks.common import CACHE, DEFAULT_ARCHIVE, LOGS, RESULTS, describe_package, machine, run_and_report
+from benchmarks.common import (
+    CACHE,
+    CIFAR10_CLASSES,
+    DEFAULT_ARCHIVE,
+    LOGS,
+    RESULTS,
+    describe_package,
+    machine,
+    read_test_jpegs,
+    run_and_report,
+)
+from benchmarks.loadgen import write_image_files, wrk_closed_loop
 from benchmarks.servers import REPO, SERVICE, BentoServer, free_port
 
 TOOLS = REPO / ".cache" / "perf_analyzer"
@@ -51,9 +64,6 @@ DEBIAN_SUITE = "trixie"  # the first Debian with glibc >= 2.38 and GCC >= 13
 DEBIAN_PACKAGES = ("libc6", "libstdc++6", "libgcc-s1")
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 SYSTEM_LIBRARIES = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu")
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
 # The columns of perf_analyzer's CSV (-f) that the reports keep, in microseconds except the rate.
 CSV_FIELDS = {
     "Inferences/Second": "infer_per_s",
@@ -195,8 +205,11 @@ def serve(package: Path, name: str, workers: int) -> tuple[BentoServer, int]:
     return BentoServer(SERVICE, env, LOGS, name), grpc_port
 
 
-def measure_server(args: argparse.Namespace, command: list[str], package: Path, label: str) -> list[dict]:
-    """Every protocol at every concurrency, `args.rounds` times, the protocols' order alternating by round."""
+def measure_server(
+    args: argparse.Namespace, command: list[str], package: Path, label: str, wrk_images: Path | None = None
+) -> list[dict]:
+    """Every protocol at every concurrency, `args.rounds` times, the protocols' order alternating by round; with
+    `wrk_images` (wrk's list of JPEG files), wrk's /classify at the same concurrency after each pair."""
     model = json.loads((package / "manifest.json").read_text())["name"]
     server, grpc_port = serve(package, f"perf-{label}", args.workers)
     urls = {"grpc": f"127.0.0.1:{grpc_port}", "http": f"127.0.0.1:{server.port}"}
@@ -211,7 +224,27 @@ def measure_server(args: argparse.Namespace, command: list[str], package: Path, 
                         args.interval_ms, args.max_trials, args.stability,
                     )  # fmt: skip
                     entries.append({"package": label, "round": round_index + 1, **entry})
+                if wrk_images is not None:
+                    entries.append(
+                        {"package": label, "round": round_index + 1, **wrk_entry(server, wrk_images, concurrency, args)}
+                    )
     return entries
+
+
+def wrk_entry(server: BentoServer, listing: Path, concurrency: int, args: argparse.Namespace) -> dict:
+    """wrk's closed loop on /classify (one CIFAR-10 JPEG a request) for as long as perf_analyzer's shortest run."""
+    seconds = 3 * args.interval_ms / 1000
+    phase = wrk_closed_loop(server.name, f"{server.url}/classify", listing, concurrency, seconds, warmup=1)
+    print(f"[wrk c={concurrency}] {phase.requests_per_second:.1f} req/s, p50 {phase.p50_ms} ms", flush=True)
+    return {
+        "protocol": "wrk /classify (JPEG)",
+        "concurrency": concurrency,
+        "returncode": 0,
+        "infer_per_s": phase.requests_per_second,
+        "p50_us": phase.p50_ms * 1000,
+        "p99_us": phase.p99_ms * 1000,
+        "statuses": phase.statuses,
+    }
 
 
 # ---- reports ---------------------------------------------------------------------------------------------------
@@ -265,8 +298,9 @@ def run_phase(args: argparse.Namespace) -> dict:
     results = header(args, command)
     results["purpose"] = "gRPC vs HTTP through Triton's own load generator, side by side on one server per model."
     results["packages"] = {label: describe_package(package) for label, package in packages.items()}
+    listing = write_image_files(read_test_jpegs(args.data, 256), CACHE / "perf-analyzer-jpegs")
     results["runs"] = [
-        entry for label, package in packages.items() for entry in measure_server(args, command, package, label)
+        entry for label, package in packages.items() for entry in measure_server(args, command, package, label, listing)
     ]
     return results
 
@@ -303,9 +337,21 @@ def markdown(results: dict) -> str:
             continue
         lines.append(
             f"| {run['package']} | {run['round']} | {run['protocol']} | {run['concurrency']} | "
-            f"{run['infer_per_s']:.1f} | {run['p50_us'] / 1000:.2f} | {run['p90_us'] / 1000:.2f} | "
-            f"{run['p99_us'] / 1000:.2f} | {run['server_queue_us']:.0f} | {run['server_compute_infer_us']:.0f} |"
+            f"{run['infer_per_s']:.1f} | {run['p50_us'] / 1000:.2f} | {_ms(run.get('p90_us'))} | "
+            f"{run['p99_us'] / 1000:.2f} | {_whole(run.get('server_queue_us'))} | "
+            f"{_whole(run.get('server_compute_infer_us'))} |"
         )
+    lines += [
+        "",
+        "Medians of the rounds (perf_analyzer's gRPC and HTTP send UINT8 pixels as raw or binary tensors to "
+        "`/v2/models/NAME/infer`; wrk sends a CIFAR-10 JPEG to `/classify`, which the server decodes):",
+        "",
+        "| package | protocol | concurrency | infer/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (package, protocol, concurrency), runs in sorted(by_measurement(results["runs"]).items()):
+        rate, p50, p99 = (median([run[key] for run in runs]) for key in ("infer_per_s", "p50_us", "p99_us"))
+        lines.append(f"| {package} | {protocol} | {concurrency} | {rate:.1f} | {p50 / 1000:.2f} | {p99 / 1000:.2f} |")
     ratios = grpc_over_http(results["runs"])
     if ratios:
         lines += ["", "gRPC / HTTP inferences per second (median of the rounds):", ""]
@@ -315,6 +361,22 @@ def markdown(results: dict) -> str:
     )
     lines += ["", f"Packages: {packages}.", ""]
     return "\n".join(lines)
+
+
+def by_measurement(runs: list[dict]) -> dict[tuple[str, str, int], list[dict]]:
+    grouped: dict[tuple[str, str, int], list[dict]] = {}
+    for run in runs:
+        if "error" not in run:
+            grouped.setdefault((run["package"], run["protocol"], run["concurrency"]), []).append(run)
+    return grouped
+
+
+def _ms(microseconds: float | None) -> str:
+    return "" if microseconds is None else f"{microseconds / 1000:.2f}"
+
+
+def _whole(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
 
 
 def grpc_over_http(runs: list[dict]) -> dict[tuple[str, int], float]:

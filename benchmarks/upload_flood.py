@@ -45,6 +45,7 @@ async def flood(url: str, images: list[bytes], clients: int, body: bytes, second
     large: collections.Counter = collections.Counter()
     retry_after = 0
     small: list[tuple[str, float]] = []
+    small_errors: list[dict] = []  # when and how a small request failed: what the figures alone cannot say
 
     async def uploader() -> None:
         nonlocal retry_after
@@ -73,6 +74,8 @@ async def flood(url: str, images: list[bytes], clients: int, body: bytes, second
                         small.append((str(r.status), loop.time() - sent))
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     small.append((type(exc).__name__, loop.time() - sent))
+                    at_s = round(sent - (end - seconds), 2)
+                    small_errors.append({"client": offset, "sent_at_s": at_s, "error": f"{type(exc).__name__}: {exc}"})
                 index += SMALL_CLIENTS
 
     await asyncio.gather(*(uploader() for _ in range(clients)), *(normal(i) for i in range(SMALL_CLIENTS)))
@@ -83,6 +86,7 @@ async def flood(url: str, images: list[bytes], clients: int, body: bytes, second
         "small_requests": len(small),
         "small_ok": len(ok),
         "small_statuses": dict(collections.Counter(status for status, _ in small)),
+        "small_errors": small_errors,
         "small_p50_ms": round(1000 * float(np.percentile(ok, 50)), 1) if ok else None,
         "small_p99_ms": round(1000 * float(np.percentile(ok, 99)), 1) if ok else None,
     }

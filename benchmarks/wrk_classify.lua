@@ -1,10 +1,13 @@
--- wrk script for benchmarks/loadgen.py: POST /classify, one multipart upload (field `image`) per request,
--- cycling through the JPEG files listed in the script's first argument (one path a line). Prints one JSON line.
+-- wrk script for benchmarks/loadgen.py: POST to the URL's path (/classify), one multipart upload (field `image`)
+-- per request, cycling through the JPEG files listed in the script's first argument (one path a line). Prints one JSON line.
 local bodies, index = {}, 0
 local boundary = "----visionserve-load-test"
 local headers = { ["Content-Type"] = "multipart/form-data; boundary=" .. boundary }
 
 function init(args)
+  for name, value in pairs(wrk.headers) do  -- wrk's -H headers (e.g. Authorization), kept beside ours
+    if headers[name] == nil then headers[name] = value end
+  end
   for path in io.lines(args[1]) do
     local file = assert(io.open(path, "rb"))
     local data = file:read("*a")
@@ -18,7 +21,7 @@ end
 
 function request()
   index = index % #bodies + 1
-  return wrk.format("POST", "/classify", headers, bodies[index])
+  return wrk.format("POST", wrk.path, headers, bodies[index])
 end
 
 function done(summary, latency, requests)

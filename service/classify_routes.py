@@ -200,14 +200,15 @@ async def classify_many(request: Request, classifier: Classifier, repository: Mo
 
 
 async def metadata(request: Request) -> JSONResponse:
-    """The named (or only) model's metadata, plus `models`: one line per loaded version of every model. With
-    several models served and none named, only `models`."""
+    """The named (or only) model's metadata, plus `models` (one line per loaded version of every model) and
+    `workers` (how many worker processes serve, and why). With several models served and none named, only those."""
     repository = attached_repository(request)
     query = query_choice(request)
     models = summaries(repository)
+    service = {"models": models, "workers": repository.workers}
     if query == ModelChoice() and len(repository.models()) != 1:
-        return JSONResponse({"models": models})
-    return JSONResponse({**repository.get(query.model, query.version).metadata(), "models": models})
+        return JSONResponse(service)
+    return JSONResponse({**repository.get(query.model, query.version).metadata(), **service})
 
 
 def pick_top_k(classifier: Classifier, body_top_k: Any, query_top_k: str | None) -> int:

@@ -107,6 +107,8 @@ class ModelRepository:
         self._stopping: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None
         self._served: tuple[str, ...] = ()
+        # How many worker processes serve, and why (service.defaults); set by the service, shown by /metadata.
+        self.workers: dict | None = None
 
     # ---- building ----------------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ and stopped by the startup and shutdown hooks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 
@@ -28,8 +29,9 @@ from inference.runtime import DeviceUnavailableError, check_device
 from service import auth, bentoml_config, grpc_server, openapi
 from service.app import asgi_middlewares, attach, create_app
 from service.auth import AccessControl
+from service.defaults import WorkerChoice, WorkerChoiceError, choose_workers
 from service.repository import ModelRepository
-from service.repository_layout import PackageSource, PlannedVersion, RepositoryError, open_source, plan
+from service.repository_layout import PackageList, PackageSource, PlannedVersion, RepositoryError, open_source, plan
 from service.settings import ServiceSettings, SettingsError
 
 # A built Bento holds this code under <bento>/src/ and its description in <bento>/bento.yaml.
@@ -55,9 +57,9 @@ def store_tags(settings: ServiceSettings) -> list[str]:
     return [reference for reference in settings.model_references if not Path(reference).is_dir()]
 
 
-def checked_configuration() -> tuple[ServiceSettings, PackageSource, list[PlannedVersion], AccessControl]:
-    """The settings, where the models come from, every version to serve (verified) and the API keys, or exit with
-    the one-line reason.
+def checked_configuration() -> tuple[ServiceSettings, PackageSource, list[PlannedVersion], AccessControl, WorkerChoice]:
+    """The settings (the worker count chosen when not set), where the models come from, every version to serve
+    (verified), the API keys and how the worker count was chosen, or exit with the one-line reason.
 
     Runs at import, so in `bentoml serve`'s own process before any worker starts: a bad variable, a missing or
     unreadable key file, a missing, tampered or unknown package (or one without the chosen backend's file), a bad
@@ -69,16 +71,25 @@ def checked_configuration() -> tuple[ServiceSettings, PackageSource, list[Planne
         settings = ServiceSettings.from_env({**bento_defaults(), **os.environ})
         access = auth.configured()  # the same keys as auth.check_authorization's, for any other server
         source = open_source(settings)
+        workers = choose_workers(settings, list(source.packages.values()) if isinstance(source, PackageList) else [])
+        settings = dataclasses.replace(settings, workers=workers.workers)
         planned = plan(source, settings)
         if settings.device == "cuda":  # `auto` falls back to the CPU, `cuda` must work or not start at all
             for entry in planned:
                 check_device(entry.package.root, entry.settings.backend, settings.device)
-    except (SettingsError, PackageError, RepositoryError, FileNotFoundError, DeviceUnavailableError) as exc:
+    except (
+        SettingsError,
+        PackageError,
+        RepositoryError,
+        FileNotFoundError,
+        DeviceUnavailableError,
+        WorkerChoiceError,
+    ) as exc:
         raise SystemExit(f"visionserve: cannot serve: {exc}") from None
-    return settings, source, planned, access
+    return settings, source, planned, access, workers
 
 
-SETTINGS, SOURCE, PLANNED, ACCESS = checked_configuration()
+SETTINGS, SOURCE, PLANNED, ACCESS, WORKERS = checked_configuration()
 app = create_app()
 
 # The container image's base; the bentofiles add the Python packages (GPU or CPU). BentoML apt-installs
@@ -97,8 +108,8 @@ CONTAINER_IMAGE = bentoml.images.Image(base_image="python:3.11-slim", python_ver
 @bentoml.service(
     name="visionserve",
     image=CONTAINER_IMAGE,
-    # One worker by default: ONNX Runtime already uses every core, and one process keeps one batching queue.
-    # VISIONSERVE_WORKERS=N runs N, each with its own queue and cores / N runtime threads.
+    # VISIONSERVE_WORKERS, else chosen from the cores and the model's cost (service.defaults): each worker has its
+    # own queue and cores / workers runtime threads.
     workers=SETTINGS.workers,
     # Our own deadline answers 504 with a JSON body; BentoML's timeout is only the backstop behind it.
     traffic={"timeout": SETTINGS.request_timeout_s + 5},
@@ -113,6 +124,7 @@ class ImageClassifier:
         # Creates the runtime session of every version verified at import; fails loudly (e.g. device=cuda without
         # a usable GPU) so the server never starts half-working.
         self.repository = ModelRepository.from_plan(SETTINGS, SOURCE, PLANNED)
+        self.repository.workers = WORKERS.describe()
         attach(app, self.repository, ACCESS)
         self._warm_up: asyncio.Task | None = None
         self._grpc: grpc.aio.Server | None = None

@@ -48,8 +48,9 @@ class ServiceSettings:
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # width * height from the header; over it 413 before decoding
     max_batch_images: int = 64  # images in one /classify_batch (or v2 infer) request
     # Server processes, each with its own event loop, batcher and model session. Python work per request bounds
-    # what one event loop serves, so a small model on many cores wants several.
-    workers: int = 1
+    # what one event loop serves, so a small model on many cores wants several. 0 = chosen at start from the cores
+    # and the model's measured cost (service.defaults).
+    workers: int = 0
     threads: int = 0  # ONNX Runtime / torch intra-op threads per worker; 0 = this process's cores / workers
     # Model calls that may run at once in a worker, each with threads / model_instances runtime threads. 2 suits a
     # compute-bound model on the CPU: a call's threads split each layer's work evenly, so when the event loop takes
@@ -88,7 +89,6 @@ class ServiceSettings:
             "max_upload_bytes_in_flight",
             "max_image_pixels",
             "max_batch_images",
-            "workers",
             "model_instances",
         ):
             if getattr(self, name) < 1:
@@ -103,6 +103,8 @@ class ServiceSettings:
             raise SettingsError(f"{ENV_PREFIX}GRPC_HOST must name an interface (0.0.0.0: all) when gRPC is on")
         if self.threads < 0:
             raise SettingsError(f"{ENV_PREFIX}THREADS must be >= 0, got {self.threads}")
+        if self.workers < 0:
+            raise SettingsError(f"{ENV_PREFIX}WORKERS must be >= 0 (0: chosen at start), got {self.workers}")
         if self.repository_poll_s < 0:
             raise SettingsError(f"{ENV_PREFIX}REPOSITORY_POLL_S must be >= 0, got {self.repository_poll_s}")
         if self.repository_poll_s and not self.repository:
@@ -136,7 +138,7 @@ class ServiceSettings:
 
     @property
     def threads_per_worker(self) -> int:
-        return self.threads or max(1, cpu_threads() // self.workers)
+        return self.threads or max(1, cpu_threads() // max(1, self.workers))
 
     @property
     def threads_per_instance(self) -> int:

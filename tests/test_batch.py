@@ -108,6 +108,45 @@ def test_decoding_pools_give_the_same_rows_as_inline_decoding(package, tmp_path,
     assert read_output(tmp_path / "pool.parquet") == read_output(tmp_path / "inline.parquet")
 
 
+def test_a_chunk_is_decoded_by_every_worker(package, tmp_path, monkeypatch):
+    """A chunk of large photos decoded by one worker would leave the others idle: each worker takes a part."""
+    import threading
+    import time
+
+    import batch.engines.local as local
+    from batch.scoring import decode_chunk
+
+    decoded_by: dict[int, list[str]] = {}
+
+    def slow_decode(records, **options):
+        time.sleep(0.2)  # long enough that the second part is taken by the idle worker, not the busy one
+        decoded_by.setdefault(threading.get_ident(), []).extend(record.id for record in records)
+        return decode_chunk(records, **options)
+
+    monkeypatch.setattr(local, "decode_chunk", slow_decode)
+    source = write_folder(tmp_path / "images", color_files(LABELS * 2))
+    arguments = ["--model", package, "--input", source, "--output", tmp_path / "out.parquet", "--batch-size", 64]
+    assert run_cli(*arguments, "--workers", 2, "--pool", "thread") == 0
+    parts = [ids for ids in decoded_by.values() if ids]
+    assert len(parts) == 2 and sorted(len(ids) for ids in parts) == [len(LABELS)] * 2
+    assert len(read_output(tmp_path / "out.parquet")) == 2 * len(LABELS)
+
+
+def test_split_parts_are_contiguous_and_merge_restores_the_chunk():
+    from batch.engines.local import split
+    from batch.scoring import DecodedChunk, merge
+
+    assert split(list(range(7)), 3) == [[0, 1], [2, 3], [4, 5, 6]]
+    assert split([0], 2) == [[], [0]]
+    pixels = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
+    first = DecodedChunk(["a", "b"], pixels[:1], [None, ("corrupt", "bad")])
+    empty = DecodedChunk([], np.empty((0, 2, 2, 3), np.uint8), [])
+    second = DecodedChunk(["c"], pixels[1:], [None])
+    merged = merge([first, empty, second])
+    assert merged.ids == ["a", "b", "c"] and merged.errors == [None, ("corrupt", "bad"), None]
+    assert np.array_equal(merged.pixels, pixels)
+
+
 def test_tf32_switch_changes_nothing_on_the_cpu(package, tmp_path):
     source = write_folder(tmp_path / "images", color_files())
     common = ["--model", package, "--input", source, "--device", "cpu"]

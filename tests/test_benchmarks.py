@@ -277,3 +277,76 @@ def test_service_cpu_pure_python_stack_hides_httptools_and_uvloop():
     assert hidden.stdout.split() == ["H11Protocol", "asyncio.unix_events"], hidden.stderr
     installed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert installed.stdout.split() == ["HttpToolsProtocol", "uvloop"], installed.stderr
+
+
+@pytest.mark.slow
+def test_wrk_sends_the_headers_it_is_given_and_the_auth_benchmark_reports_its_ratio(tmp_path):
+    """The auth benchmark's client: with the key every request is answered 200, without it none is."""
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    from benchmarks.auth_cost import markdown, write_keys
+    from benchmarks.loadgen import write_image_files, wrk_closed_loop
+    from inference.imaging import encode_png
+    from tests.support.color_package import make_color_package
+    from tests.support.servers import SERVICE_TEST_SETTINGS, start_server, stop_server
+
+    keys, key = write_keys(tmp_path, 3)
+    assert len(keys.read_text().splitlines()) == 3
+    settings = {**SERVICE_TEST_SETTINGS, "VISIONSERVE_API_KEYS_FILE": str(keys)}
+    running = start_server(make_color_package(tmp_path / "color"), tmp_path, settings)
+    listing = write_image_files([encode_png(np.zeros((32, 32, 3), np.uint8))], tmp_path / "images")
+    try:
+        url = f"{running.url}/classify"
+        with_key = wrk_closed_loop("on", url, listing, 2, 1, 0, {"Authorization": f"Bearer {key}"})
+        without = wrk_closed_loop("off", url, listing, 2, 1, 0)
+    finally:
+        stop_server(running)
+    assert with_key.ok > 0 and with_key.ok == with_key.requests
+    assert without.ok == 0 and without.requests > 0
+    figures = {"requests_per_second": 100.0, "p50_ms": 1.0, "p99_ms": 2.0, "statuses": {"2xx": 10}}
+    results = {
+        "command": "python -m benchmarks.auth_cost",
+        "date": "2026-12-05T00:00:00+00:00",
+        "machine": {"nproc": 2, "cpu_model": "cpu", "load_average_at_start": [0, 0, 0]},
+        "package": {"name": "color", "arch": "color"},
+        "settings": {"keys_in_file": 3, "seconds": 1, "concurrency": 2, "client": "wrk"},
+        "rounds": [{"keys off": figures, "keys on": {**figures, "requests_per_second": 99.0}}],
+        "ratios": [0.99],
+        "ratio_median": 0.99,
+        "target_ratio": 0.97,
+    }
+    assert "**0.990** (target at least 0.97: met)" in markdown(results)
+
+
+def test_the_fastapi_peer_answers_as_the_service_does(tmp_path, monkeypatch):
+    """The comparison's peers share benchmarks/peers/model.py: the plain FastAPI one, driven in-process."""
+    import importlib
+
+    from fastapi.testclient import TestClient
+
+    from inference.imaging import encode_png
+    from tests.support.color_package import color_pixels, make_color_package
+
+    monkeypatch.setenv("PEER_PACKAGE", str(make_color_package(tmp_path / "color")))
+    monkeypatch.setenv("PEER_THREADS", "1")
+    module = importlib.reload(importlib.import_module("benchmarks.peers.fastapi_app"))
+    with TestClient(module.app) as client:
+        image = encode_png(color_pixels("green")[0])
+        answer = client.post("/classify", files={"image": ("green.png", image, "image/png")}).json()
+    assert answer["predictions"][0]["label"] == "green" and len(answer["predictions"]) == 3
+
+
+def test_rounds_table_shows_each_servers_best_concurrency_per_round():
+    from benchmarks.loadgen import best_rate_of, rounds_table
+
+    def figures(best: int, rate: float) -> dict:
+        return {"best_concurrency": best, "by_concurrency": {str(best): {"requests_per_second": rate}}}
+
+    rounds = [{"a": figures(32, 10.0), "b": figures(128, 20.5)}, {"a": figures(8, 11.0), "b": figures(32, 19.0)}]
+    assert best_rate_of(rounds[0]["b"]) == 20.5
+    assert rounds_table(rounds, ["a", "b"]) == [
+        "| round | a req/s (best c) | b req/s (best c) |",
+        "|---|---|---|",
+        "| 1 | 10.0 (32) | 20.5 (128) |",
+        "| 2 | 11.0 (8) | 19.0 (32) |",
+    ]

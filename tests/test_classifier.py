@@ -71,7 +71,7 @@ def test_the_tf32_switch_reads_words_and_digits(value, expected):
         ("VISIONSERVE_MAX_BATCH_SIZE", "0", "must be >= 1"),
         ("VISIONSERVE_REQUEST_TIMEOUT_S", "-1", "must be > 0"),
         ("VISIONSERVE_MAX_BATCH_IMAGES", "1000", "must not exceed"),
-        ("VISIONSERVE_WORKERS", "0", "must be >= 1"),
+        ("VISIONSERVE_WORKERS", "-1", "must be >= 0"),
         ("VISIONSERVE_MODEL_INSTANCES", "0", "must be >= 1"),
         ("VISIONSERVE_TF32", "maybe", "not a valid bool"),
     ],

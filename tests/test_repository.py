@@ -238,7 +238,7 @@ def test_unknown_models_and_versions_are_404s_naming_what_is_served(two_models):
 def test_metadata_lists_every_model_and_the_v2_routes_serve_each(two_models):
     client, _ = two_models
     listed = client.get("/metadata").json()
-    assert set(listed) == {"models"}
+    assert set(listed) == {"models", "workers"}
     assert {(m["name"], m["version"], m["default"]) for m in listed["models"]} == {
         ("color", "1", True),
         ("tint", "2", True),

@@ -1,6 +1,7 @@
 """The local engine: a pool of decoding workers (processes by default, or threads) reads and decodes chunks of
 `batch_size` records while the main thread runs each decoded chunk through one Predictor (ONNX Runtime, CUDA with
-the checked CPU fallback, or TorchScript): decoding overlaps inference.
+the checked CPU fallback, or TorchScript): decoding overlaps inference. Each chunk is decoded as one task per
+worker, so that every worker shares a chunk of large photos instead of one worker decoding it alone.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from batch.engines.base import EngineSettings, batched, ordered_map
 from batch.inputs import Record
-from batch.scoring import ScoreRow, decode_chunk, score_chunk
+from batch.scoring import ScoreRow, decode_chunk, merge, score_chunk
 from inference.runtime import Predictor
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,14 @@ class LocalEngine:
         s = self.settings
         spec = self.package.spec
         decode = functools.partial(decode_chunk, size=spec.input_size, max_pixels=s.max_pixels)
+        parts = max(1, s.workers)
+        tasks = (part for chunk in batched(records, s.batch_size) for part in split(chunk, parts))
         # Enough chunks in flight to keep every worker busy while the main thread runs a batch.
-        window = 2 * max(1, s.workers) + 1
-        for chunk in ordered_map(self.pool, decode, batched(records, s.batch_size), window):
-            yield score_chunk(self.predictor, chunk, s.top_k)
+        window = (2 * parts + 1) * parts
+        for decoded_parts in batched(ordered_map(self.pool, decode, tasks, window), parts):
+            yield score_chunk(self.predictor, merge(decoded_parts), s.top_k)
+
+
+def split(records: list[Record], parts: int) -> list[list[Record]]:
+    """`parts` contiguous slices of `records`, sizes differing by at most one (some empty when it is short)."""
+    return [records[index * len(records) // parts : (index + 1) * len(records) // parts] for index in range(parts)]

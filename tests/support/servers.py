@@ -29,6 +29,8 @@ SERVICE_TEST_SETTINGS = {
     "VISIONSERVE_MAX_IMAGE_PIXELS": "1000000",
     "VISIONSERVE_MAX_BATCH_IMAGES": "8",
     "VISIONSERVE_MAX_QUEUE": "256",
+    # One worker, whatever the machine's cores: tests count batches, queues and metrics of one process.
+    "VISIONSERVE_WORKERS": "1",
     # No gRPC on Triton's 8001, which parallel test servers would share: tests/test_grpc.py gives it ports of its own.
     "VISIONSERVE_GRPC_PORT": "0",
 }

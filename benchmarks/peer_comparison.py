@@ -1,0 +1,365 @@
+"""The service against the servers its users would otherwise pick, each serving the same ONNX package.
+
+    python -m benchmarks.peer_comparison [--peers service fastapi litserve rayserve torchserve]
+        [--rounds 3] [--seconds 6] [--concurrency 1 32 128 256]
+
+Peers, each installed by this script under .cache/peers/ (pip's --target; TorchServe runs on the system's Java 17)
+and each given its documented batching settings:
+- `service`: this service with no tuning variables (it chooses its workers; service/defaults.py);
+- `fastapi`: FastAPI + uvicorn (uvloop, httptools), ONNX Runtime once per request in the thread pool: the server a
+  user writes first;
+- `litserve`: LitServe, max_batch_size 32, batch_timeout 5 ms, one worker;
+- `rayserve`: Ray Serve, one replica, `@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)`;
+- `torchserve`: TorchServe with a custom ONNX Runtime handler, batchSize 32, maxBatchDelay 5 ms, one Python worker
+  per core with one runtime thread each, asynchronous logging, a job queue above every concurrency.
+Every peer runs the same runtime settings and the shared decode (benchmarks/peers/model.py): the servers differ,
+the model code does not. Before measuring, each peer's answers to 16 test JPEGs are checked against a direct
+ONNX Runtime call (same labels, probabilities within 1e-5).
+
+For each model (the random-weight lesson CNN and CIFAR ResNet-18), each round starts each peer alone in turn (the
+order rotating; an idle Ray cluster alone takes CPU from whatever is measured beside it), and wrk (one thread,
+/classify with one CIFAR-10 JPEG a request, 2 s of warm-up) drives it at every concurrency; a peer's figure for a round is its best concurrency's requests/s, and the report gives the medians
+of the rounds and the service's ratio to the best peer. Run on a quiet machine: wrk and every server share its
+cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from statistics import median
+
+import httpx
+
+from benchmarks.common import (
+    CACHE,
+    CIFAR10_CLASSES,
+    DEFAULT_ARCHIVE,
+    LOGS,
+    RESULTS,
+    describe_package,
+    machine,
+    read_test_jpegs,
+    run_and_report,
+)
+from benchmarks.loadgen import best_concurrency, best_rate_of, rounds_table, write_image_files
+from benchmarks.servers import REPO, SERVICE, BentoServer, free_port
+from inference.runtime import cpu_threads
+
+PEERS_DIR = CACHE / "peers"
+# The peers' packages, pinned: installed under PEERS_DIR/<peer>/ with pip's --target.
+PEER_PACKAGES = {
+    "litserve": ["litserve==0.2.19"],
+    "rayserve": ["ray[serve]==2.60.0"],
+    "torchserve": ["torchserve==0.12.0", "torch-model-archiver==0.12.0"],
+}
+CHECK_IMAGES = 16
+TOLERANCE = 1e-5
+
+
+# ---- the peers -------------------------------------------------------------------------------------------------
+
+
+def install(peer: str) -> Path | None:
+    """The peer's --target folder, installed once (None: the project's own environment has what it needs)."""
+    if peer not in PEER_PACKAGES:
+        return None
+    target = PEERS_DIR / peer / "site"
+    marker = target / ".installed"
+    if not marker.exists():
+        shutil.rmtree(target, ignore_errors=True)
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), *PEER_PACKAGES[peer]]
+        print(f"[{peer}] {' '.join(command)}", flush=True)
+        subprocess.run(command, check=True)
+        marker.write_text(" ".join(PEER_PACKAGES[peer]) + "\n")
+    return target
+
+
+class PeerServer:
+    """One peer's server process on a free port: started, waited for, stopped (its whole process group)."""
+
+    def __init__(self, peer: str, package: Path, label: str) -> None:
+        self.peer, self.package, self.label = peer, package, label
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.classify_url = f"{self.url}/classify"
+        self.process: subprocess.Popen | None = None
+        self.log_path = LOGS / f"peer-{label}-{peer}.log"
+        self.work = PEERS_DIR / peer / "run" / label
+
+    def env(self, site: Path | None) -> dict[str, str]:
+        path = [str(site)] if site else []
+        return {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([*path, str(REPO)]),
+            "PEER_PACKAGE": str(self.package),
+            # One model process per peer uses every core; TorchServe's one Python worker per core gets one each.
+            "PEER_THREADS": "1" if self.peer == "torchserve" else str(cpu_threads()),
+            "PEER_PORT": str(self.port),
+            # TorchServe writes its logs under these folders (default: ./logs).
+            "LOG_LOCATION": str(self.work / "logs"),
+            "METRICS_LOCATION": str(self.work / "logs"),
+        }
+
+    def command(self, site: Path | None) -> list[str]:
+        if self.peer == "fastapi":
+            return [
+                sys.executable, "-m", "uvicorn", "benchmarks.peers.fastapi_app:app", "--host", "127.0.0.1",
+                "--port", str(self.port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+                "--log-level", "warning",
+            ]  # fmt: skip
+        if self.peer in ("litserve", "rayserve"):
+            return [sys.executable, "-m", f"benchmarks.peers.{self.peer}_app"]
+        if self.peer == "torchserve":
+            return self.torchserve_command(site)
+        raise ValueError(f"unknown peer {self.peer!r}")
+
+    def torchserve_command(self, site: Path) -> list[str]:
+        """A model archive holding only the handler (the package is read from PEER_PACKAGE), and TorchServe's
+        config: its Java front end batches up to 32 requests for 5 ms and hands them to one Python worker per
+        core."""
+        shutil.rmtree(self.work, ignore_errors=True)
+        store = self.work / "model-store"
+        store.mkdir(parents=True)
+        archiver = [
+            sys.executable, "-m", "model_archiver.model_packaging", "--model-name", "classifier", "--version", "1",
+            "--handler", str(REPO / "benchmarks" / "peers" / "torchserve_handler.py"), "--export-path", str(store),
+        ]  # fmt: skip
+        subprocess.run(archiver, check=True, env=self.env(site), capture_output=True)
+        self.classify_url = f"{self.url}/predictions/classifier"
+        models = {
+            "classifier": {
+                "1": {
+                    "defaultVersion": True,
+                    "marName": "classifier.mar",
+                    "minWorkers": cpu_threads(),
+                    "maxWorkers": cpu_threads(),
+                    "batchSize": 32,
+                    "maxBatchDelay": 5,
+                    "responseTimeout": 120,
+                }
+            }
+        }
+        config = self.work / "config.properties"
+        config.write_text(
+            f"inference_address=http://127.0.0.1:{self.port}\n"
+            f"management_address=http://127.0.0.1:{free_port()}\n"
+            f"metrics_address=http://127.0.0.1:{free_port()}\n"
+            "disable_token_authorization=true\n"
+            # TorchServe's performance guide: log without blocking the request threads.
+            "async_logging=true\n"
+            "enable_envvars_config=false\n"
+            "install_py_dep_per_model=false\n"
+            # Queued requests per model beyond which TorchServe answers 503 (default 100): above every concurrency.
+            "job_queue_size=1000\n"
+            f"number_of_netty_threads={cpu_threads()}\n"
+            "load_models=classifier.mar\n"
+            f"models={json.dumps(models)}\n"
+        )
+        return [
+            sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs", "--model-store", str(store),
+            "--ts-config", str(config), "--disable-token-auth",
+        ]  # fmt: skip
+
+    def start(self, timeout_s: float = 240) -> PeerServer:
+        site = install(self.peer)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = self.command(site)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                command, cwd=REPO, env=self.env(site), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout_s
+        probe = read_test_jpegs(DEFAULT_ARCHIVE, 1)[0]
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.peer} exited at start; see {self.log_path}")
+            try:
+                if httpx.post(self.classify_url, files={"image": ("a.jpg", probe, "image/jpeg")}).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"{self.peer} did not answer within {timeout_s:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait()
+
+
+class ServicePeer(PeerServer):
+    """This service, as `bentoml serve` runs it with no tuning variable set."""
+
+    def start(self, timeout_s: float = 240) -> ServicePeer:
+        env = {"VISIONSERVE_MODEL": str(self.package), "VISIONSERVE_DEVICE": "cpu", "VISIONSERVE_GRPC_PORT": "0"}
+        self.server = BentoServer(SERVICE, env, LOGS, f"peer-{self.label}-service").start(timeout_s=timeout_s)
+        self.url = self.server.url
+        self.classify_url = f"{self.url}/classify"
+        self.workers = httpx.get(f"{self.url}/metadata").json()["workers"]
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+# ---- checks and measurements -----------------------------------------------------------------------------------
+
+
+def check_answers(server: PeerServer, package: Path, images: list[bytes]) -> dict:
+    """The peer's answers against a direct ONNX Runtime call on the same decode: labels and probabilities."""
+    from benchmarks.peers.model import PeerModel
+
+    reference = PeerModel(package, 1)
+    worst = 0.0
+    for image in images:
+        expected = reference.answer(reference.run(reference.decode(image)[None])[0])["predictions"]
+        answer = httpx.post(server.classify_url, files={"image": ("a.jpg", image, "image/jpeg")}).json()
+        got = answer["predictions"]
+        if [p["index"] for p in got] != [p["index"] for p in expected]:
+            raise RuntimeError(f"{server.peer} answered {got} where ONNX Runtime says {expected}")
+        worst = max(worst, *(abs(g["probability"] - e["probability"]) for g, e in zip(got, expected, strict=True)))
+    if worst > TOLERANCE:
+        raise RuntimeError(f"{server.peer}'s probabilities differ from ONNX Runtime's by {worst:.2e}")
+    return {"images": len(images), "max_probability_difference": worst}
+
+
+def measure_model(args: argparse.Namespace, label: str, package: Path, listing: Path, images: list[bytes]) -> dict:
+    """Each round starts each peer alone (an idle peer's background work, Ray's above all, would take CPU from the
+    one measured), checks its answers in the first round, drives it at every concurrency and stops it."""
+    names = list(args.peers)
+    rounds, checks, service_workers = [], {}, None
+    for index in range(args.rounds):
+        order = names[index % len(names) :] + names[: index % len(names)]
+        figures = {}
+        for peer in order:
+            server = (ServicePeer if peer == "service" else PeerServer)(peer, package, label)
+            server.start()
+            try:
+                if peer not in checks:
+                    checks[peer] = check_answers(server, package, images)
+                if peer == "service":
+                    service_workers = server.workers
+                figures[peer] = best_concurrency(peer, server.classify_url, listing, args.concurrency, args.seconds, 2)
+            finally:
+                server.stop()
+            print(
+                f"[{label}] round {index + 1} {peer}: {best_rate_of(figures[peer])} req/s "
+                f"at c={figures[peer]['best_concurrency']}",
+                flush=True,
+            )
+        rounds.append(figures)
+    medians = {peer: median(best_rate_of(r[peer]) for r in rounds) for peer in names}
+    others = {peer: rate for peer, rate in medians.items() if peer != "service"}
+    best_peer = max(others, key=others.get) if others else None
+    return {
+        "package": describe_package(package),
+        "answers": checks,
+        "service_workers": service_workers,
+        "rounds": rounds,
+        "median_best_requests_per_second": medians,
+        "best_peer": best_peer,
+        "service_over_best_peer": round(medians["service"] / others[best_peer], 3) if best_peer else None,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    from benchmarks.random_weights import random_package
+
+    packages = {
+        "lesson-cnn": random_package(CACHE, "cnn_bn", CIFAR10_CLASSES, args.data, "--eval-limit", "500")[0],
+        "resnet18": random_package(CACHE, "resnet18", CIFAR10_CLASSES, args.data, "--eval-limit", "500")[0],
+    }
+    packages = {label: packages[label] for label in args.models}
+    jpegs = read_test_jpegs(args.data, 256)
+    listing = write_image_files(jpegs, CACHE / "peer-jpegs")
+    versions = {peer: PEER_PACKAGES.get(peer, ["this project's environment"]) for peer in args.peers}
+    return {
+        "command": " ".join(["python -m benchmarks.peer_comparison", *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {"rounds": args.rounds, "seconds": args.seconds, "concurrency": args.concurrency},
+        "peer_versions": versions,
+        "models": {
+            label: measure_model(args, label, package, listing, jpegs[:CHECK_IMAGES])
+            for label, package in packages.items()
+        },
+    }
+
+
+def markdown(results: dict) -> str:
+    settings, machine_info = results["settings"], results["machine"]
+    lines = [
+        "# The service against its peers, each serving the same ONNX package",
+        "",
+        f"`{results['command']}` on {results['date']}; {machine_info['nproc']} cores, {machine_info['cpu_model']}, "
+        f"load average at start {machine_info['load_average_at_start']}.",
+        "",
+        "Peers and their settings: see the docstring of `benchmarks/peer_comparison.py`; installed versions: "
+        + "; ".join(f"{peer}: {', '.join(v)}" for peer, v in results["peer_versions"].items())
+        + ".",
+        "",
+        f"Each round wrk (one thread, one CIFAR-10 JPEG a request) drives each peer in turn at concurrencies "
+        f"{settings['concurrency']} for {settings['seconds']} s; a peer's figure for a round is its best "
+        f"concurrency's requests/s; {settings['rounds']} rounds, medians. Every peer's answers equal a direct ONNX "
+        "Runtime call (checked on 16 images before measuring).",
+        "",
+    ]
+    for label, model in results["models"].items():
+        peers = list(model["median_best_requests_per_second"])
+        lines += [
+            f"## {label}: {model['package']['name']} ({model['package']['arch']})",
+            "",
+            f"The service chose {model['service_workers']['workers']} worker(s): {model['service_workers']['reason']}."
+            if model.get("service_workers")
+            else "",
+            "",
+            *rounds_table(model["rounds"], peers),
+        ]
+        lowest = min(settings["concurrency"])
+        lines += [
+            "",
+            "Medians: "
+            + ", ".join(f"{peer} {rate:.1f}" for peer, rate in model["median_best_requests_per_second"].items())
+            + f". Service / best peer ({model['best_peer']}): **{model['service_over_best_peer']}**.",
+            "",
+            f"p50 / p99 ms at {lowest} client(s), round 1: "
+            + ", ".join(
+                f"{peer} {model['rounds'][0][peer]['by_concurrency'][str(lowest)]['p50_ms']} / "
+                f"{model['rounds'][0][peer]['by_concurrency'][str(lowest)]['p99_ms']}"
+                for peer in peers
+            )
+            + ".",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peer_comparison", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--peers", nargs="+", default=["service", "fastapi", "litserve", "rayserve", "torchserve"], help="servers"
+    )
+    parser.add_argument("--models", nargs="+", default=["lesson-cnn", "resnet18"], help="lesson-cnn, resnet18")
+    parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE, help="CIFAR-10 archive (test JPEGs)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per concurrency")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128, 256], help="wrk connections")
+    parser.add_argument("--out", type=Path, default=RESULTS / "peer_comparison.md", help="markdown (JSON beside)")
+    return run_and_report(run, markdown, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
