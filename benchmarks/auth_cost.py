@@ -76,12 +76,7 @@ def run(args: argparse.Namespace) -> dict:
                 phase = wrk_closed_loop(
                     label, f"{server.url}/classify", listing, args.concurrency, args.seconds, 2, headers[label]
                 )
-                figures[label] = {
-                    "requests_per_second": phase.requests_per_second,
-                    "p50_ms": phase.p50_ms,
-                    "p99_ms": phase.p99_ms,
-                    "statuses": phase.statuses,
-                }
+                figures[label] = phase.figures()
                 print(f"round {index + 1} {label}: {phase.requests_per_second} req/s, statuses {phase.statuses}")
             rounds.append(figures)
     ratios = [r["keys on"]["requests_per_second"] / r["keys off"]["requests_per_second"] for r in rounds]

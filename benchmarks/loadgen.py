@@ -48,6 +48,15 @@ class Phase:
     rejected_with_retry_after: int = 0
     target_rate: float | None = None  # open loop: requests/s sent
 
+    def figures(self) -> dict:
+        """The figures a comparison keeps per measurement: rate, p50, p99 and every outcome's count."""
+        return {
+            "requests_per_second": self.requests_per_second,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "statuses": self.statuses,
+        }
+
 
 def summarise(server: str, kind: str, concurrency: int, seconds: float, samples: list) -> Phase:
     """samples: (latency_s, status, has_retry_after) of the phase's measured answers."""
@@ -268,13 +277,7 @@ def best_concurrency(
     JSON writes them), the best by requests/s."""
     by_concurrency = {}
     for concurrency in concurrencies:
-        phase = wrk_closed_loop(server, url, listing, concurrency, seconds, warmup)
-        by_concurrency[str(concurrency)] = {
-            "requests_per_second": phase.requests_per_second,
-            "p50_ms": phase.p50_ms,
-            "p99_ms": phase.p99_ms,
-            "statuses": phase.statuses,
-        }
+        by_concurrency[str(concurrency)] = wrk_closed_loop(server, url, listing, concurrency, seconds, warmup).figures()
     best = max(by_concurrency, key=lambda c: by_concurrency[c]["requests_per_second"])
     return {"best_concurrency": int(best), "by_concurrency": by_concurrency}
 

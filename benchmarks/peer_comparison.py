@@ -85,8 +85,9 @@ def install(peer: str) -> Path | None:
 class PeerServer:
     """One peer's server process on a free port: started, waited for, stopped (its whole process group)."""
 
-    def __init__(self, peer: str, package: Path, label: str) -> None:
-        self.peer, self.package, self.label = peer, package, label
+    def __init__(self, peer: str, package: Path, label: str, probe: bytes) -> None:
+        """`probe`: a JPEG whose 200 answer means the peer is up."""
+        self.peer, self.package, self.label, self.probe = peer, package, label, probe
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.classify_url = f"{self.url}/classify"
@@ -177,12 +178,14 @@ class PeerServer:
                 command, cwd=REPO, env=self.env(site), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + timeout_s
-        probe = read_test_jpegs(DEFAULT_ARCHIVE, 1)[0]
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.peer} exited at start; see {self.log_path}")
             try:
-                if httpx.post(self.classify_url, files={"image": ("a.jpg", probe, "image/jpeg")}).status_code == 200:
+                if (
+                    httpx.post(self.classify_url, files={"image": ("a.jpg", self.probe, "image/jpeg")}).status_code
+                    == 200
+                ):
                     return self
             except httpx.HTTPError:
                 pass
@@ -245,7 +248,7 @@ def measure_model(args: argparse.Namespace, label: str, package: Path, listing: 
         order = names[index % len(names) :] + names[: index % len(names)]
         figures = {}
         for peer in order:
-            server = (ServicePeer if peer == "service" else PeerServer)(peer, package, label)
+            server = (ServicePeer if peer == "service" else PeerServer)(peer, package, label, images[0])
             server.start()
             try:
                 if peer not in checks:
