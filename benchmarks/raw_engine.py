@@ -74,6 +74,18 @@ def _measure_batch_size(
     return EngineResult(batch_size, sum(images), time.perf_counter() - start)
 
 
+def lone_latency_ms(predictor: Predictor, pixels: np.ndarray, calls: int = 200) -> float:
+    """The median wall time of one-image calls made one after another: what a lone request's model call costs."""
+    predictor.predict(pixels[:1])  # warm-up: first-call allocations at batch 1
+    times = []
+    for i in range(calls):
+        image = pixels[i % len(pixels)][None]
+        start = time.perf_counter()
+        predictor.predict(image)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
 def engine_predictor(package: Path, calls: int = 1, backend: str = "onnx") -> Predictor:
     """The package on the CPU with this machine's cores shared by `calls` side-by-side calls."""
     return Predictor.from_path(package, backend=backend, device="cpu", intra_op_threads=max(1, cpu_threads() // calls))

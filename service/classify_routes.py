@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from service.classifier import Classifier
 from service.errors import ApiError
+from service.multipart import FilePart
 from service.repository import Lease, ModelRepository, summaries
 from service.request_reading import (
     MULTIPART,
@@ -139,7 +139,7 @@ async def read_classify_body(
     max_bytes = repository.settings.max_body_bytes
     if media_type == MULTIPART:
         form = await read_form(request, max_bytes, repository.uploads, max_files=1)
-        data = await form_image(form, "image")
+        data = form_image(form, "image")
         # An empty field is how an HTML form (the API page's too) sends one left blank: not a choice.
         choice = ModelChoice.of(form.get("model") or None, form.get("version") or None, "the form")
         return data, choice, form.get("top_k")
@@ -177,10 +177,10 @@ async def classify_many(request: Request, classifier: Classifier, repository: Mo
     uploads = form.getlist("images")
     if not uploads:
         raise ApiError("no_images", "send at least one image in the multipart field 'images'")
-    if not all(isinstance(u, UploadFile) for u in uploads):
+    if not all(isinstance(u, FilePart) for u in uploads):
         raise ApiError("invalid_multipart", "every 'images' part must be a file upload (with a filename)")
     top_k = pick_top_k(classifier, form.get("top_k"), query_top_k)
-    decoded = await classifier.decode_many([await u.read() for u in uploads])
+    decoded = await classifier.decode_many([u.data for u in uploads])
     good = [i for i, pixels in enumerate(decoded) if not isinstance(pixels, ApiError)]
     results: list[dict[str, Any]] = [{"index": i, "filename": u.filename} for i, u in enumerate(uploads)]
     if good:

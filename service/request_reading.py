@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from service.classifier import Classifier
 from service.errors import ApiError
+from service.multipart import FilePart, FormItems, simple_form
 from service.uploads import UploadBudget
 
 MULTIPART = "multipart/form-data"
@@ -101,29 +102,45 @@ def body_too_large(max_bytes: int) -> ApiError:
 
 
 async def read_form(request: Request, max_bytes: int, uploads: UploadBudget, max_files: int) -> FormData:
-    """A multipart body (at most `max_bytes`, `max_files` file parts and MAX_FORM_FIELDS other fields)."""
+    """A multipart body (at most `max_bytes`, `max_files` file parts and MAX_FORM_FIELDS other fields): str values
+    for fields, FilePart values for files."""
     body = await read_body(request, max_bytes, uploads)
+    items = simple_form(body, request.headers.get("content-type", ""), max_files, MAX_FORM_FIELDS)
+    if items is None:
+        items = await parsed_by_starlette(request, body, max_files)
+    return FormData(items)
+
+
+async def parsed_by_starlette(request: Request, body: bytes, max_files: int) -> FormItems:
+    """The body's items as Starlette's multipart parser reads them, its files read into FilePart values."""
 
     async def chunks():
         yield body
 
     parser = MultiPartParser(request.headers, chunks(), max_files=max_files, max_fields=MAX_FORM_FIELDS)
     try:
-        return await parser.parse()
+        form = await parser.parse()
     except MultiPartException as exc:
         if exc.message.startswith("Too many files"):
             raise ApiError("too_many_images", f"too many images in one request; the limit is {max_files}") from None
         raise ApiError("invalid_multipart", f"malformed multipart body: {exc.message}") from None
+    items: FormItems = []
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            value = FilePart(value.filename or "", await value.read())
+        items.append((name, value))
+    await form.close()
+    return items
 
 
-async def form_image(form: FormData, field: str) -> bytes:
+def form_image(form: FormData, field: str) -> bytes:
     """The bytes of the file upload in `field`."""
     upload = form.get(field)
     if upload is None:
         raise ApiError("missing_image", f"send the image as a file in the multipart field {field!r}")
-    if not isinstance(upload, UploadFile):
+    if not isinstance(upload, FilePart):
         raise ApiError("invalid_multipart", f"the multipart field {field!r} must be a file upload")
-    return await upload.read()
+    return upload.data
 
 
 def decode_base64(text: str) -> bytes:

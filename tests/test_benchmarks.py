@@ -350,3 +350,65 @@ def test_rounds_table_shows_each_servers_best_concurrency_per_round():
         "| 1 | 10.0 (32) | 20.5 (128) |",
         "| 2 | 11.0 (8) | 19.0 (32) |",
     ]
+
+
+def test_peer_comparison_sets_the_service_against_the_raw_engine_round_by_round(tmp_path):
+    from benchmarks.peer_comparison import engine_ratios, measure_engine_reference
+    from tests.support.color_package import color_pixels, make_color_package
+
+    def service(best: int, rate: float, lone_p50_ms: float) -> dict:
+        by_concurrency = {"1": {"requests_per_second": 1.0, "p50_ms": lone_p50_ms}}
+        by_concurrency[str(best)] = {"requests_per_second": rate, "p50_ms": 50.0}
+        return {"service": {"best_concurrency": best, "by_concurrency": by_concurrency}}
+
+    rounds = [service(64, 180.0, 7.0), service(32, 150.0, 9.0), service(64, 190.0, 6.6)]
+    engines = [{"images_per_second": 200.0, "lone_call_ms": 6.0}] * 3
+    ratios = engine_ratios(rounds, engines, lowest=1)
+    assert ratios["service_share_of_engine_rounds"] == [0.9, 0.75, 0.95]
+    assert ratios["service_share_of_engine"] == 0.9
+    assert ratios["lone_request_over_lone_call_rounds"] == [1.167, 1.5, 1.1]
+    assert ratios["lone_request_over_lone_call"] == 1.167
+
+    package = make_color_package(tmp_path / "color")
+    engine = measure_engine_reference(package, np.concatenate([color_pixels("red")] * 8), workers=2, seconds=0.05)
+    assert engine["calls"] == 2 and engine["best_batch_size"] in (8, 32, 64)
+    assert engine["images_per_second"] > 0 and engine["lone_call_ms"] > 0
+
+
+def test_request_cost_reports_what_each_bentoml_layer_costs_round_by_round():
+    from benchmarks.request_cost import medians, multipart_body
+    from service.multipart import FilePart, simple_form
+
+    content_type = "multipart/form-data; boundary=request-cost-boundary"
+    assert simple_form(multipart_body(b"jpeg"), content_type, 1, 8) == [("image", FilePart("image.jpg", b"jpeg"))]
+
+    def figures(loop_us: float) -> dict:
+        return {"requests_per_second": 1e6 / loop_us, "event_loop_us_per_request": loop_us,
+                "process_us_per_request": 2 * loop_us}  # fmt: skip
+
+    rounds = [
+        {"bentoml": figures(250), "bentoml-without-TimeoutMiddleware": figures(240), "routes": figures(150)},
+        {"bentoml": figures(230), "bentoml-without-TimeoutMiddleware": figures(200), "routes": figures(160)},
+        {"bentoml": figures(260), "bentoml-without-TimeoutMiddleware": figures(250), "routes": figures(140)},
+    ]
+    result = medians(rounds)
+    assert result["bentoml"]["event_loop_us_per_request"] == 250
+    assert result["bentoml-without-TimeoutMiddleware"]["event_loop_us_saved"] == 10  # of 10, 30, 10
+    assert "event_loop_us_saved" not in result["routes"]
+
+
+def test_request_cost_measures_each_variant_in_its_own_process(tmp_path, image_tree_factory, tar_archive_factory):
+    from benchmarks.request_cost import main
+    from tests.support.color_package import COLOR_CLASSES, make_color_package
+
+    tree = image_tree_factory(tmp_path / "data", COLOR_CLASSES, {"test": 2}, size=(32, 32), suffix=".jpg")
+    archive = tar_archive_factory(tree, tmp_path / "data.tar.gz")
+    out = tmp_path / "request_cost.md"
+    argv = ["--package", str(make_color_package(tmp_path / "color")), "--data", str(archive), "--requests", "64"]
+    assert (
+        main([*argv, "--concurrency", "4", "--rounds", "1", "--variants", "bentoml", "routes", "--out", str(out)]) == 0
+    )
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert list(results["medians"]) == ["bentoml", "routes"]
+    assert all(r["requests"] == 64 and r["event_loop_us_per_request"] > 0 for r in results["rounds"][0].values())
+    assert "| routes |" in out.read_text()
