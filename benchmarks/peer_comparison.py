@@ -34,6 +34,7 @@ of each round's ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -219,6 +220,20 @@ class PeerServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, 9)
                 self.process.wait()
+        end_leftovers(PEERS_DIR / self.peer / "site")
+
+
+def end_leftovers(site: Path) -> None:
+    """Kill what still runs a program from the peer's install folder: Ray starts its cluster, and the HAProxy that
+    its Serve ingress runs, in sessions of their own, and a HAProxy left running holds its fixed stats ports, so
+    the next start of the peer fails."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        command = process.info["cmdline"] or []
+        if any(part.startswith(str(site)) for part in command[:1]) and process.pid != os.getpid():
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
 class ServicePeer(PeerServer):

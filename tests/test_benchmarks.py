@@ -412,3 +412,21 @@ def test_request_cost_measures_each_variant_in_its_own_process(tmp_path, image_t
     assert list(results["medians"]) == ["bentoml", "routes"]
     assert all(r["requests"] == 64 and r["event_loop_us_per_request"] > 0 for r in results["rounds"][0].values())
     assert "| routes |" in out.read_text()
+
+
+def test_a_peers_leftover_programs_are_ended_and_nothing_else(tmp_path):
+    from benchmarks.peer_comparison import end_leftovers
+
+    site = tmp_path / "site"
+    (site / "bin").mkdir(parents=True)
+    shutil.copy(shutil.which("sleep"), site / "bin" / "sleep")
+    leftover = subprocess.Popen([str(site / "bin" / "sleep"), "60"], start_new_session=True)
+    bystander = subprocess.Popen([shutil.which("sleep"), "60"])
+    try:
+        end_leftovers(site)
+        assert leftover.wait(timeout=10) != 0
+        assert bystander.poll() is None
+    finally:
+        for process in (leftover, bystander):
+            process.kill()
+            process.wait()
