@@ -3,7 +3,7 @@
     python -m benchmarks.peer_comparison [--peers service fastapi litserve rayserve torchserve]
         [--rounds 3] [--seconds 6] [--concurrency 1 8 32 64 128 256]
 
-Peers, each installed by this script under .cache/peers/ (pip's --target; TorchServe runs on the system's Java 17)
+Peers, each installed by this script under .cache/bench/peers/ (pip's --target; TorchServe runs on the system's Java 17)
 and each given its documented batching settings:
 - `service`: this service with no tuning variables (it chooses its workers; service/defaults.py);
 - `fastapi`: FastAPI + uvicorn (uvloop, httptools), ONNX Runtime once per request in the thread pool: the server a
@@ -60,10 +60,10 @@ from benchmarks.common import (
     run_and_report,
 )
 from benchmarks.loadgen import best_concurrency, best_rate_of, rounds_table, write_image_files
-from benchmarks.raw_engine import best, lone_latency_ms, measure_engine
+from benchmarks.raw_engine import best, engine_predictor, lone_latency_ms, measure_engine
 from benchmarks.servers import REPO, SERVICE, BentoServer, free_port
 from inference.package import load_package
-from inference.runtime import Predictor, cpu_threads
+from inference.runtime import cpu_threads
 
 PEERS_DIR = CACHE / "peers"
 # The peers' packages, pinned: installed under PEERS_DIR/<peer>/ with pip's --target.
@@ -274,9 +274,7 @@ def check_answers(server: PeerServer, package: Path, images: list[bytes]) -> dic
 
 def measure_engine_reference(package: Path, pixels, workers: int, seconds: float) -> dict:
     """The raw engine with the service's threads: `workers` calls side by side, each with its share of the cores."""
-    predictor = Predictor.from_path(
-        package, backend="onnx", device="cpu", intra_op_threads=max(1, cpu_threads() // workers)
-    )
+    predictor = engine_predictor(package, calls=workers)
     top = best(measure_engine(predictor, pixels, ENGINE_BATCH_SIZES, seconds, calls=workers))
     return {
         "calls": workers,

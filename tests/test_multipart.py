@@ -8,36 +8,23 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from starlette.datastructures import Headers, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
 
+from service.errors import ApiError
 from service.multipart import MAX_FIELD_BYTES, FilePart, simple_form
+from service.request_reading import MAX_FORM_FIELDS, parsed_by_starlette
 
 BOUNDARY = "----form-7MA4YWxk"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
-MAX_FILES, MAX_FIELDS = 2, 3
+MAX_FILES, MAX_FIELDS = 2, MAX_FORM_FIELDS
 
 
-def starlette_items(body: bytes, content_type: str, max_files: int = MAX_FILES, max_fields: int = MAX_FIELDS):
-    """Starlette's reading of the body, files as FilePart values; None where it refuses the body."""
-
-    async def parse():
-        async def chunks():
-            yield body
-
-        headers = Headers({"content-type": content_type})
-        parser = MultiPartParser(headers, chunks(), max_files=max_files, max_fields=max_fields)
-        form = await parser.parse()
-        items = []
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                value = FilePart(value.filename or "", await value.read())
-            items.append((name, value))
-        return items
-
+def starlette_items(body: bytes, content_type: str, max_files: int = MAX_FILES):
+    """The service's reading of the body by Starlette's parser (its fallback); None where it refuses the body."""
+    request = Request({"type": "http", "method": "POST", "headers": [(b"content-type", content_type.encode())]})
     try:
-        return asyncio.run(parse())
-    except MultiPartException:
+        return asyncio.run(parsed_by_starlette(request, body, max_files))
+    except ApiError:
         return None
 
 
@@ -91,7 +78,7 @@ IMAGE = part(['Content-Disposition: form-data; name="image"; filename="a.jpg"'],
          CONTENT_TYPE),
         (form(part(["Content-Type: image/jpeg"], b"x")), CONTENT_TYPE),
         (form(IMAGE, IMAGE, IMAGE), CONTENT_TYPE),  # more files than allowed: Starlette's own error
-        (form(*[part([f'Content-Disposition: form-data; name="f{i}"'], b"1") for i in range(4)]), CONTENT_TYPE),
+        (form(*[part([f'Content-Disposition: form-data; name="f{i}"'], b"1") for i in range(MAX_FIELDS + 1)]), CONTENT_TYPE),
         (form(part(['Content-Disposition: form-data; name="big"'], b"x" * (MAX_FIELD_BYTES + 1))), CONTENT_TYPE),
         (form(IMAGE)[:-4], CONTENT_TYPE),  # no closing delimiter
         (b"", CONTENT_TYPE),
