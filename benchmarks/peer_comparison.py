@@ -40,7 +40,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import median
@@ -61,7 +60,7 @@ from benchmarks.common import (
 )
 from benchmarks.loadgen import best_concurrency, best_rate_of, rounds_table, write_image_files
 from benchmarks.raw_engine import best, engine_predictor, lone_latency_ms, measure_engine
-from benchmarks.servers import REPO, SERVICE, BentoServer, free_port
+from benchmarks.servers import REPO, SERVICE, BentoServer, free_port, wait_until_answering
 from inference.package import load_package
 from inference.runtime import cpu_threads
 
@@ -196,21 +195,19 @@ class PeerServer:
             self.process = subprocess.Popen(
                 command, cwd=REPO, env=self.env(site), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.peer} exited at start; see {self.log_path}")
-            try:
-                if (
-                    httpx.post(self.classify_url, files={"image": ("a.jpg", self.probe, "image/jpeg")}).status_code
-                    == 200
-                ):
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"{self.peer} did not answer within {timeout_s:.0f} s; see {self.log_path}")
+        image = {"image": ("a.jpg", self.probe, "image/jpeg")}
+        try:
+            wait_until_answering(
+                self.process,
+                lambda: httpx.post(self.classify_url, files=image).status_code == 200,
+                timeout_s,
+                self.peer,
+                self.log_path,
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

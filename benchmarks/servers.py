@@ -13,7 +13,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICE = "service.service:ImageClassifier"  # the real service, as `bentoml serve` names it
@@ -25,6 +28,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_answering(
+    process: subprocess.Popen, answers: Callable[[], bool], timeout_s: float, name: str, log_path: Path
+) -> None:
+    """Until `answers()` is true (a connection refused or reset counts as not yet); RuntimeError if the process
+    exits first or the time runs out. For peer servers, whose readiness each takes its own request to see."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited at start; see {log_path}")
+        try:
+            if answers():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{name} did not answer within {timeout_s:.0f} s; see {log_path}")
 
 
 class BentoServer:

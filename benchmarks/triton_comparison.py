@@ -44,7 +44,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import median
@@ -64,7 +63,7 @@ from benchmarks.common import (
     run_and_report,
 )
 from benchmarks.perf_analyzer import PERF_ANALYZER_VERSION, measure, prepare, serve
-from benchmarks.servers import REPO, free_port
+from benchmarks.servers import REPO, free_port, wait_until_answering
 from inference.package import INPUT_NAME, OUTPUT_PROBABILITIES
 from inference.runtime import cpu_threads
 
@@ -139,18 +138,15 @@ class TritonServer:
                 [str(self.python), "-m", "benchmarks.peers.pytriton_app"], cwd=REPO, env=self.env(), stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"PyTriton exited at start; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/v2/models/{self.model}/ready").status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"PyTriton did not load the model within {timeout_s:.0f} s; see {self.log_path}")
+        ready = f"{self.url}/v2/models/{self.model}/ready"
+        try:
+            wait_until_answering(
+                self.process, lambda: httpx.get(ready).status_code == 200, timeout_s, "PyTriton", self.log_path
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         """SIGTERM to PyTriton alone, which stops Triton (its exit timeout is 30 s) and deletes its workspace; the

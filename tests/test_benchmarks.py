@@ -430,3 +430,31 @@ def test_a_peers_leftover_programs_are_ended_and_nothing_else(tmp_path):
         for process in (leftover, bystander):
             process.kill()
             process.wait()
+
+
+def test_a_peer_is_waited_for_until_it_answers_and_not_once_it_has_exited(tmp_path):
+    import httpx
+
+    from benchmarks.servers import wait_until_answering
+
+    log = tmp_path / "peer.log"
+    running = subprocess.Popen([shutil.which("sleep"), "30"])
+    answers = iter([httpx.ConnectError("refused"), False, True])
+
+    def probe() -> bool:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    try:
+        wait_until_answering(running, probe, timeout_s=10, name="peer", log_path=log)  # refused, not yet, then up
+        with pytest.raises(RuntimeError, match="did not answer within 1 s"):
+            wait_until_answering(running, lambda: False, timeout_s=1, name="peer", log_path=log)
+    finally:
+        running.kill()
+        running.wait()
+    exited = subprocess.Popen([shutil.which("true")])
+    exited.wait()
+    with pytest.raises(RuntimeError, match="peer exited at start"):
+        wait_until_answering(exited, lambda: True, timeout_s=10, name="peer", log_path=log)
