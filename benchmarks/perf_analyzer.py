@@ -175,10 +175,9 @@ def measure(
     model_version: str | None = None,
 ) -> dict:
     """One perf_analyzer run at one concurrency: its CSV row's figures, or its error. `batch_size`: images per
-    request (perf_analyzer's -b; its infer/s then counts images). `model_version` (-x): needed against a service of
-    several workers, whose statistics are each worker's own: without it perf_analyzer failed against two workers
-    ("failed to find the requested model version"; it works the version out from statistics answers that different
-    workers give); with it the run succeeds and the server-side figures are one worker's share."""
+    request (perf_analyzer's -b; its infer/s then counts images). `model_version` (-x): the version to measure; without
+    it perf_analyzer takes the version whose statistics grew during the run (the service's sum every worker's, see
+    service.statistics)."""
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "report.csv"
         arguments = [

@@ -9,9 +9,7 @@ the CIFAR ResNet-18, as benchmarks/load_test.py builds them) under the same name
 [-1, H, W, 3] in, `probabilities` FP32 [-1, C] out), so one perf_analyzer command line drives either: HTTP, binary
 tensors (perf_analyzer's default over HTTP), random pixels, `-b BATCH` images a request at `--concurrency-range
 C:C`, windows of --interval-ms until three agree within --stability % (at most --max-trials windows), and `-x 1`,
-the package's version: the service's statistics are each worker's own (see perf_analyzer.measure), so its
-server-side figures in the JSON are one worker's share and the report keeps to the client's. perf_analyzer's
-inferences/s count images.
+the package's version; the report keeps to the client's figures. perf_analyzer's inferences/s count images.
 
 - `service`: this service as benchmarks/perf_analyzer.py's `serve` starts it, with no tuning variable (it chooses
   its workers; service/defaults.py);

@@ -12,7 +12,7 @@ while a burst of requests is parsed.)
 Overload is refused, not absorbed: past `max_queue` waiting images a request fails at once with 503 and
 Retry-After; a request past its deadline fails with 504, and is skipped if its batch has not started.
 
-`InferenceStatistics` counts what the v2 statistics extension reports (service.oip), in Triton's terms.
+Each batcher counts what the v2 statistics extension reports (service.statistics, service.oip), in Triton's terms.
 """
 
 from __future__ import annotations
@@ -26,97 +26,15 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 from service.errors import ApiError
 from service.metrics import service_metrics
+from service.statistics import InferenceStatistics, shared_folder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Duration:
-    """Triton's StatisticDuration: how many, and their total in nanoseconds."""
-
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int, count: int = 1) -> None:
-        self.count += count
-        self.ns += ns
-
-    def to_dict(self) -> dict[str, int]:
-        return {"count": self.count, "ns": self.ns}
-
-
-@dataclass
-class InferenceStatistics:
-    """The counters of Triton's statistics extension for this process, updated on its event loop only (no lock).
-
-    As Triton counts them: `success`/`fail` one per request, its time in the model path (Classifier.infer: from
-    its decoded pixels to its probabilities or failure); `queue` one per request, its wait for a batch;
-    `compute_input` (joining the batch's images), `compute_infer` (the model call) and `compute_output` (handing
-    each request its rows) one per request with its batch's whole time. A request bigger than one model call counts
-    once per part there. Per model call: `execution_count`, `inference_count` (images) and the compute times by
-    batch size. Nothing is cached, so cache hits and misses stay zero.
-    """
-
-    success: Duration = field(default_factory=Duration)
-    fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
-    inference_count: int = 0
-    execution_count: int = 0
-    last_inference_ms: int = 0  # milliseconds since the epoch, 0 before the first
-    by_batch_size: dict[int, tuple[Duration, Duration, Duration]] = field(default_factory=dict)
-
-    def record_execution(self, requests: int, images: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        self.execution_count += 1
-        self.inference_count += images
-        self.last_inference_ms = time.time_ns() // 1_000_000
-        self.compute_input.add(input_ns * requests, requests)
-        self.compute_infer.add(infer_ns * requests, requests)
-        self.compute_output.add(output_ns * requests, requests)
-        per_size = self.by_batch_size.get(images)
-        if per_size is None:
-            per_size = self.by_batch_size[images] = (Duration(), Duration(), Duration())
-        for duration, ns in zip(per_size, (input_ns, infer_ns, output_ns), strict=True):
-            duration.add(ns)
-
-    def model_stats(self, name: str, version: str) -> dict[str, Any]:
-        """One entry of the extension's `model_stats` list."""
-        return {
-            "name": name,
-            "version": version,
-            "last_inference": self.last_inference_ms,
-            "inference_count": self.inference_count,
-            "execution_count": self.execution_count,
-            "inference_stats": {
-                "success": self.success.to_dict(),
-                "fail": self.fail.to_dict(),
-                "queue": self.queue.to_dict(),
-                "compute_input": self.compute_input.to_dict(),
-                "compute_infer": self.compute_infer.to_dict(),
-                "compute_output": self.compute_output.to_dict(),
-                "cache_hit": Duration().to_dict(),
-                "cache_miss": Duration().to_dict(),
-            },
-            "batch_stats": [
-                {
-                    "batch_size": size,
-                    "compute_input": compute_input.to_dict(),
-                    "compute_infer": compute_infer.to_dict(),
-                    "compute_output": compute_output.to_dict(),
-                }
-                for size, (compute_input, compute_infer, compute_output) in sorted(self.by_batch_size.items())
-            ],
-            "memory_usage": [],
-        }
 
 
 @dataclass
@@ -147,7 +65,7 @@ class Batcher:
         self.max_latency_s = max_latency_ms / 1000
         self.max_queue = max_queue
         self.metrics = service_metrics().for_model(*labels)  # the (model, version) series this batcher observes
-        self.statistics = InferenceStatistics()
+        self.statistics = InferenceStatistics(max_batch_size, *labels, shared_folder())
         self.queued_images = 0
         self._queue: collections.deque[_Item] = collections.deque()
         self._incoming = 0  # requests being decoded: images that will arrive soon
@@ -181,6 +99,7 @@ class Batcher:
         self.queued_images = 0
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+        self.statistics.close()
 
     def incoming(self) -> _Incoming:
         """`with batcher.incoming(): decode...`: tells the batcher that images are on their way, worth waiting for."""
@@ -302,7 +221,7 @@ class Batcher:
                 continue
             wait_ns = now_ns - item.enqueued_ns
             self.metrics.queue_wait_seconds.observe(wait_ns / 1e9)
-            self.statistics.queue.add(wait_ns)
+            self.statistics.record_queue(wait_ns)
             batch.append(item)
             size += len(item.pixels)
         return batch

@@ -221,9 +221,9 @@ class Classifier:
         try:
             probabilities = await self._infer(pixels, deadline)
         except Exception:
-            statistics.fail.add(time.perf_counter_ns() - started)
+            statistics.record_failure(time.perf_counter_ns() - started)
             raise
-        statistics.success.add(time.perf_counter_ns() - started)
+        statistics.record_success(time.perf_counter_ns() - started)
         return probabilities
 
     async def _infer(self, pixels: np.ndarray, deadline: float | None) -> np.ndarray:

@@ -21,8 +21,8 @@ bad image fails the whole request.
 
 Two of Triton's extensions, so that its tools (perf_analyzer, tritonclient) work: model configuration
 (`GET .../config`: Triton's model configuration as JSON, built from the package and the batcher's settings) and
-statistics (`GET .../stats`, `GET /v2/models/stats`: the counters of service.batcher.InferenceStatistics, this
-worker process's). Both are listed in the server metadata's `extensions`, with the model repository extension
+statistics (`GET .../stats`, `GET /v2/models/stats`: the counters of service.statistics, summed over
+every worker process). Both are listed in the server metadata's `extensions`, with the model repository extension
 (service.repository_routes).
 """
 

@@ -26,10 +26,10 @@ from inference.imaging import encode_png
 from inference.package import INPUT_NAME, OUTPUT_PROBABILITIES, ModelPackage
 from service import oip
 from service.auth import AccessControl
-from service.batcher import InferenceStatistics
 from service.classify_routes import RAW_IMAGE_TYPES
 from service.errors import ERRORS
 from service.settings import ServiceSettings
+from service.statistics import InferenceStatistics
 
 TAG_CLASSIFY = "Classification"
 TAG_V2 = "Open Inference Protocol (v2)"
@@ -531,10 +531,12 @@ def v2_operations(contract: Contract) -> dict[str, dict[str, Any]]:
                 "400": json_response(f"{kind}: false", {"type": "object"}, {kind: False}),
             },
         )
-    stats_example = {"model_stats": [InferenceStatistics().model_stats(contract.model_name, contract.model_version)]}
+    stats_example = {
+        "model_stats": [InferenceStatistics(max_batch_size=1).model_stats(contract.model_name, contract.model_version)]
+    }
     stats_description = (
         "Triton's statistics extension: requests that succeeded or failed, their queue and compute times (ns), "
-        "images inferred and model calls, by batch size; counted by the worker process that answers."
+        "images inferred and model calls, by batch size; summed over every worker process."
     )
     add(
         "/v2/models/stats",

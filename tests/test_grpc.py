@@ -34,7 +34,14 @@ from service.protos import grpc_service_pb2 as pb
 from service.protos import grpc_service_pb2_grpc as pb_grpc
 from service.settings import ServiceSettings, SettingsError
 from tests.support.color_package import COLOR_CLASSES, color_pixels, make_color_package
-from tests.support.servers import SERVICE_TEST_SETTINGS, make_slow_color_package, start_server, stop_server
+from tests.support.servers import (
+    SERVICE_TEST_SETTINGS,
+    make_slow_color_package,
+    start_server,
+    stop_server,
+    wait_until,
+    workers,
+)
 
 LIMITS = InputLimits((32, 32), max_images=8, max_image_bytes=1000)
 KEY = "grpc-test-key"
@@ -251,12 +258,6 @@ def test_port_0_turns_grpc_off(tmp_path):
 # ---- tritonclient against real servers -----------------------------------------------------------------------------
 
 
-def workers(pid: int) -> list[psutil.Process]:
-    """The BentoML worker processes of the server whose `bentoml serve` process is `pid`."""
-    children = psutil.Process(pid).children(recursive=True)
-    return [p for p in children if "_bentoml_impl.worker" in " ".join(p.cmdline())]
-
-
 def listening_ports(worker: psutil.Process) -> set[int]:
     return {c.laddr.port for c in worker.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
 
@@ -267,14 +268,6 @@ def worker_connections(pid: int, port: int) -> dict[int, int]:
         w.pid: sum(c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED for c in w.net_connections("tcp"))
         for w in workers(pid)
     }
-
-
-def wait_until(condition, what: str, timeout_s: float = 60) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"not {what} after {timeout_s} s")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

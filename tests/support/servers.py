@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import psutil
 from onnx import helper, numpy_helper
 
 from benchmarks.servers import SERVICE, BentoServer
@@ -69,6 +71,20 @@ def wait_for(running: RunningServer, path: str, timeout_s: float) -> None:
 
 def stop_server(running: RunningServer) -> None:
     running.server.stop()
+
+
+def workers(pid: int) -> list[psutil.Process]:
+    """The BentoML worker processes of the server whose `bentoml serve` process is `pid`."""
+    children = psutil.Process(pid).children(recursive=True)
+    return [p for p in children if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+
+
+def wait_until(condition, what: str, timeout_s: float = 60) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"not {what} after {timeout_s} s")
+        time.sleep(0.2)
 
 
 def make_slow_color_package(root: Path, matmuls: int = 600, side: int = 512) -> Path:
