@@ -27,6 +27,7 @@ from benchmarks.common import (
     RESULTS,
     describe_package,
     machine,
+    provenance,
     read_test_jpegs,
     run_and_report,
 )
@@ -100,12 +101,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(results: dict) -> str:
-    settings, machine_info = results["settings"], results["machine"]
+    settings = results["settings"]
     lines = [
         "# API keys' cost",
         "",
-        f"`{results['command']}` on {results['date']}; {machine_info['nproc']} cores, {machine_info['cpu_model']}, "
-        f"load average at start {machine_info['load_average_at_start']}.",
+        provenance(results),
         "",
         f"Two servers of {results['package']['name']} ({results['package']['arch']}), one worker each, side by side; "
         f"each round {settings['client']} at {settings['concurrency']} connections for {settings['seconds']} s "

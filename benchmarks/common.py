@@ -58,6 +58,15 @@ def decode_all(blobs: list[bytes], size: tuple[int, int]) -> np.ndarray:
 # ---- machine ---------------------------------------------------------------------------------------------------
 
 
+def provenance(results: dict) -> str:
+    """The report line saying what ran, when and where: its command, date, cores, CPU and load at the start."""
+    machine_info = results["machine"]
+    return (
+        f"`{results['command']}` on {results['date']}; {machine_info['nproc']} cores, {machine_info['cpu_model']}, "
+        f"load average at start {machine_info['load_average_at_start']}."
+    )
+
+
 def machine() -> dict:
     cpu_model = platform.processor()
     try:

@@ -28,6 +28,7 @@ from benchmarks.common import (
     RESULTS,
     describe_package,
     machine,
+    provenance,
     read_test_jpegs,
     run_and_report,
 )
@@ -106,12 +107,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(results: dict) -> str:
-    settings, machine_info = results["settings"], results["machine"]
+    settings = results["settings"]
     lines = [
         "# The service's own choice of workers against the best set by hand",
         "",
-        f"`{results['command']}` on {results['date']}; {machine_info['nproc']} cores, {machine_info['cpu_model']}, "
-        f"load average at start {machine_info['load_average_at_start']}.",
+        provenance(results),
         "",
         f"Per model, the servers run side by side; each round wrk (one thread, /classify with one CIFAR-10 JPEG a "
         f"request) drives each in turn at concurrencies {settings['concurrency']} for {settings['seconds']} s; a "

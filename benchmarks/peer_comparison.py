@@ -1,7 +1,7 @@
 """The service against the servers its users would otherwise pick, each serving the same ONNX package.
 
     python -m benchmarks.peer_comparison [--peers service fastapi litserve rayserve torchserve]
-        [--rounds 3] [--seconds 6] [--concurrency 1 8 32 64 128 256]
+        [--rounds 3] [--seconds 6] [--concurrency 1 8 32 64 128 256] [--open-loads 0.5 0.8] [--open-seconds 10]
 
 Peers, each installed by this script under .cache/bench/peers/ (pip's --target; TorchServe runs on the system's Java 17)
 and each given its documented batching settings:
@@ -23,6 +23,13 @@ order rotating; an idle Ray cluster alone takes CPU from whatever is measured be
 /classify with one CIFAR-10 JPEG a request, 2 s of warm-up) drives it at every concurrency; a peer's figure for a
 round is its best concurrency's requests/s, and the report gives the medians of the rounds and the service's ratio
 to the best peer. Run on a quiet machine: wrk and every server share its cores.
+
+Then latency under load, open loop: at each of --open-loads (fractions of the service's median best requests/s),
+requests sent at that fixed rate whatever the answers (benchmarks/loadgen.open_loop: up to 256 keep-alive
+connections, latency from each request's due time, 2 s of warm-up, --open-seconds measured), each peer started
+alone in turn for --rounds rounds; the report gives each peer's median p50 and p99 at each load, and whether the
+service beats every peer there (a larger share answered 200, or as large a share with a lower p99). A peer that cannot keep up is overloaded at that rate: its waits grow for as
+long as the run lasts, and requests still unanswered 5 s after the window count at their wait so far.
 
 The raw engine is measured in each round too, in this process with no server running: ONNX Runtime on the decoded
 test images with the threads the service chose (its workers' calls side by side, each with its share of the cores),
@@ -55,10 +62,11 @@ from benchmarks.common import (
     decode_all,
     describe_package,
     machine,
+    provenance,
     read_test_jpegs,
     run_and_report,
 )
-from benchmarks.loadgen import best_concurrency, best_rate_of, rounds_table, write_image_files
+from benchmarks.loadgen import best_concurrency, best_rate_of, open_loop, rounds_table, write_image_files
 from benchmarks.raw_engine import best, engine_predictor, lone_latency_ms, measure_engine
 from benchmarks.servers import REPO, SERVICE, BentoServer, free_port, wait_until_answering
 from inference.package import load_package
@@ -308,8 +316,7 @@ def measure_model(args: argparse.Namespace, label: str, package: Path, listing: 
         order = names[index % len(names) :] + names[: index % len(names)]
         figures = {}
         for peer in order:
-            server = (ServicePeer if peer == "service" else PeerServer)(peer, package, label, images[0])
-            server.start()
+            server = start_peer(peer, package, label, images[0])
             try:
                 if peer not in checks:
                     checks[peer] = check_answers(server, package, images)
@@ -330,6 +337,9 @@ def measure_model(args: argparse.Namespace, label: str, package: Path, listing: 
     medians = {peer: median(best_rate_of(r[peer]) for r in rounds) for peer in names}
     others = {peer: rate for peer, rate in medians.items() if peer != "service"}
     best_peer = max(others, key=others.get) if others else None
+    latency = None
+    if args.open_loads and "service" in medians:
+        latency = measure_open_loop(args, label, package, images, medians["service"])
     return {
         "package": describe_package(package),
         "answers": checks,
@@ -340,7 +350,88 @@ def measure_model(args: argparse.Namespace, label: str, package: Path, listing: 
         "service_over_best_peer": round(medians["service"] / others[best_peer], 3) if best_peer else None,
         "engine": engines,
         **(engine_ratios(rounds, engines, min(args.concurrency)) if engines else {}),
+        "open_loop": latency,
     }
+
+
+def start_peer(peer: str, package: Path, label: str, probe: bytes) -> PeerServer:
+    return (ServicePeer if peer == "service" else PeerServer)(peer, package, label, probe).start()
+
+
+def median_of_answered(values) -> float | None:
+    """The median of the rounds' figures, leaving out rounds where nothing was answered (None)."""
+    answered = [value for value in values if value is not None]
+    return median(answered) if answered else None
+
+
+def measure_open_loop(args: argparse.Namespace, label: str, package: Path, images: list[bytes], saturation: float):
+    """Each round, each peer alone (the order rotating) at every load of the service's saturation, open loop."""
+    import uvloop
+
+    names = list(args.peers)
+    rounds = []
+    for index in range(args.rounds):
+        order = names[index % len(names) :] + names[: index % len(names)]
+        loads = args.open_loads if index % 2 == 0 else args.open_loads[::-1]
+        figures: dict[str, dict] = {}
+        for peer in order:
+            server = start_peer(peer, package, label, images[0])
+            try:
+                for load in loads:
+                    rate = load * saturation
+                    phase = uvloop.run(open_loop(peer, server.classify_url, images, rate, args.open_seconds, 2.0))
+                    figures.setdefault(peer, {})[str(load)] = {
+                        "target_rate": phase.target_rate,
+                        **phase.figures(),
+                        "client_cpu_us_per_request": phase.client_cpu_us_per_request,
+                        "client_late_p99_ms": phase.client_late_p99_ms,
+                    }
+                    print(
+                        f"[{label}] open loop round {index + 1} {peer} at {load:.0%} ({rate:.0f}/s): "
+                        f"p50 {phase.p50_ms} p99 {phase.p99_ms} ms, {phase.statuses}, "
+                        f"client {phase.client_cpu_us_per_request} us/request",
+                        flush=True,
+                    )
+            finally:
+                server.stop()
+        rounds.append(figures)
+    return {"saturation": saturation, "loads": args.open_loads, "rounds": rounds, **open_loop_summary(rounds)}
+
+
+def open_loop_summary(rounds: list[dict[str, dict]]) -> dict:
+    """Medians over rounds of each peer's p50, p99 and share answered 200 at each load, and whether the service
+    beats every peer there (`beats`)."""
+    loads = list(rounds[0]["service"])
+    peers = list(rounds[0])
+    medians = {
+        load: {
+            peer: {
+                "p50_ms": median_of_answered(r[peer][load]["p50_ms"] for r in rounds),
+                "p99_ms": median_of_answered(r[peer][load]["p99_ms"] for r in rounds),
+                "ok_share": round(
+                    median(
+                        r[peer][load]["statuses"].get("200", 0) / sum(r[peer][load]["statuses"].values())
+                        for r in rounds
+                    ),
+                    3,
+                ),
+            }
+            for peer in peers
+        }
+        for load in loads
+    }
+    best = {
+        load: all(beats(cells["service"], figures) for peer, figures in cells.items() if peer != "service")
+        for load, cells in medians.items()
+    }
+    return {"medians": medians, "service_best": best}
+
+
+def beats(service: dict, peer: dict) -> bool:
+    """The service answered a larger share with 200, or as large a share with a lower p99."""
+    if service["p99_ms"] is None or service["ok_share"] < peer["ok_share"]:
+        return False
+    return service["ok_share"] > peer["ok_share"] or peer["p99_ms"] is None or service["p99_ms"] < peer["p99_ms"]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -358,7 +449,13 @@ def run(args: argparse.Namespace) -> dict:
         "command": " ".join(["python -m benchmarks.peer_comparison", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "settings": {"rounds": args.rounds, "seconds": args.seconds, "concurrency": args.concurrency},
+        "settings": {
+            "rounds": args.rounds,
+            "seconds": args.seconds,
+            "concurrency": args.concurrency,
+            "open_loads": args.open_loads,
+            "open_seconds": args.open_seconds,
+        },
         "peer_versions": versions,
         "models": {
             label: measure_model(args, label, package, listing, jpegs[:CHECK_IMAGES])
@@ -368,12 +465,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(results: dict) -> str:
-    settings, machine_info = results["settings"], results["machine"]
+    settings = results["settings"]
     lines = [
         "# The service against its peers, each serving the same ONNX package",
         "",
-        f"`{results['command']}` on {results['date']}; {machine_info['nproc']} cores, {machine_info['cpu_model']}, "
-        f"load average at start {machine_info['load_average_at_start']}.",
+        provenance(results),
         "",
         "Peers and their settings: see the docstring of `benchmarks/peer_comparison.py`; installed versions: "
         + "; ".join(f"{peer}: {', '.join(v)}" for peer, v in results["peer_versions"].items())
@@ -427,7 +523,33 @@ def markdown(results: dict) -> str:
                 f"(rounds {model['lone_request_over_lone_call_rounds']}).",
                 "",
             ]
+        if model.get("open_loop"):
+            lines += open_loop_lines(model["open_loop"], settings)
     return "\n".join(lines)
+
+
+def open_loop_lines(latency: dict, settings: dict) -> list[str]:
+    """The open-loop table: each peer's median p50 / p99 at each load, and the share of requests answered 200."""
+    peers = list(latency["medians"][str(latency["loads"][0])])
+    lines = [
+        f"Open loop (latency under load): requests at a fixed rate, a share of the service's {latency['saturation']} "
+        f"req/s, for {settings['open_seconds']} s, {len(latency['rounds'])} rounds, medians; latency from each "
+        "request's due time. Cells: p50 / p99 ms (share answered 200).",
+        "",
+        "| load | " + " | ".join(peers) + " | service best |",
+        "|---|" + "---|" * (len(peers) + 1),
+    ]
+    for load in latency["loads"]:
+        cells = latency["medians"][str(load)]
+        rate = latency["rounds"][0][peers[0]][str(load)]["target_rate"]
+        row = [f"{c['p50_ms']} / {c['p99_ms']} ({c['ok_share']:.0%})" for c in (cells[p] for p in peers)]
+        verdict = "yes" if latency["service_best"][str(load)] else "**no**"
+        lines.append(f"| {load:.0%} ({rate:.0f}/s) | " + " | ".join(row) + f" | {verdict} |")
+    costs = [
+        figures["client_cpu_us_per_request"] for r in latency["rounds"] for p in r.values() for figures in p.values()
+    ]
+    lines += ["", f"The open-loop client's own CPU: {min(costs)}-{max(costs)} µs a request.", ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,6 +562,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256], help="wrk connections")
+    parser.add_argument(
+        "--open-loads", type=float, nargs="*", default=[0.5, 0.8], help="open-loop rates, of the service's best"
+    )
+    parser.add_argument("--open-seconds", type=float, default=10.0, help="measured seconds per open-loop rate")
     parser.add_argument("--out", type=Path, default=RESULTS / "peer_comparison.md", help="markdown (JSON beside)")
     return run_and_report(run, markdown, parser.parse_args(argv))
 

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import classify_routes, oip, repository_routes
 from service.auth import AccessControl, ApiKeyMiddleware
 from service.classifier import Classifier
+from service.connections import ConnectionRebalancing
 from service.errors import ApiError
 from service.metrics import service_metrics
 from service.repository import ModelRepository, as_repository
@@ -125,10 +126,13 @@ def asgi_middlewares(settings: ServiceSettings, access: AccessControl) -> list[t
     """(class, options) of the ASGI middleware around BentoML's whole app, outermost first.
 
     JSON errors are outermost, so that every refusal inside, BentoML's and CORS's too, reaches the client as JSON.
+    With several workers, connection rebalancing next (it only adds a header to the answer, whatever it is).
     CORS is outside the key check, so that a browser's preflight needs no key and a 401 carries the CORS headers
     (without them the page could not read it).
     """
     middlewares: list[tuple[type, dict[str, Any]]] = [(JsonErrors, {})]
+    if settings.workers > 1 and settings.rebalance_every:
+        middlewares.append((ConnectionRebalancing, {"workers": settings.workers, "every": settings.rebalance_every}))
     if settings.cors_origin_list:
         middlewares.append(
             (

@@ -52,6 +52,10 @@ class ServiceSettings:
     # and the model's measured cost (service.defaults).
     workers: int = 0
     threads: int = 0  # ONNX Runtime / torch intra-op threads per worker; 0 = this process's cores / workers
+    # With several workers, every this-many answers a worker compares its share of the requests with an even one;
+    # well above it, it asks that client to reconnect (`Connection: close`), so that keep-alive connections leave
+    # the busier worker (service.connections). 0 = never.
+    rebalance_every: int = 50
     # Model calls that may run at once in a worker, each with threads / model_instances runtime threads. 2 suits a
     # compute-bound model on the CPU: a call's threads split each layer's work evenly, so when the event loop takes
     # one of their cores the others wait for it; two single-threaded calls have nothing to wait for
@@ -103,6 +107,8 @@ class ServiceSettings:
             raise SettingsError(f"{ENV_PREFIX}GRPC_HOST must name an interface (0.0.0.0: all) when gRPC is on")
         if self.threads < 0:
             raise SettingsError(f"{ENV_PREFIX}THREADS must be >= 0, got {self.threads}")
+        if self.rebalance_every < 0:
+            raise SettingsError(f"{ENV_PREFIX}REBALANCE_EVERY must be >= 0 (0: never), got {self.rebalance_every}")
         if self.workers < 0:
             raise SettingsError(f"{ENV_PREFIX}WORKERS must be >= 0 (0: chosen at start), got {self.workers}")
         if self.repository_poll_s < 0:

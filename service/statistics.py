@@ -18,6 +18,7 @@ Nothing is cached, so cache hits and misses stay zero.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import mmap
 import os
@@ -45,6 +46,22 @@ def shared_folder() -> Path | None:
     """Where this server's workers keep their counters; None outside a BentoML server."""
     multiprocess = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     return Path(multiprocess) / FOLDER_NAME if multiprocess else None
+
+
+def requests_by_worker(folder: Path | None = None) -> dict[int, int]:
+    """Requests each worker process has answered so far (succeeded or failed), over every version it serves, by
+    process id; empty outside a BentoML server."""
+    folder = folder or shared_folder()
+    totals: collections.Counter[int] = collections.Counter()
+    if folder is None or not folder.is_dir():
+        return {}
+    for path in folder.glob("*/*/*"):
+        try:
+            counters = np.frombuffer(path.read_bytes(), dtype=np.int64)
+        except FileNotFoundError:  # its batcher stopped meanwhile
+            continue
+        totals[int(path.name.split("-")[0])] += int(counters[SUCCESS] + counters[FAIL])
+    return dict(totals)
 
 
 class InferenceStatistics:

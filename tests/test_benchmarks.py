@@ -352,6 +352,40 @@ def test_rounds_table_shows_each_servers_best_concurrency_per_round():
     ]
 
 
+def open_phase(p50: float | None, p99: float | None, ok: int, other: int = 0) -> dict:
+    statuses = {"200": ok, **({"unanswered": other} if other else {})}
+    return {"target_rate": 100.0, "p50_ms": p50, "p99_ms": p99, "statuses": statuses, "client_cpu_us_per_request": 70.0}
+
+
+def test_the_open_loop_verdict_wants_the_lowest_p99_and_every_request_answered():
+    from benchmarks.peer_comparison import open_loop_lines, open_loop_summary
+
+    rounds = [
+        {
+            "service": {"0.5": open_phase(1.0, 5.0, 100), "0.8": open_phase(2.0, 20.0, 100)},
+            "fast": {"0.5": open_phase(1.0, 6.0, 100), "0.8": open_phase(2.0, 10.0, 100)},
+            # Overloaded: most requests unanswered, and a round where nothing was answered at all.
+            "slow": {"0.5": open_phase(900.0, 4.0, 10, 90), "0.8": open_phase(None, None, 0, 100)},
+        },
+        {
+            "service": {"0.5": open_phase(1.0, 7.0, 100), "0.8": open_phase(2.0, 30.0, 100)},
+            "fast": {"0.5": open_phase(1.0, 8.0, 100), "0.8": open_phase(2.0, 12.0, 100)},
+            "slow": {"0.5": open_phase(950.0, 5.0, 10, 90), "0.8": open_phase(3000.0, 5000.0, 5, 95)},
+        },
+    ]
+    summary = open_loop_summary(rounds)
+    assert summary["medians"]["0.5"]["service"] == {"p50_ms": 1.0, "p99_ms": 6.0, "ok_share": 1.0}
+    # A round with nothing answered leaves the median to the rounds that answered.
+    assert summary["medians"]["0.8"]["slow"] == {"p50_ms": 3000.0, "p99_ms": 5000.0, "ok_share": 0.025}
+    # At 50% the slow peer's p99 is lower, but it answered a tenth: the service is still the best there.
+    assert summary["service_best"] == {"0.5": True, "0.8": False}
+    lines = open_loop_lines(
+        {"saturation": 200.0, "loads": [0.5, 0.8], "rounds": rounds, **summary}, {"open_seconds": 10}
+    )
+    assert "| 50% (100/s) | 1.0 / 6.0 (100%) | 1.0 / 7.0 (100%) | 925.0 / 4.5 (10%) | yes |" in lines
+    assert "| 80% (100/s) | 2.0 / 25.0 (100%) | 2.0 / 11.0 (100%) | 3000.0 / 5000.0 (2%) | **no** |" in lines
+
+
 def test_peer_comparison_sets_the_service_against_the_raw_engine_round_by_round(tmp_path):
     from benchmarks.peer_comparison import engine_ratios, measure_engine_reference
     from tests.support.color_package import color_pixels, make_color_package
