@@ -545,10 +545,15 @@ def open_loop_lines(latency: dict, settings: dict) -> list[str]:
         row = [f"{c['p50_ms']} / {c['p99_ms']} ({c['ok_share']:.0%})" for c in (cells[p] for p in peers)]
         verdict = "yes" if latency["service_best"][str(load)] else "**no**"
         lines.append(f"| {load:.0%} ({rate:.0f}/s) | " + " | ".join(row) + f" | {verdict} |")
-    costs = [
-        figures["client_cpu_us_per_request"] for r in latency["rounds"] for p in r.values() for figures in p.values()
+    phases = [figures for r in latency["rounds"] for p in r.values() for figures in p.values()]
+    costs = [figures["client_cpu_us_per_request"] for figures in phases]
+    late = [figures["client_late_p99_ms"] for figures in phases]
+    lines += [
+        "",
+        f"The open-loop client's own CPU: {min(costs)}-{max(costs)} µs a request; its p99 lateness in sending, "
+        f"part of every latency above: {min(late)}-{max(late)} ms.",
+        "",
     ]
-    lines += ["", f"The open-loop client's own CPU: {min(costs)}-{max(costs)} µs a request.", ""]
     return lines
 
 

@@ -354,7 +354,14 @@ def test_rounds_table_shows_each_servers_best_concurrency_per_round():
 
 def open_phase(p50: float | None, p99: float | None, ok: int, other: int = 0) -> dict:
     statuses = {"200": ok, **({"unanswered": other} if other else {})}
-    return {"target_rate": 100.0, "p50_ms": p50, "p99_ms": p99, "statuses": statuses, "client_cpu_us_per_request": 70.0}
+    return {
+        "target_rate": 100.0,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "statuses": statuses,
+        "client_cpu_us_per_request": 70.0,
+        "client_late_p99_ms": 1.5,
+    }
 
 
 def test_the_open_loop_verdict_wants_the_lowest_p99_and_every_request_answered():
