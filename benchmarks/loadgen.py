@@ -220,6 +220,7 @@ class _OpenLoopClient:
         self.opening = 0
         self.backlog: collections.deque[tuple[float, bytes]] = collections.deque()
         self.samples: list[tuple[float, float, str, bool]] = []  # (due, latency_s, status, has_retry_after)
+        self.closed = False
 
     async def connect(self) -> None:
         """Open every connection at once, as a pool warming up (or wrk) does; raises if the server refuses."""
@@ -244,7 +245,7 @@ class _OpenLoopClient:
 
     def _reopen(self) -> None:
         """Open a connection again if the server closed one and requests wait."""
-        if self.backlog and len(self.busy) + len(self.idle) + self.opening < self.connections:
+        if not self.closed and self.backlog and len(self.busy) + len(self.idle) + self.opening < self.connections:
             self.opening += 1
             loop = asyncio.get_running_loop()
             task = loop.create_task(loop.create_connection(lambda: _Connection(self), self.host, self.port))
@@ -290,6 +291,7 @@ class _OpenLoopClient:
 
     def close(self) -> list[float]:
         """Close every connection; the due times of the requests still unanswered."""
+        self.closed = True
         waiting = [c.scheduled for c in self.busy if c.scheduled is not None] + [due for due, _ in self.backlog]
         for connection in [*self.busy, *self.idle]:
             connection.transport.close()
