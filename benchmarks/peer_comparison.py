@@ -497,7 +497,12 @@ def markdown(results: dict) -> str:
             "",
             "Medians: "
             + ", ".join(f"{peer} {rate:.1f}" for peer, rate in model["median_best_requests_per_second"].items())
-            + f". Service / best peer ({model['best_peer']}): **{model['service_over_best_peer']}**.",
+            + "."
+            + (
+                f" Service / best peer ({model['best_peer']}): **{model['service_over_best_peer']}**."
+                if model["best_peer"]
+                else ""
+            ),
             "",
             f"p50 / p99 ms at {lowest} client(s), round 1: "
             + ", ".join(
