@@ -48,11 +48,11 @@ class RuntimeInfo:
 
 
 def cpu_threads() -> int:
-    """The cores this process may use (respects taskset/cgroup affinity, unlike os.cpu_count())."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """The cores this process may use: the fewest of the machine's, its CPU affinity (taskset, a cpuset) and its
+    cgroup's CPU quota rounded up (a container run with --cpus sees every core of the host otherwise)."""
+    from loky import cpu_count
+
+    return cpu_count()
 
 
 class Predictor:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
 
 from inference.package import PackageError
-from inference.runtime import CPU_PROVIDER, DeviceUnavailableError, Predictor
+from inference.runtime import CPU_PROVIDER, DeviceUnavailableError, Predictor, cpu_threads
 from tests.support.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
 
 CUDA_WORKS = cuda_session_works()
@@ -17,6 +18,13 @@ CUDA_WORKS = cuda_session_works()
 @pytest.fixture(scope="module")
 def package_dir(tmp_path_factory):
     return make_color_package(tmp_path_factory.mktemp("runtime") / "color")
+
+
+def test_the_cores_counted_are_those_this_process_may_use(monkeypatch):
+    assert 1 <= cpu_threads() <= len(os.sched_getaffinity(0))
+    # Every cap loky knows lowers the count: a cgroup's CPU quota (a container's --cpus) as this variable does.
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "1")
+    assert cpu_threads() == 1
 
 
 def test_predicts_probabilities_per_image_in_order(package_dir):
