@@ -21,6 +21,7 @@ CLIENTS = {
     "wrk": "wrk (C, one thread; benchmarks/wrk_classify.lua)",
     "python": "this script's aiohttp workers",
 }
+OPEN_LOOP_CONNECTIONS = 64  # the open-loop client's keep-alive connections, opened together
 REQUEST_TIMEOUT_S = 30.0  # client side; a request still unanswered by then counts as "timeout"
 
 
@@ -54,13 +55,21 @@ class Phase:
     client_late_p99_ms: float | None = None  # open loop: how late the client sent (its own lag, in the latency)
 
     def figures(self) -> dict:
-        """The figures a comparison keeps per measurement: rate, p50, p99 and every outcome's count."""
-        return {
+        """The figures a comparison keeps per measurement: rate, p50, p99 and every outcome's count; for an open
+        loop also its target rate and the client's own cost."""
+        figures = {
             "requests_per_second": self.requests_per_second,
             "p50_ms": self.p50_ms,
             "p99_ms": self.p99_ms,
             "statuses": self.statuses,
         }
+        if self.kind == "open":
+            figures |= {
+                "target_rate": self.target_rate,
+                "client_cpu_us_per_request": self.client_cpu_us_per_request,
+                "client_late_p99_ms": self.client_late_p99_ms,
+            }
+        return figures
 
 
 def summarise(server: str, kind: str, concurrency: int, seconds: float, samples: list) -> Phase:
@@ -305,7 +314,7 @@ async def open_loop(
     rate: float,
     duration: float,
     warmup: float,
-    connections: int = 64,
+    connections: int = OPEN_LOOP_CONNECTIONS,
     drain_s: float = 5.0,
 ) -> Phase:
     """Requests sent at a fixed rate whatever the answers (no coordinated omission): each request's latency counts

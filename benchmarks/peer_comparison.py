@@ -25,11 +25,12 @@ round is its best concurrency's requests/s, and the report gives the medians of 
 to the best peer. Run on a quiet machine: wrk and every server share its cores.
 
 Then latency under load, open loop: at each of --open-loads (fractions of the service's median best requests/s),
-requests sent at that fixed rate whatever the answers (benchmarks/loadgen.open_loop: up to 256 keep-alive
-connections, latency from each request's due time, 2 s of warm-up, --open-seconds measured), each peer started
-alone in turn for --rounds rounds; the report gives each peer's median p50 and p99 at each load, and whether the
-service beats every peer there (a larger share answered 200, or as large a share with a lower p99). A peer that cannot keep up is overloaded at that rate: its waits grow for as
-long as the run lasts, and requests still unanswered 5 s after the window count at their wait so far.
+requests sent at that fixed rate whatever the answers (benchmarks/loadgen.open_loop: 64 keep-alive connections
+opened together, latency from each request's due time, 2 s of warm-up, --open-seconds measured), each peer
+started alone in turn for --rounds rounds; the report gives each peer's median p50 and p99 at each load, and
+whether the service beats every peer there (a larger share answered 200, or as large a share with a lower p99).
+A peer that cannot keep up is overloaded at that rate: its waits grow for as long as the run lasts, and requests
+still unanswered 5 s after the window count at their wait so far.
 
 The raw engine is measured in each round too, in this process with no server running: ONNX Runtime on the decoded
 test images with the threads the service chose (its workers' calls side by side, each with its share of the cores),
@@ -313,7 +314,7 @@ def measure_model(args: argparse.Namespace, label: str, package: Path, listing: 
     rounds, engines, checks, service_workers = [], [], {}, None
     pixels = decode_all(images * 16, load_package(package).spec.input_size)
     for index in range(args.rounds):
-        order = names[index % len(names) :] + names[: index % len(names)]
+        order = rotated(names, index)
         figures = {}
         for peer in order:
             server = start_peer(peer, package, label, images[0])
@@ -354,6 +355,11 @@ def measure_model(args: argparse.Namespace, label: str, package: Path, listing: 
     }
 
 
+def rotated(names: list[str], index: int) -> list[str]:
+    """The peers in round `index`'s order: each round starts one further along, so no peer is always first."""
+    return names[index % len(names) :] + names[: index % len(names)]
+
+
 def start_peer(peer: str, package: Path, label: str, probe: bytes) -> PeerServer:
     return (ServicePeer if peer == "service" else PeerServer)(peer, package, label, probe).start()
 
@@ -371,7 +377,7 @@ def measure_open_loop(args: argparse.Namespace, label: str, package: Path, image
     names = list(args.peers)
     rounds = []
     for index in range(args.rounds):
-        order = names[index % len(names) :] + names[: index % len(names)]
+        order = rotated(names, index)
         loads = args.open_loads if index % 2 == 0 else args.open_loads[::-1]
         figures: dict[str, dict] = {}
         for peer in order:
@@ -380,12 +386,7 @@ def measure_open_loop(args: argparse.Namespace, label: str, package: Path, image
                 for load in loads:
                     rate = load * saturation
                     phase = uvloop.run(open_loop(peer, server.classify_url, images, rate, args.open_seconds, 2.0))
-                    figures.setdefault(peer, {})[str(load)] = {
-                        "target_rate": phase.target_rate,
-                        **phase.figures(),
-                        "client_cpu_us_per_request": phase.client_cpu_us_per_request,
-                        "client_late_p99_ms": phase.client_late_p99_ms,
-                    }
+                    figures.setdefault(peer, {})[str(load)] = phase.figures()
                     print(
                         f"[{label}] open loop round {index + 1} {peer} at {load:.0%} ({rate:.0f}/s): "
                         f"p50 {phase.p50_ms} p99 {phase.p99_ms} ms, {phase.statuses}, "

@@ -20,8 +20,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from statistics import median
 
-import numpy as np
-
 from benchmarks.common import (
     CACHE,
     CIFAR10_CLASSES,
@@ -34,21 +32,21 @@ from benchmarks.common import (
     read_test_jpegs,
     run_and_report,
 )
-from benchmarks.loadgen import open_loop, write_image_files, wrk_closed_loop
+from benchmarks.loadgen import OPEN_LOOP_CONNECTIONS, open_loop, write_image_files, wrk_closed_loop
 from benchmarks.servers import SERVICE, BentoServer
-from service.statistics import FOLDER_NAME, SUCCESS
+from service.statistics import FOLDER_NAME, requests_by_worker
 
 SATURATION_CONCURRENCY = (64, 128)
+# Each server's settings beyond the package's: the same two workers, rebalancing off or at its default.
+VARIANTS = {
+    "rebalancing off": {"VISIONSERVE_WORKERS": "2", "VISIONSERVE_REBALANCE_EVERY": "0"},
+    "rebalancing on": {"VISIONSERVE_WORKERS": "2"},
+}
 
 
-def requests_per_worker(home: Path) -> dict[str, int]:
-    """Requests answered so far by each worker of the server whose BENTOML_HOME is `home` (one model served)."""
-    folder = home / "prometheus_multiproc_dir" / FOLDER_NAME
-    return {
-        path.name: int(np.frombuffer(path.read_bytes(), np.int64)[SUCCESS])
-        for path in folder.rglob("*")
-        if path.is_file()
-    }
+def requests_per_worker(home: Path) -> dict[int, int]:
+    """Requests answered so far by each worker of the server whose BENTOML_HOME is `home`."""
+    return requests_by_worker(home / "prometheus_multiproc_dir" / FOLDER_NAME)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -60,25 +58,12 @@ def run(args: argparse.Namespace) -> dict:
     jpegs = read_test_jpegs(args.data, 256)
     listing = write_image_files(jpegs, CACHE / "worker-balance" / "jpegs")
     common = {"VISIONSERVE_MODEL": str(package), "VISIONSERVE_DEVICE": "cpu", "VISIONSERVE_GRPC_PORT": "0"}
-    homes = {label: CACHE / "worker-balance" / label for label in ("rebalancing off", "rebalancing on")}
+    homes = {label: CACHE / "worker-balance" / label for label in VARIANTS}
     servers = {
-        "rebalancing off": BentoServer(
-            SERVICE,
-            {
-                **common,
-                "VISIONSERVE_WORKERS": "2",
-                "VISIONSERVE_REBALANCE_EVERY": "0",
-                "BENTOML_HOME": str(homes["rebalancing off"]),
-            },
-            LOGS,
-            "balance-off",
-        ),
-        "rebalancing on": BentoServer(
-            SERVICE,
-            {**common, "VISIONSERVE_WORKERS": "2", "BENTOML_HOME": str(homes["rebalancing on"])},
-            LOGS,
-            "balance-on",
-        ),
+        label: BentoServer(
+            SERVICE, {**common, **variant, "BENTOML_HOME": str(homes[label])}, LOGS, f"balance-{label.split()[-1]}"
+        )
+        for label, variant in VARIANTS.items()
     }
     rounds = []
     with servers["rebalancing off"], servers["rebalancing on"]:
@@ -98,10 +83,9 @@ def run(args: argparse.Namespace) -> dict:
                         open_loop(label, f"{servers[label].url}/classify", jpegs, load * saturation, args.seconds, 2)
                     )
                     after = requests_per_worker(homes[label])
-                    counts = [after[name] - before.get(name, 0) for name in after]
+                    counts = [after[pid] - before.get(pid, 0) for pid in after]
                     figures.setdefault(label, {})[str(load)] = {
                         **phase.figures(),
-                        "target_rate": phase.target_rate,
                         "requests_per_worker": counts,
                         "busier_worker_share": round(max(counts) / max(1, sum(counts)), 3),
                     }
@@ -126,7 +110,12 @@ def run(args: argparse.Namespace) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "package": describe_package(package),
-        "settings": {"rounds": args.rounds, "seconds": args.seconds, "loads": args.loads, "connections": 64},
+        "settings": {
+            "rounds": args.rounds,
+            "seconds": args.seconds,
+            "loads": args.loads,
+            "connections": OPEN_LOOP_CONNECTIONS,
+        },
         "saturation_requests_per_second": saturation,
         "rounds": rounds,
         "medians": summary,

@@ -48,18 +48,25 @@ def shared_folder() -> Path | None:
     return Path(multiprocess) / FOLDER_NAME if multiprocess else None
 
 
+def read_counters(paths) -> dict[Path, np.ndarray]:
+    """The counters in each of these batchers' files, leaving out a file whose batcher stopped meanwhile."""
+    counters = {}
+    for path in paths:
+        try:
+            counters[path] = np.frombuffer(path.read_bytes(), dtype=np.int64)
+        except FileNotFoundError:
+            continue
+    return counters
+
+
 def requests_by_worker(folder: Path | None = None) -> dict[int, int]:
     """Requests each worker process has answered so far (succeeded or failed), over every version it serves, by
     process id; empty outside a BentoML server."""
     folder = folder or shared_folder()
-    totals: collections.Counter[int] = collections.Counter()
     if folder is None or not folder.is_dir():
         return {}
-    for path in folder.glob("*/*/*"):
-        try:
-            counters = np.frombuffer(path.read_bytes(), dtype=np.int64)
-        except FileNotFoundError:  # its batcher stopped meanwhile
-            continue
+    totals: collections.Counter[int] = collections.Counter()
+    for path, counters in read_counters(folder.glob("*/*/*")).items():
         totals[int(path.name.split("-")[0])] += int(counters[SUCCESS] + counters[FAIL])
     return dict(totals)
 
@@ -127,12 +134,7 @@ class InferenceStatistics:
         """Every worker's counters of this version, summed (the latest inference time: the latest of any)."""
         if self.path is None or self._map is None:
             return np.frombuffer(self._counters, dtype=np.int64).copy()
-        rows = []
-        for path in self.path.parent.iterdir():
-            try:
-                rows.append(np.frombuffer(path.read_bytes(), dtype=np.int64))
-            except FileNotFoundError:  # its batcher stopped meanwhile
-                continue
+        rows = list(read_counters(self.path.parent.iterdir()).values())
         width = max(len(row) for row in rows)
         table = np.zeros((len(rows), width), dtype=np.int64)
         for index, row in enumerate(rows):

@@ -4,11 +4,10 @@ through a real server with two workers."""
 from __future__ import annotations
 
 import httpx
-import numpy as np
 import pytest
 
 from inference.imaging import encode_png
-from service.statistics import FOLDER_NAME, LAST_INFERENCE_MS, SUCCESS, InferenceStatistics
+from service.statistics import FOLDER_NAME, LAST_INFERENCE_MS, SUCCESS, InferenceStatistics, requests_by_worker
 from tests.support.color_package import color_pixels, make_color_package
 from tests.support.servers import SERVICE_TEST_SETTINGS, start_server, stop_server, wait_until, workers
 
@@ -107,12 +106,12 @@ def test_two_workers_answer_the_same_statistics_with_both_workers_requests(tmp_p
     server = start_server(
         make_color_package(tmp_path / "color"), tmp_path, {**SERVICE_TEST_SETTINGS, "VISIONSERVE_WORKERS": "2"}
     )
-    folder = tmp_path / "bentoml" / "prometheus_multiproc_dir" / FOLDER_NAME / "color" / "1"
+    folder = tmp_path / "bentoml" / "prometheus_multiproc_dir" / FOLDER_NAME
     try:
-        wait_until(lambda: len(workers(server.process.pid)) == 2 and len(list(folder.glob("*"))) == 2, "2 workers")
+        wait_until(lambda: len(workers(server.process.pid)) == 2 and len(requests_by_worker(folder)) == 2, "2 workers")
 
         def per_worker() -> list[int]:
-            return [int(np.frombuffer(path.read_bytes(), np.int64)[SUCCESS]) for path in folder.iterdir()]
+            return list(requests_by_worker(folder).values())
 
         png = encode_png(color_pixels("blue")[0])
         sent = 0
