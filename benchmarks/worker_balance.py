@@ -34,7 +34,7 @@ from benchmarks.common import (
 )
 from benchmarks.loadgen import OPEN_LOOP_CONNECTIONS, open_loop, write_image_files, wrk_closed_loop
 from benchmarks.servers import SERVICE, BentoServer
-from service.statistics import FOLDER_NAME, requests_by_worker
+from service.statistics import requests_by_worker, server_folder
 
 SATURATION_CONCURRENCY = (64, 128)
 # Each server's settings beyond the package's: the same two workers, rebalancing off or at its default.
@@ -46,7 +46,7 @@ VARIANTS = {
 
 def requests_per_worker(home: Path) -> dict[int, int]:
     """Requests answered so far by each worker of the server whose BENTOML_HOME is `home`."""
-    return requests_by_worker(home / "prometheus_multiproc_dir" / FOLDER_NAME)
+    return requests_by_worker(server_folder(home))
 
 
 def run(args: argparse.Namespace) -> dict:

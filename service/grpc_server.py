@@ -24,11 +24,13 @@ import asyncio
 import functools
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import numpy as np
+from bentoml.exceptions import BentoMLException
 from google.protobuf import json_format
 
 from inference.package import OUTPUT_PROBABILITIES
@@ -41,6 +43,7 @@ from service.protos import grpc_service_pb2 as pb
 from service.protos import grpc_service_pb2_grpc as pb_grpc
 from service.repository import ModelRepository, as_repository
 from service.request_reading import admit_when_warm
+from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +242,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await oip.infer_parsed(classifier, parsed, deadline)
 
 
-class GrpcStartError(RuntimeError):
-    """The gRPC server could not listen (its port is taken by a process that does not share it)."""
+class GrpcStartError(BentoMLException):
+    """The gRPC server could not listen (its port is taken, or not ours to take). A BentoMLException, so that
+    `bentoml serve` prints it as one line and exits 1."""
+
+
+def check_port_free(settings: ServiceSettings) -> None:
+    """Raise GrpcStartError when the gRPC address cannot be bound now; nothing when gRPC is off.
+
+    Run once per server before its workers start (service.service's deployment hook): a worker that cannot bind
+    fails its startup and BentoML restarts it, forever. The probe binds without SO_REUSEPORT, so it also finds a
+    second server on the port, which the workers' own SO_REUSEPORT sockets would join without an error, taking half
+    its connections.
+    """
+    if not settings.grpc_port:
+        return
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    try:
+        family, kind, protocol, _, where = socket.getaddrinfo(
+            settings.grpc_host, settings.grpc_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, protocol) as probe:
+            # As every server socket: a stopped server's closing connections (TIME_WAIT) leave the port free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(where)
+    except OSError as exc:
+        raise GrpcStartError(
+            f"visionserve: cannot serve gRPC on {address} (VISIONSERVE_GRPC_PORT): {exc.strerror or exc}"
+        ) from None
 
 
 async def start(served: ModelRepository | Classifier, access: AccessControl) -> grpc.aio.Server | None:

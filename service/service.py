@@ -129,6 +129,12 @@ class ImageClassifier:
         self._warm_up: asyncio.Task | None = None
         self._grpc: grpc.aio.Server | None = None
 
+    @bentoml.on_deployment
+    def check_grpc_port() -> None:
+        # In `bentoml serve`, before any worker starts: a gRPC port that cannot be served stops the server with one
+        # line, where workers failing to bind it would be restarted forever.
+        grpc_server.check_port_free(SETTINGS)
+
     @bentoml.on_startup
     async def start_batching(self) -> None:
         # Warm up in the background: /livez answers at once, /readyz turns 200 after the warm-up batches. Polling

@@ -48,6 +48,12 @@ def shared_folder() -> Path | None:
     return Path(multiprocess) / FOLDER_NAME if multiprocess else None
 
 
+def server_folder(bentoml_home: Path) -> Path:
+    """Where the workers of the `bentoml serve` whose BENTOML_HOME is `bentoml_home` keep their counters (BentoML
+    puts its Prometheus multiprocess folder there), for readers outside that server: tests, benchmarks."""
+    return bentoml_home / "prometheus_multiproc_dir" / FOLDER_NAME
+
+
 def read_counters(paths) -> dict[Path, np.ndarray]:
     """The counters in each of these batchers' files, leaving out a file whose batcher stopped meanwhile."""
     counters = {}

@@ -17,7 +17,7 @@ from service.app import asgi_middlewares
 from service.auth import AccessControl
 from service.connections import ConnectionRebalancing
 from service.settings import ServiceSettings, SettingsError
-from service.statistics import requests_by_worker
+from service.statistics import requests_by_worker, server_folder
 from tests.support.color_package import color_pixels, make_color_package
 from tests.support.servers import SERVICE_TEST_SETTINGS, start_server, stop_server, wait_until, workers
 
@@ -81,7 +81,7 @@ def test_a_pool_opened_at_once_ends_up_served_by_both_workers(tmp_path):
     # 5 answers moves them until both workers serve about half.
     settings = {**SERVICE_TEST_SETTINGS, "VISIONSERVE_WORKERS": "2", "VISIONSERVE_REBALANCE_EVERY": "5"}
     server = start_server(make_color_package(tmp_path / "color"), tmp_path, settings)
-    folder = tmp_path / "bentoml" / "prometheus_multiproc_dir" / "visionserve-statistics"
+    folder = server_folder(tmp_path / "bentoml")
     png = encode_png(color_pixels("blue")[0])
 
     async def load(client: httpx.AsyncClient, requests: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -255,6 +256,28 @@ def test_port_0_turns_grpc_off(tmp_path):
     assert asyncio.run(grpc_server.start(classifier, AccessControl())) is None
 
 
+def listener(reuse_port: bool) -> socket.socket:
+    """A socket listening on a free loopback port: another program (reuse_port=False) or another server of the
+    same user, whose sockets share their port with SO_REUSEPORT (True)."""
+    held = socket.socket()
+    if reuse_port:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    return held
+
+
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["another-program", "another-server"])
+def test_a_taken_port_is_found_before_serving(reuse_port):
+    with listener(reuse_port) as held:
+        port = held.getsockname()[1]
+        settings = ServiceSettings(model="m", grpc_port=port, grpc_host="127.0.0.1")
+        with pytest.raises(grpc_server.GrpcStartError, match=f"on 127.0.0.1:{port} .*Address already in use"):
+            grpc_server.check_port_free(settings)
+    grpc_server.check_port_free(settings)  # the port closed, the check passes and leaves it free
+    grpc_server.check_port_free(ServiceSettings(model="m", grpc_port=0))
+
+
 # ---- tritonclient against real servers -----------------------------------------------------------------------------
 
 
@@ -382,6 +405,18 @@ def test_statistics_count_the_grpc_requests(served):
     after = grpc_client.get_inference_statistics("color").model_stats[0]
     assert after.inference_stats.success.count == before.inference_stats.success.count + 1
     assert after.inference_count == before.inference_count + 2
+
+
+@pytest.mark.e2e
+def test_a_taken_port_stops_bentoml_serve_with_one_line_before_any_worker(tmp_path):
+    with listener(reuse_port=True) as held:
+        port = held.getsockname()[1]
+        settings = {**SERVICE_TEST_SETTINGS, "VISIONSERVE_GRPC_PORT": str(port), "VISIONSERVE_GRPC_HOST": "127.0.0.1"}
+        with pytest.raises(RuntimeError, match="exited with 1") as exited:
+            start_server(make_color_package(tmp_path / "color"), tmp_path, settings)
+    log = str(exited.value)
+    assert f"`serve` failed: visionserve: cannot serve gRPC on 127.0.0.1:{port}" in log
+    assert "Traceback" not in log and "startup" not in log  # stopped before any worker started
 
 
 @pytest.mark.e2e

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from inference.imaging import encode_png
-from service.statistics import FOLDER_NAME, LAST_INFERENCE_MS, SUCCESS, InferenceStatistics, requests_by_worker
+from service.statistics import LAST_INFERENCE_MS, SUCCESS, InferenceStatistics, requests_by_worker, server_folder
 from tests.support.color_package import color_pixels, make_color_package
 from tests.support.servers import SERVICE_TEST_SETTINGS, start_server, stop_server, wait_until, workers
 
@@ -106,7 +106,7 @@ def test_two_workers_answer_the_same_statistics_with_both_workers_requests(tmp_p
     server = start_server(
         make_color_package(tmp_path / "color"), tmp_path, {**SERVICE_TEST_SETTINGS, "VISIONSERVE_WORKERS": "2"}
     )
-    folder = tmp_path / "bentoml" / "prometheus_multiproc_dir" / FOLDER_NAME
+    folder = server_folder(tmp_path / "bentoml")
     try:
         wait_until(lambda: len(workers(server.process.pid)) == 2 and len(requests_by_worker(folder)) == 2, "2 workers")
 
