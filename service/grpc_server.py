@@ -30,7 +30,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-from bentoml.exceptions import BentoMLException
 from google.protobuf import json_format
 
 from inference.package import OUTPUT_PROBABILITIES
@@ -242,9 +241,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await oip.infer_parsed(classifier, parsed, deadline)
 
 
-class GrpcStartError(BentoMLException):
-    """The gRPC server could not listen (its port is taken, or not ours to take). A BentoMLException, so that
-    `bentoml serve` prints it as one line and exits 1."""
+class GrpcStartError(RuntimeError):
+    """The gRPC server could not listen (its port is taken, or not ours to take)."""
 
 
 def check_port_free(settings: ServiceSettings) -> None:
@@ -268,7 +266,7 @@ def check_port_free(settings: ServiceSettings) -> None:
             probe.bind(where)
     except OSError as exc:
         raise GrpcStartError(
-            f"visionserve: cannot serve gRPC on {address} (VISIONSERVE_GRPC_PORT): {exc.strerror or exc}"
+            f"gRPC cannot listen on {address} (VISIONSERVE_GRPC_PORT): {exc.strerror or exc}"
         ) from None
 
 

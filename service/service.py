@@ -133,7 +133,10 @@ class ImageClassifier:
     def check_grpc_port() -> None:
         # In `bentoml serve`, before any worker starts: a gRPC port that cannot be served stops the server with one
         # line, where workers failing to bind it would be restarted forever.
-        grpc_server.check_port_free(SETTINGS)
+        try:
+            grpc_server.check_port_free(SETTINGS)
+        except grpc_server.GrpcStartError as exc:
+            raise SystemExit(f"visionserve: cannot serve: {exc}") from None
 
     @bentoml.on_startup
     async def start_batching(self) -> None:

@@ -272,7 +272,7 @@ def test_a_taken_port_is_found_before_serving(reuse_port):
     with listener(reuse_port) as held:
         port = held.getsockname()[1]
         settings = ServiceSettings(model="m", grpc_port=port, grpc_host="127.0.0.1")
-        with pytest.raises(grpc_server.GrpcStartError, match=f"on 127.0.0.1:{port} .*Address already in use"):
+        with pytest.raises(grpc_server.GrpcStartError, match=f"listen on 127.0.0.1:{port} .*Address already in use"):
             grpc_server.check_port_free(settings)
     grpc_server.check_port_free(settings)  # the port closed, the check passes and leaves it free
     grpc_server.check_port_free(ServiceSettings(model="m", grpc_port=0))
@@ -415,7 +415,7 @@ def test_a_taken_port_stops_bentoml_serve_with_one_line_before_any_worker(tmp_pa
         with pytest.raises(RuntimeError, match="exited with 1") as exited:
             start_server(make_color_package(tmp_path / "color"), tmp_path, settings)
     log = str(exited.value)
-    assert f"`serve` failed: visionserve: cannot serve gRPC on 127.0.0.1:{port}" in log
+    assert f"visionserve: cannot serve: gRPC cannot listen on 127.0.0.1:{port}" in log
     assert "Traceback" not in log and "startup" not in log  # stopped before any worker started
 
 
