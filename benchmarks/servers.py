@@ -65,7 +65,9 @@ class BentoServer:
         cwd: Path = REPO,
     ) -> None:
         self.target = target
-        self.env = env
+        # gRPC off unless `env` asks for it (on a port of its own): these servers run beside others, and the service
+        # refuses to start on a gRPC port that is taken (its default 8001, by a demo or another test's server).
+        self.env = {"VISIONSERVE_GRPC_PORT": "0", **env}
         self.python = str(python)  # an interpreter that can import bentoml (the Bento test's has nothing else)
         self.cwd = cwd
         self.port = free_port()
