@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import subprocess
@@ -173,6 +174,9 @@ def _onnx_runner(path: Path, backend: str, device: str, threads: int, tf32: bool
         problem = None
         if CUDA_PROVIDER not in ort.get_available_providers():
             problem = f"this onnxruntime build has no {CUDA_PROVIDER} (install onnxruntime-gpu)"
+        elif not nvidia_driver_loads():
+            # Said before ONNX Runtime tries: its own attempt logs an error and a warning on every start.
+            problem = f"{CUDA_PROVIDER} cannot run: no NVIDIA driver (libcuda.so.1; a container needs --gpus)"
         else:
             try:
                 # Load CUDA/cuDNN from the nvidia-* wheels when they are installed (e.g. beside torch);
@@ -192,6 +196,17 @@ def _onnx_runner(path: Path, backend: str, device: str, threads: int, tf32: bool
         fallback_reason = problem
     cpu_session = onnx_session(path, [CPU_PROVIDER], threads)
     return _onnx_run(cpu_session), RuntimeInfo(backend, device, "cpu", CPU_PROVIDER, fallback_reason, threads)
+
+
+def nvidia_driver_loads() -> bool:
+    """Whether the NVIDIA driver's CUDA library can be loaded (where that is not Linux, assumed so)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 def _onnx_run(session):

@@ -6,8 +6,10 @@ import logging
 import os
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
+from inference import runtime
 from inference.package import PackageError
 from inference.runtime import CPU_PROVIDER, DeviceUnavailableError, Predictor, cpu_threads
 from tests.support.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
@@ -44,6 +46,16 @@ def test_auto_falls_back_to_cpu_and_says_why(package_dir, caplog):
     assert predictor.info.requested_device == "auto" and predictor.info.fallback_reason
     assert "running on the CPU" in caplog.text
     predictor.warm_up()
+
+
+@pytest.mark.skipif(runtime.CUDA_PROVIDER not in ort.get_available_providers(), reason="a CPU-only onnxruntime")
+def test_without_the_nvidia_driver_cuda_is_not_tried_and_the_reason_says_so(package_dir, monkeypatch, capfd):
+    monkeypatch.setattr(runtime, "nvidia_driver_loads", lambda: False)
+    predictor = Predictor.from_path(package_dir, device="auto")
+    assert predictor.info.fallback_reason.endswith("no NVIDIA driver (libcuda.so.1; a container needs --gpus)")
+    assert "onnxruntime" not in capfd.readouterr().err  # ONNX Runtime's own attempt logs its failure there
+    with pytest.raises(DeviceUnavailableError, match="device=cuda was requested but .* no NVIDIA driver"):
+        Predictor.from_path(package_dir, device="cuda")
 
 
 @pytest.mark.skipif(CUDA_WORKS, reason="a working GPU is present")
