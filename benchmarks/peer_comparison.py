@@ -292,19 +292,21 @@ def measure_engine_reference(package: Path, pixels, workers: int, seconds: float
 
 
 def engine_ratios(rounds: list[dict], engines: list[dict], lowest: int) -> dict:
-    """Per round, the service's best requests/s over the engine's images/s, and its p50 at `lowest` connections
-    over the lone call's time; with their medians."""
+    """Per round, the service's best requests/s over the engine's images/s, and (when `lowest` is one connection: a
+    lone request) its p50 there over the lone call's time; with their medians."""
     shares = [best_rate_of(r["service"]) / e["images_per_second"] for r, e in zip(rounds, engines, strict=True)]
-    latencies = [
-        r["service"]["by_concurrency"][str(lowest)]["p50_ms"] / e["lone_call_ms"]
-        for r, e in zip(rounds, engines, strict=True)
-    ]
-    return {
+    ratios = {
         "service_share_of_engine": round(median(shares), 3),
         "service_share_of_engine_rounds": [round(v, 3) for v in shares],
-        "lone_request_over_lone_call": round(median(latencies), 3),
-        "lone_request_over_lone_call_rounds": [round(v, 3) for v in latencies],
     }
+    if lowest == 1:
+        latencies = [
+            r["service"]["by_concurrency"]["1"]["p50_ms"] / e["lone_call_ms"]
+            for r, e in zip(rounds, engines, strict=True)
+        ]
+        ratios["lone_request_over_lone_call"] = round(median(latencies), 3)
+        ratios["lone_request_over_lone_call_rounds"] = [round(v, 3) for v in latencies]
+    return ratios
 
 
 def measure_model(args: argparse.Namespace, label: str, package: Path, listing: Path, images: list[bytes]) -> dict:
@@ -524,9 +526,13 @@ def markdown(results: dict) -> str:
                     for e in model["engine"]
                 )
                 + f" (rounds). Service / raw engine: **{model['service_share_of_engine']}** "
-                f"(rounds {model['service_share_of_engine_rounds']}); the service's p50 at {lowest} connection(s) / "
-                f"the lone call: **{model['lone_request_over_lone_call']}** "
-                f"(rounds {model['lone_request_over_lone_call_rounds']}).",
+                f"(rounds {model['service_share_of_engine_rounds']})"
+                + (
+                    f"; the service's p50 at 1 connection / the lone call: **{model['lone_request_over_lone_call']}** "
+                    f"(rounds {model['lone_request_over_lone_call_rounds']})."
+                    if "lone_request_over_lone_call" in model
+                    else " (no lone request: one connection was not among the concurrencies)."
+                ),
                 "",
             ]
         if model.get("open_loop"):

@@ -409,6 +409,11 @@ def test_peer_comparison_sets_the_service_against_the_raw_engine_round_by_round(
     assert ratios["service_share_of_engine"] == 0.9
     assert ratios["lone_request_over_lone_call_rounds"] == [1.167, 1.5, 1.1]
     assert ratios["lone_request_over_lone_call"] == 1.167
+    # Without one connection there is no lone request to set against the lone call.
+    assert set(engine_ratios(rounds, engines, lowest=64)) == {
+        "service_share_of_engine",
+        "service_share_of_engine_rounds",
+    }
 
     package = make_color_package(tmp_path / "color")
     engine = measure_engine_reference(package, np.concatenate([color_pixels("red")] * 8), workers=2, seconds=0.05)
