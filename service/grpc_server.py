@@ -245,6 +245,12 @@ class GrpcStartError(RuntimeError):
     """The gRPC server could not listen (its port is taken, or not ours to take)."""
 
 
+def listen_address(settings: ServiceSettings) -> str:
+    """The settings' host and port as gRPC takes them: an IPv6 address in brackets (`[::]:8001`)."""
+    host = settings.grpc_host.strip("[]")
+    return f"[{host}]:{settings.grpc_port}" if ":" in host else f"{host}:{settings.grpc_port}"
+
+
 def check_port_free(settings: ServiceSettings) -> None:
     """Raise GrpcStartError when the gRPC address cannot be bound now; nothing when gRPC is off.
 
@@ -255,10 +261,10 @@ def check_port_free(settings: ServiceSettings) -> None:
     """
     if not settings.grpc_port:
         return
-    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    address = listen_address(settings)
     try:
         family, kind, protocol, _, where = socket.getaddrinfo(
-            settings.grpc_host, settings.grpc_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            settings.grpc_host.strip("[]"), settings.grpc_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         with socket.socket(family, kind, protocol) as probe:
             # As every server socket: a stopped server's closing connections (TIME_WAIT) leave the port free.
@@ -283,7 +289,7 @@ async def start(served: ModelRepository | Classifier, access: AccessControl) -> 
         ]
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(served, access), server)
-    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    address = listen_address(settings)
     try:
         server.add_insecure_port(address)
     except RuntimeError as exc:

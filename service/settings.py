@@ -77,7 +77,8 @@ class ServiceSettings:
     # The Open Inference Protocol over gRPC (service.grpc_server), served by every worker on this port (SO_REUSEPORT
     # lets them share it); 8001 as in Triton. 0 turns it off.
     grpc_port: int = 8001
-    grpc_host: str = "0.0.0.0"  # the interface it listens on; 0.0.0.0 is every IPv4 one, as BentoML's HTTP default
+    # The interface it listens on: 0.0.0.0 is every IPv4 one, as BentoML's HTTP default; :: (or [::]) every IPv6 one.
+    grpc_host: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
         if not self.model_references:

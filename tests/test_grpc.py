@@ -278,6 +278,23 @@ def test_a_taken_port_is_found_before_serving(reuse_port):
     grpc_server.check_port_free(ServiceSettings(model="m", grpc_port=0))
 
 
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [("0.0.0.0", "0.0.0.0:8001"), ("localhost", "localhost:8001"), ("::", "[::]:8001"), ("[::1]", "[::1]:8001")],
+)
+def test_an_ipv6_host_is_put_in_brackets_for_grpc(host, address):
+    assert grpc_server.listen_address(ServiceSettings(model="m", grpc_host=host)) == address
+
+
+def ipv6_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 # ---- tritonclient against real servers -----------------------------------------------------------------------------
 
 
@@ -417,6 +434,19 @@ def test_a_taken_port_stops_bentoml_serve_with_one_line_before_any_worker(tmp_pa
     log = str(exited.value)
     assert f"visionserve: cannot serve: gRPC cannot listen on 127.0.0.1:{port}" in log
     assert "Traceback" not in log and "startup" not in log  # stopped before any worker started
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not ipv6_works(), reason="no IPv6 on this machine")
+def test_grpc_listens_on_every_ipv6_interface(tmp_path):
+    port = free_port()
+    settings = {**SERVICE_TEST_SETTINGS, "VISIONSERVE_GRPC_PORT": str(port), "VISIONSERVE_GRPC_HOST": "::"}
+    server = start_server(make_color_package(tmp_path / "color"), tmp_path, settings)
+    try:
+        with grpcclient.InferenceServerClient(f"[::1]:{port}") as client:
+            assert client.is_server_ready()
+    finally:
+        stop_server(server)
 
 
 @pytest.mark.e2e
