@@ -272,7 +272,7 @@ def check_port_free(settings: ServiceSettings) -> None:
             probe.bind(where)
     except OSError as exc:
         raise GrpcStartError(
-            f"gRPC cannot listen on {address} (VISIONSERVE_GRPC_PORT): {exc.strerror or exc}"
+            f"gRPC cannot listen on {address} (VISIONSERVE_GRPC_HOST, VISIONSERVE_GRPC_PORT): {exc.strerror or exc}"
         ) from None
 
 
