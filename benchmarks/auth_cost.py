@@ -59,7 +59,6 @@ def run(args: argparse.Namespace) -> dict:
     common = {
         "VISIONSERVE_MODEL": str(package),
         "VISIONSERVE_DEVICE": "cpu",
-        "VISIONSERVE_GRPC_PORT": "0",
         "VISIONSERVE_WORKERS": "1",
     }
     servers = {

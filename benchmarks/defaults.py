@@ -40,7 +40,7 @@ TARGET_RATIO = 0.95
 
 
 def servers_for(package: Path, label: str) -> dict[str, BentoServer]:
-    common = {"VISIONSERVE_MODEL": str(package), "VISIONSERVE_DEVICE": "cpu", "VISIONSERVE_GRPC_PORT": "0"}
+    common = {"VISIONSERVE_MODEL": str(package), "VISIONSERVE_DEVICE": "cpu"}
     cores = cpu_threads()
     configurations = {"defaults": {}, "1 worker": {"VISIONSERVE_WORKERS": "1"}}
     if cores > 1:

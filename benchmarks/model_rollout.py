@@ -77,7 +77,6 @@ def server_of(repository: Path, keys: Path, name: str) -> BentoServer:
     env = {
         "VISIONSERVE_REPOSITORY": str(repository),
         "VISIONSERVE_ADMIN_KEYS_FILE": str(keys),
-        "VISIONSERVE_GRPC_PORT": "0",
     }
     return BentoServer(SERVICE, env, log_dir=LOGS, name=name)  # started by `with`
 

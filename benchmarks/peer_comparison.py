@@ -246,7 +246,7 @@ class ServicePeer(PeerServer):
     """This service, as `bentoml serve` runs it with no tuning variable set."""
 
     def start(self, timeout_s: float = 240) -> ServicePeer:
-        env = {"VISIONSERVE_MODEL": str(self.package), "VISIONSERVE_DEVICE": "cpu", "VISIONSERVE_GRPC_PORT": "0"}
+        env = {"VISIONSERVE_MODEL": str(self.package), "VISIONSERVE_DEVICE": "cpu"}
         self.server = BentoServer(SERVICE, env, LOGS, f"peer-{self.label}-service").start(timeout_s=timeout_s)
         self.url = self.server.url
         self.classify_url = f"{self.url}/classify"

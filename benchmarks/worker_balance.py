@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     package = args.package or random_package(CACHE, "cnn_bn", CIFAR10_CLASSES, args.data, "--eval-limit", "500")[0]
     jpegs = read_test_jpegs(args.data, 256)
     listing = write_image_files(jpegs, CACHE / "worker-balance" / "jpegs")
-    common = {"VISIONSERVE_MODEL": str(package), "VISIONSERVE_DEVICE": "cpu", "VISIONSERVE_GRPC_PORT": "0"}
+    common = {"VISIONSERVE_MODEL": str(package), "VISIONSERVE_DEVICE": "cpu"}
     homes = {label: CACHE / "worker-balance" / label for label in VARIANTS}
     servers = {
         label: BentoServer(
