@@ -24,7 +24,6 @@ import asyncio
 import functools
 import json
 import logging
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,7 +32,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from inference.package import OUTPUT_PROBABILITIES
-from service import oip
+from service import listening, oip
 from service.auth import AccessControl
 from service.classifier import Classifier
 from service.errors import ApiError
@@ -247,33 +246,7 @@ class GrpcStartError(RuntimeError):
 
 def listen_address(settings: ServiceSettings) -> str:
     """The settings' host and port as gRPC takes them: an IPv6 address in brackets (`[::]:8001`)."""
-    host = settings.grpc_host.strip("[]")
-    return f"[{host}]:{settings.grpc_port}" if ":" in host else f"{host}:{settings.grpc_port}"
-
-
-def check_port_free(settings: ServiceSettings) -> None:
-    """Raise GrpcStartError when the gRPC address cannot be bound now; nothing when gRPC is off.
-
-    Run once per server before its workers start (service.service's deployment hook): a worker that cannot bind
-    fails its startup and BentoML restarts it, forever. The probe binds without SO_REUSEPORT, so it also finds a
-    second server on the port, which the workers' own SO_REUSEPORT sockets would join without an error, taking half
-    its connections.
-    """
-    if not settings.grpc_port:
-        return
-    address = listen_address(settings)
-    try:
-        family, kind, protocol, _, where = socket.getaddrinfo(
-            settings.grpc_host.strip("[]"), settings.grpc_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        with socket.socket(family, kind, protocol) as probe:
-            # As every server socket: a stopped server's closing connections (TIME_WAIT) leave the port free.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(where)
-    except OSError as exc:
-        raise GrpcStartError(
-            f"gRPC cannot listen on {address} (VISIONSERVE_GRPC_HOST, VISIONSERVE_GRPC_PORT): {exc.strerror or exc}"
-        ) from None
+    return listening.address(settings.grpc_host, settings.grpc_port)
 
 
 async def start(served: ModelRepository | Classifier, access: AccessControl) -> grpc.aio.Server | None:

@@ -26,7 +26,7 @@ import yaml
 
 from inference.package import PackageError
 from inference.runtime import DeviceUnavailableError, check_device
-from service import auth, bentoml_config, grpc_server, openapi
+from service import auth, bentoml_config, grpc_server, listening, openapi
 from service.app import asgi_middlewares, attach, create_app
 from service.auth import AccessControl
 from service.defaults import WorkerChoice, WorkerChoiceError, choose_workers
@@ -130,12 +130,12 @@ class ImageClassifier:
         self._grpc: grpc.aio.Server | None = None
 
     @bentoml.on_deployment
-    def check_grpc_port() -> None:
-        # In `bentoml serve`, before any worker starts: a gRPC port that cannot be served stops the server with one
-        # line, where workers failing to bind it would be restarted forever.
+    def check_listen_addresses() -> None:
+        # In `bentoml serve`, before any worker starts: a port that cannot be served stops the server with one line,
+        # where BentoML would print a traceback (HTTP) or restart workers failing to bind it forever (gRPC).
         try:
-            grpc_server.check_port_free(SETTINGS)
-        except grpc_server.GrpcStartError as exc:
+            listening.check(SETTINGS)
+        except listening.CannotListen as exc:
             raise SystemExit(f"visionserve: cannot serve: {exc}") from None
 
     @bentoml.on_startup

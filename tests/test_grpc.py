@@ -37,6 +37,7 @@ from service.settings import ServiceSettings, SettingsError
 from tests.support.color_package import COLOR_CLASSES, color_pixels, make_color_package
 from tests.support.servers import (
     SERVICE_TEST_SETTINGS,
+    listener,
     make_slow_color_package,
     start_server,
     stop_server,
@@ -254,28 +255,6 @@ def test_port_0_turns_grpc_off(tmp_path):
     classifier = Stub()
     classifier.settings = settings
     assert asyncio.run(grpc_server.start(classifier, AccessControl())) is None
-
-
-def listener(reuse_port: bool) -> socket.socket:
-    """A socket listening on a free loopback port: another program (reuse_port=False) or another server of the
-    same user, whose sockets share their port with SO_REUSEPORT (True)."""
-    held = socket.socket()
-    if reuse_port:
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    held.bind(("127.0.0.1", 0))
-    held.listen()
-    return held
-
-
-@pytest.mark.parametrize("reuse_port", [False, True], ids=["another-program", "another-server"])
-def test_a_taken_port_is_found_before_serving(reuse_port):
-    with listener(reuse_port) as held:
-        port = held.getsockname()[1]
-        settings = ServiceSettings(model="m", grpc_port=port, grpc_host="127.0.0.1")
-        with pytest.raises(grpc_server.GrpcStartError, match=f"listen on 127.0.0.1:{port} .*Address already in use"):
-            grpc_server.check_port_free(settings)
-    grpc_server.check_port_free(settings)  # the port closed, the check passes and leaves it free
-    grpc_server.check_port_free(ServiceSettings(model="m", grpc_port=0))
 
 
 @pytest.mark.parametrize(

@@ -11,14 +11,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 from PIL import Image
 
-from benchmarks.servers import free_port
 from inference.imaging import encode_png
 from inference.runtime import cpu_threads
 from service.classify_routes import ModelChoice, parse_json_image
@@ -28,9 +26,9 @@ from tests.support.color_package import COLOR_CLASSES, color_pixels, cuda_sessio
 from tests.support.in_process import in_process_service
 from tests.support.servers import (
     REPO,
-    SERVICE,
     SERVICE_TEST_SETTINGS,
     make_slow_color_package,
+    serve_exit,
     start_server,
     stop_server,
 )
@@ -539,14 +537,6 @@ def test_the_access_log_can_be_turned_on_and_prediction_routes_stay_untraced(tmp
 
 
 # --- a configuration that cannot serve stops `bentoml serve` at once -------------------------------------------------
-
-
-def serve_exit(package, settings: dict[str, str], work_dir) -> tuple[int, str]:
-    """Run `bentoml serve` as a user would; (exit code, output) if it stops within a minute."""
-    env = {**os.environ, "VISIONSERVE_MODEL": str(package), "BENTOML_HOME": str(work_dir / "bentoml"), **settings}
-    command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--port", str(free_port())]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    return done.returncode, done.stdout + done.stderr
 
 
 @pytest.mark.e2e

@@ -7,7 +7,10 @@ depend on), to observe warm-up, a busy model and a full queue from outside.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ import onnx
 import psutil
 from onnx import helper, numpy_helper
 
-from benchmarks.servers import SERVICE, BentoServer
+from benchmarks.servers import SERVICE, BentoServer, free_port
 from inference.package import MANIFEST_NAME, OUTPUT_LOGITS, sha256_file
 from tests.support.color_package import color_model, make_color_package
 
@@ -63,6 +66,26 @@ def start_server(package: Path, work_dir: Path, settings: dict[str, str], wait_r
     server = BentoServer(SERVICE, env, log_dir=work_dir)
     server.start("/readyz" if wait_ready else "/livez", timeout_s=120)
     return RunningServer(server, package)
+
+
+def listener(reuse_port: bool) -> socket.socket:
+    """A socket listening on a free loopback port: another program (reuse_port=False) or another server of the
+    same user, whose sockets share their port with SO_REUSEPORT (True)."""
+    held = socket.socket()
+    if reuse_port:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    return held
+
+
+def serve_exit(package: Path, settings: dict[str, str], work_dir: Path, port: int | None = None) -> tuple[int, str]:
+    """Run `bentoml serve` as a user would (on a free port unless told one); (exit code, output) if it stops
+    within a minute."""
+    env = {**os.environ, "VISIONSERVE_MODEL": str(package), "BENTOML_HOME": str(work_dir / "bentoml"), **settings}
+    command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--port", str(port or free_port())]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout + done.stderr
 
 
 def wait_for(running: RunningServer, path: str, timeout_s: float) -> None:

@@ -1,0 +1,98 @@
+"""service.listening: the HTTP and gRPC addresses are checked before any worker starts, with the settings to change."""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from benchmarks.servers import free_port
+from service import listening
+from service.settings import ServiceSettings
+from tests.support.color_package import make_color_package
+from tests.support.servers import listener, serve_exit
+
+
+def serve_context(**options) -> click.Context:
+    """The click context of `bentoml serve` with these options, as the deployment hook finds it."""
+    context = click.Context(click.Command("serve"))
+    context.params = {"host": None, "port": None, **options}
+    return context
+
+
+def test_the_http_address_is_the_commands_own_else_bentomls_configuration():
+    with serve_context(host="127.0.0.1", port=4321):
+        assert listening.http_address() == ("127.0.0.1", 4321)
+    with serve_context():  # neither option given: BentoML's configuration decides, as it does for the server
+        assert listening.http_address() == ("0.0.0.0", 3000)
+    assert listening.http_address() == ("0.0.0.0", 3000)  # outside the command
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "address"),
+    [
+        ("0.0.0.0", 3000, "0.0.0.0:3000"),
+        ("localhost", 8001, "localhost:8001"),
+        ("::", 8001, "[::]:8001"),
+        ("[::1]", 1, "[::1]:1"),
+    ],
+)
+def test_an_ipv6_host_is_written_in_brackets(host, port, address):
+    assert listening.address(host, port) == address
+
+
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["another-program", "another-server"])
+def test_a_taken_grpc_port_is_found_naming_its_settings(reuse_port):
+    with listener(reuse_port) as held, serve_context(host="127.0.0.1", port=free_port()):
+        port = held.getsockname()[1]
+        settings = ServiceSettings(model="m", grpc_port=port, grpc_host="127.0.0.1")
+        with pytest.raises(listening.CannotListen) as refused:
+            listening.check(settings)
+        assert str(refused.value) == (
+            f"gRPC cannot listen on 127.0.0.1:{port} (VISIONSERVE_GRPC_HOST, VISIONSERVE_GRPC_PORT): Address already in use"
+        )
+    with serve_context(host="127.0.0.1", port=free_port()):
+        listening.check(settings)  # the port closed, the check passes and leaves it free
+        listening.check(ServiceSettings(model="m", grpc_port=0))
+
+
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["another-program", "another-server"])
+def test_a_taken_http_port_is_found_naming_its_options(reuse_port):
+    with listener(reuse_port) as held:
+        port = held.getsockname()[1]
+        with serve_context(host="127.0.0.1", port=port), pytest.raises(listening.CannotListen) as refused:
+            listening.check(ServiceSettings(model="m", grpc_port=0))
+    assert str(refused.value) == (
+        f"HTTP cannot listen on 127.0.0.1:{port} (--host, --port or BENTOML_PORT): Address already in use"
+    )
+
+
+def test_a_host_that_is_not_this_machines_is_refused():
+    with (
+        serve_context(host="127.0.0.1", port=free_port()),
+        pytest.raises(listening.CannotListen, match="gRPC cannot listen on not.a.host.invalid:"),
+    ):
+        listening.check(ServiceSettings(model="m", grpc_port=free_port(), grpc_host="not.a.host.invalid"))
+
+
+def test_grpc_on_the_http_port_is_refused_before_either_binds():
+    port = free_port()
+    with serve_context(host="127.0.0.1", port=port), pytest.raises(listening.CannotListen) as refused:
+        listening.check(ServiceSettings(model="m", grpc_port=port, grpc_host="127.0.0.1"))
+    assert (
+        str(refused.value) == f"gRPC cannot listen on port {port}, the HTTP port: set VISIONSERVE_GRPC_PORT or --port"
+    )
+
+
+@pytest.mark.e2e
+def test_a_taken_http_port_stops_bentoml_serve_with_one_line(tmp_path):
+    # Before, BentoML's process manager failed to bind it with a traceback of some 40 lines.
+    with listener(reuse_port=False) as held:
+        port = held.getsockname()[1]
+        code, output = serve_exit(
+            make_color_package(tmp_path / "color"), {"VISIONSERVE_GRPC_PORT": "0"}, tmp_path, port
+        )
+    assert code == 1, output
+    assert output.strip().splitlines()[-1] == (
+        f"visionserve: cannot serve: HTTP cannot listen on 0.0.0.0:{port} (--host, --port or BENTOML_PORT): Address already in use"
+    )
+    assert "Traceback" not in output
