@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from deploy.bento import BENTOFILES, REPO, bentoml_env, build_bento, register_mo
 BASE_IMAGE = "python:3.11-slim"  # both bentofiles' docker.base_image
 HOME = REPO / ".cache" / "container-check" / "bentoml"
 RESULTS = REPO / "benchmarks" / "results" / "container_check.md"
+COMPOSE_FILE = REPO / "deploy" / "compose.yaml"
 STOP_GRACE_S = 30  # docker stop -t: the pod's terminationGracePeriodSeconds (deploy/kubernetes/deployment.yaml)
 READY_TIMEOUT_S = 180
 DRAIN_CLIENTS = 32
@@ -199,6 +201,54 @@ def starts_without_network(tag: str) -> dict:
     return {"network": "none", "ready": ready}
 
 
+def compose_command() -> list[str]:
+    """Docker's compose plugin (`docker compose`) where it is installed, else the standalone `docker-compose`."""
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    raise CheckError("no docker compose: install Docker's compose plugin or docker-compose (Debian: docker-compose)")
+
+
+def runs_under_compose(tag: str, image: tuple[str, bytes]) -> dict:
+    """deploy/compose.yaml with this image on free host ports, as a user starts it: the time until its own health
+    check calls the container healthy, one /classify through the published port, and `down`."""
+    port, grpc_port = free_port(), free_port()
+    tool = compose_command()
+    compose = [*tool, "-f", str(COMPOSE_FILE), "-p", f"visionserve-check-{port}"]
+    env = {**os.environ, "VISIONSERVE_IMAGE": tag, "VISIONSERVE_PUBLISH_HTTP": str(port),
+           "VISIONSERVE_PUBLISH_GRPC": str(grpc_port)}  # fmt: skip
+    version = subprocess.run([*tool, "version"], capture_output=True, text=True).stdout.splitlines()[0]
+
+    def run_compose(*args: str) -> str:
+        result = subprocess.run([*compose, *args], env=env, capture_output=True, text=True, timeout=READY_TIMEOUT_S)
+        if result.returncode != 0:
+            raise CheckError(f"{' '.join(tool)} {args[0]} failed: {result.stderr.strip()[-2000:]}")
+        return result.stdout
+
+    started = time.perf_counter()
+    run_compose("up", "-d")
+    try:
+        [container] = run_compose("ps", "-q").split()
+        while (health := docker("inspect", "-f", "{{.State.Health.Status}}", container).strip()) != "healthy":
+            if health == "unhealthy" or time.perf_counter() - started > READY_TIMEOUT_S:
+                raise CheckError(f"compose: the container is {health}:\n{docker('logs', '--tail', '40', container)}")
+            time.sleep(0.5)
+        healthy_seconds = time.perf_counter() - started
+        label, jpeg = image
+        response = httpx.post(f"http://127.0.0.1:{port}/classify", files={"image": ("test.jpg", jpeg)}, timeout=30)
+        top = response.json()["predictions"][0] if response.status_code == 200 else None
+    finally:
+        down_started = time.perf_counter()
+        run_compose("down", "-t", str(STOP_GRACE_S))
+    return {
+        "tool": version,
+        "healthy_seconds": healthy_seconds,
+        "classify": {"status": response.status_code, "true_label": label, "top": top},
+        "down_seconds": time.perf_counter() - down_started,
+    }
+
+
 def probe_grpc(address: str, url: str, images: list[tuple[str, bytes]]) -> dict:
     """The Open Inference Protocol over gRPC, as Triton's client speaks it: readiness and one infer of encoded JPEGs."""
     import numpy as np
@@ -259,6 +309,8 @@ def run(args: argparse.Namespace) -> dict:
         image = build_image(kind, HOME)
         image["added_bytes"] = image["bytes"] - base_bytes
         image.update(check_image(kind, image, images, args.gpus))
+        if kind == "cpu":  # the compose file's default image
+            image["compose"] = runs_under_compose(image["tag"], images[0])
         results["images"][kind] = image
         print(f"[{kind}] {image['tag']}: {image['bytes'] / 1e6:.0f} MB, ready in {image['ready_seconds']:.1f} s")
     return results
@@ -296,6 +348,16 @@ def markdown(results: dict) -> str:
             f"{drain['unanswered']} unanswered; stopped in {drain['stop_seconds']:.1f} s (grace {drain['grace_seconds']} s), "
             f"exit {drain['exit_code']}; memory under that load {drain['memory_under_load']} |"
         )
+    for kind, image in results["images"].items():
+        if compose := image.get("compose"):
+            top = compose["classify"]["top"] or {}
+            lines += [
+                "",
+                f"`deploy/compose.yaml` with the {kind} image ({compose['tool']}): healthy by its own health check "
+                f"{compose['healthy_seconds']:.1f} s after `up -d`; /classify through the published port "
+                f"{compose['classify']['status']}: {top.get('label')} {top.get('probability', 0):.2f} "
+                f"(true: {compose['classify']['true_label']}); `down` in {compose['down_seconds']:.1f} s.",
+            ]
     for kind, image in results["images"].items():
         lines += ["", f"## Layers of the {kind} image (newest first)", "", "| size | created by |", "|---:|---|"]
         for layer in image["layers"]:

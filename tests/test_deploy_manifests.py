@@ -75,7 +75,10 @@ def test_compose_names_only_what_the_service_has():
     [service] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"].values()
     assert set(service["environment"]) <= VARIABLES
     ServiceSettings.from_env(service["environment"])
-    assert service["ports"] == [f"{SERVICE_PORT}:{SERVICE_PORT}", f"{GRPC_PORT}:{GRPC_PORT}"]
+    assert service["ports"] == [
+        f"${{VISIONSERVE_PUBLISH_HTTP:-{SERVICE_PORT}}}:{SERVICE_PORT}",
+        f"${{VISIONSERVE_PUBLISH_GRPC:-{GRPC_PORT}}}:{GRPC_PORT}",
+    ]
     assert service["stop_grace_period"] == f"{STOP_GRACE_S}s"
     assert "/readyz" in " ".join(service["healthcheck"]["test"])
 
