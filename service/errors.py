@@ -28,7 +28,11 @@ ERRORS: dict[str, ErrorCode] = {
     "pickle_refused": ErrorCode(415, "a pickle content type: unpickling runs code, so it is never read"),
     "unsupported_media_type": ErrorCode(415, "a content type the route does not take"),
     "invalid_content_length": ErrorCode(400, "a Content-Length header that is not a number"),
-    "body_too_large": ErrorCode(413, "the request body (declared or streamed) is over VISIONSERVE_MAX_BODY_BYTES"),
+    "body_too_large": ErrorCode(
+        413, "the request body (declared, streamed or decompressed) is over VISIONSERVE_MAX_BODY_BYTES"
+    ),
+    "unsupported_content_encoding": ErrorCode(415, "a Content-Encoding other than gzip, deflate or identity"),
+    "invalid_content_encoding": ErrorCode(400, "a gzip or deflate body that does not decompress, or ends early"),
     "client_disconnected": ErrorCode(400, "the client closed the connection before the whole body arrived"),
     "invalid_multipart": ErrorCode(400, "a malformed multipart body, or an image part that is not a file upload"),
     "invalid_json": ErrorCode(400, "a body that is not JSON, not an object, or has unknown fields"),

@@ -38,7 +38,15 @@ SECURITY_SCHEME = "apiKey"
 
 # The codes of each step of a request, in the order service.request_reading checks them.
 ADMISSION = ("not_ready", "queue_full")
-BODY = ("pickle_refused", "invalid_content_length", "body_too_large", "too_many_uploads", "client_disconnected")
+BODY = (
+    "pickle_refused",
+    "unsupported_content_encoding",
+    "invalid_content_length",
+    "body_too_large",
+    "too_many_uploads",
+    "client_disconnected",
+    "invalid_content_encoding",
+)
 IMAGE = ("empty", "corrupt", "unsupported_format", "image_too_large")  # the decoder's (inference.imaging)
 ANSWER = ("deadline_exceeded", "shutting_down")
 MODEL = ("model_not_found", "version_not_found")
@@ -85,7 +93,15 @@ INFER_CODES = (
     *ANSWER,
 )
 # A repository call's small JSON body (service.repository_routes).
-REPOSITORY_BODY = ("pickle_refused", "invalid_content_length", "body_too_large", "client_disconnected", "invalid_json")
+REPOSITORY_BODY = (
+    "pickle_refused",
+    "unsupported_content_encoding",
+    "invalid_content_length",
+    "body_too_large",
+    "client_disconnected",
+    "invalid_content_encoding",
+    "invalid_json",
+)
 LOAD_CODES = (
     "unauthorized",
     *REPOSITORY_BODY,

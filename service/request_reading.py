@@ -3,13 +3,17 @@
 Each check refuses as early as it can, so that a request that will fail costs as little as possible: readiness
 and queue room (503) before anything else, the content type (415; pickle is always refused) before the body,
 the declared Content-Length (413) before any byte of the body, and a streamed body (413) as soon as it passes
-the limit. No URL is ever fetched.
+the limit. A body sent with Content-Encoding gzip or deflate (tritonclient's request_compression_algorithm, as
+Triton accepts) is decompressed, and refused (413) as soon as it decodes past the same limit. No URL is ever
+fetched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
+import zlib
 
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -24,6 +28,9 @@ MULTIPART = "multipart/form-data"
 MAX_FORM_FIELDS = 8  # non-file fields (top_k); more is not a real client
 DIGITS = re.compile(r"[0-9]+")
 DATA_URL_PREFIX = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+CONTENT_CODINGS = ("gzip", "x-gzip", "deflate")
+# Decompressed this much at a time, so that a body that decodes past the limit is refused before it is all decoded.
+INFLATE_CHUNK_BYTES = 1 << 20
 
 
 def admit(classifier: Classifier | None) -> Classifier:
@@ -61,8 +68,59 @@ def unsupported_media_type(media_type: str, accepted: list[str]) -> ApiError:
 
 
 async def read_body(request: Request, max_bytes: int, uploads: UploadBudget) -> bytes:
-    """The whole body, refusing (413) a declared or streamed size over `max_bytes` without reading the rest, and
-    (503) one that would take the bytes being received past the upload budget."""
+    """The whole body, its content coding undone, refusing (413) a declared, streamed or decoded size over
+    `max_bytes` without reading or decoding the rest, and (503) one that would take the bytes being received past
+    the upload budget."""
+    coding = content_coding(request)
+    body = await read_raw_body(request, max_bytes, uploads)
+    if coding is None:
+        return body
+    # Off the event loop: a small body may take a megabyte-sized decode.
+    return await asyncio.to_thread(inflate, body, coding, max_bytes)
+
+
+def content_coding(request: Request) -> str | None:
+    """The body's Content-Encoding if it is one that is decoded here, None for none (or identity); else 415."""
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    if coding in ("", "identity"):
+        return None
+    if coding not in CONTENT_CODINGS:
+        raise ApiError(
+            "unsupported_content_encoding",
+            f"Content-Encoding {coding!r} is not accepted; send the body as it is, or compressed with gzip or deflate",
+        )
+    return coding
+
+
+def inflate(body: bytes, coding: str, max_bytes: int) -> bytes:
+    """`body` with its gzip or deflate coding undone: 413 as soon as it decodes past `max_bytes` (a few kilobytes
+    can decode to gigabytes), 400 if it is not one whole stream of that coding."""
+    inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)  # a gzip or a zlib header, whichever the body has
+    parts = []
+    decoded = 0
+    pending = body
+    try:
+        while not inflater.eof:
+            part = inflater.decompress(pending, INFLATE_CHUNK_BYTES)
+            pending = inflater.unconsumed_tail
+            if not part and not pending:
+                break  # the body ended before its stream did
+            decoded += len(part)
+            if decoded > max_bytes:
+                raise ApiError(
+                    "body_too_large", f"the request body decodes ({coding}) to more than the limit of {max_bytes} bytes"
+                )
+            parts.append(part)
+    except zlib.error as exc:
+        raise ApiError("invalid_content_encoding", f"the body is not valid {coding} data: {exc}") from None
+    if not inflater.eof or inflater.unused_data:
+        raise ApiError("invalid_content_encoding", f"the body is not one complete {coding} stream")
+    return b"".join(parts)
+
+
+async def read_raw_body(request: Request, max_bytes: int, uploads: UploadBudget) -> bytes:
+    """The body as it arrives, refusing (413) a declared or streamed size over `max_bytes` without reading the rest,
+    and (503) one that would take the bytes being received past the upload budget."""
     declared = request.headers.get("content-length")
     reserved = 0
     if declared is not None:

@@ -369,6 +369,27 @@ def test_a_bytes_batch_of_encoded_images_answers_as_over_http(served):
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclients_compression_options_answer_as_uncompressed_requests(served, algorithm):
+    # Triton accepts compressed requests; before, the HTTP route read the gzip bytes as JSON and answered 400.
+    grpc_client, http_client, _, _ = served
+    blobs = np.array([jpeg("green"), jpeg("red")], dtype=np.object_)
+    http_input = httpclient.InferInput("images", [2], "BYTES")
+    http_input.set_data_from_numpy(blobs)
+    plain = http_client.infer("color", [http_input]).as_numpy("probabilities")
+    assert plain.argmax(axis=1).tolist() == [1, 0]
+    for compressed in (
+        http_client.infer("color", [http_input], request_compression_algorithm=algorithm),
+        http_client.infer("color", [http_input], response_compression_algorithm=algorithm),
+    ):
+        np.testing.assert_array_equal(compressed.as_numpy("probabilities"), plain)
+    grpc_input = grpcclient.InferInput("images", [2], "BYTES")
+    grpc_input.set_data_from_numpy(blobs)
+    by_grpc = grpc_client.infer("color", [grpc_input], compression_algorithm=algorithm)
+    np.testing.assert_array_equal(by_grpc.as_numpy("probabilities"), plain)
+
+
+@pytest.mark.e2e
 def test_refusals_map_to_grpc_statuses(served):
     grpc_client, _, _, _ = served
     floats = grpcclient.InferInput("pixels", [1, 32, 32, 3], "FP32")

@@ -6,12 +6,15 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import gzip
 import io
 import json
 import os
 import signal
 import subprocess
 import time
+import tracemalloc
+import zlib
 
 import httpx
 import pytest
@@ -21,7 +24,7 @@ from inference.imaging import encode_png
 from inference.runtime import cpu_threads
 from service.classify_routes import ModelChoice, parse_json_image
 from service.errors import ERRORS, ApiError
-from service.request_reading import decode_base64
+from service.request_reading import decode_base64, inflate
 from tests.support.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
 from tests.support.in_process import in_process_service
 from tests.support.servers import (
@@ -210,18 +213,23 @@ def test_multipart_problems_are_400(app_client):
     assert response.status_code == 400, response.text
 
 
-def test_a_declared_body_over_the_limit_is_413_without_reading_it(app_client):
-    # Content-Length says 1 GB; the body records any read of it, so an answer with no read proves it was not awaited.
+@pytest.mark.parametrize(
+    ("header", "status", "code"),
+    [
+        ({"content-length": "1000000000"}, 413, "body_too_large"),  # Content-Length says 1 GB
+        ({"content-encoding": "zstd"}, 415, "unsupported_content_encoding"),
+    ],
+)
+def test_a_refusal_from_the_headers_reads_none_of_the_body(app_client, header, status, code):
+    # The body records any read of it, so an answer with no read proves it was not awaited.
     read = []
 
     async def body():
         read.append(True)
         yield b"\0"
 
-    headers = {"content-type": "image/png", "content-length": "1000000000"}
-    response = app_client.post("/classify", content=body(), headers=headers)
-    status, received = response.status_code, response.content
-    assert status == 413 and b"body_too_large" in received
+    response = app_client.post("/classify", content=body(), headers={"content-type": "image/png", **header})
+    assert_error(response, status, code)
     assert read == []
 
 
@@ -238,6 +246,78 @@ def test_a_chunked_body_over_the_limit_is_413_once_it_passes_the_limit(app_clien
     status, received = response.status_code, response.content
     assert status == 413 and b"body_too_large" in received
     assert len(sent) == 6  # 6 x 100 kB passes the 500 kB limit: not one chunk more is read
+
+
+@pytest.mark.parametrize(
+    ("coding", "compress"),
+    [("gzip", gzip.compress), ("x-gzip", gzip.compress), ("deflate", zlib.compress), ("GZIP", gzip.compress)],
+)
+def test_a_compressed_body_answers_as_the_plain_one_on_every_body_route(app_client, coding, compress):
+    image = png("red")
+    plain = app_client.post("/classify", files={"image": ("r.png", image)})
+    assert plain.status_code == 200, plain.text
+    multipart = httpx.Request("POST", "http://x/classify", files={"image": ("r.png", image)})
+    multipart.read()
+    requests = [
+        ("/classify", compress(multipart.content), multipart.headers["content-type"]),
+        ("/classify", compress(image), "image/png"),
+        ("/classify", compress(json.dumps({"image": base64.b64encode(image).decode()}).encode()), "application/json"),
+    ]
+    for path, body, content_type in requests:
+        response = app_client.post(
+            path, content=body, headers={"content-type": content_type, "content-encoding": coding}
+        )
+        assert response.status_code == 200, response.text
+        assert response.json() == plain.json()
+    v2 = {"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]}]}
+    response = app_client.post(
+        "/v2/models/color/infer",
+        content=compress(json.dumps(v2).encode()),
+        headers={"content-type": "application/json", "content-encoding": coding},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == app_client.post("/v2/models/color/infer", json=v2).json()
+
+
+def test_a_body_that_decodes_past_the_limit_is_413_before_it_is_all_decoded():
+    # A gzip bomb: 64 MiB of zeros in about 64 kB. The limit here is 1 MiB; decoding stops one chunk past it.
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    bomb = b"".join(compressor.compress(bytes(1 << 20)) for _ in range(64)) + compressor.flush()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ApiError) as refused:
+            inflate(bomb, "gzip", 1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.code == "body_too_large" and "decodes (gzip)" in refused.value.message
+    assert peak < 8 << 20  # two chunks and their join, not the 64 MiB
+
+
+def test_a_compressed_body_over_the_limit_gets_413_over_http(app_client):
+    bomb = gzip.compress(bytes(600_000))  # the test server's limit is 500 kB
+    response = app_client.post(
+        "/classify", content=bomb, headers={"content-type": "image/png", "content-encoding": "gzip"}
+    )
+    assert_error(response, 413, "body_too_large")
+
+
+@pytest.mark.parametrize(
+    ("coding", "body", "status", "code"),
+    [
+        ("br", b"anything", 415, "unsupported_content_encoding"),
+        ("gzip, gzip", gzip.compress(gzip.compress(b"x")), 415, "unsupported_content_encoding"),
+        ("gzip", gzip.compress(b"abc" * 1000)[:-20], 400, "invalid_content_encoding"),  # truncated
+        ("gzip", b"not compressed at all", 400, "invalid_content_encoding"),
+        ("gzip", gzip.compress(b"abc") + b"trailing bytes", 400, "invalid_content_encoding"),
+        ("deflate", b"", 400, "invalid_content_encoding"),
+    ],
+)
+def test_a_body_with_an_unknown_or_broken_coding_gets_a_json_error(app_client, coding, body, status, code):
+    response = app_client.post(
+        "/classify", content=body, headers={"content-type": "image/png", "content-encoding": coding}
+    )
+    assert_error(response, status, code)
 
 
 # --- the real server --------------------------------------------------------------------------------------------------
