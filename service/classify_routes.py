@@ -34,7 +34,11 @@ from service.request_reading import (
     unsupported_media_type,
 )
 
-RAW_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
+# A raw body's type: each format inference.imaging accepts (MPO travels as image/jpeg), or octet-stream, as generic
+# clients send bytes; the decoder reads the format from the bytes whichever is declared.
+RAW_IMAGE_TYPES = frozenset(
+    {"image/jpeg", "image/png", "image/webp", "image/avif", "image/heic", "image/heif", "application/octet-stream"}
+)
 JSON_TYPE = "application/json"
 JSON_FIELDS = frozenset({"image", "top_k", "model", "version"})
 # JSON bodies up to this size are parsed on the event loop: cheaper there than a hop to a thread.

@@ -530,6 +530,24 @@ def test_the_service_takes_phone_formats(service_client):
         assert response.json()["predictions"][0]["label"] == "red"
 
 
+@pytest.mark.parametrize(
+    ("fmt", "media_type"),
+    [
+        pytest.param("HEIF", "image/heic", marks=needs_heif),
+        pytest.param("HEIF", "image/heif", marks=needs_heif),
+        pytest.param("AVIF", "image/avif", marks=needs_avif),
+        ("MPO", "image/jpeg"),
+        ("JPEG", "application/octet-stream"),
+    ],
+)
+def test_a_photo_sent_as_a_raw_body_of_its_own_media_type_is_classified(service_client, fmt, media_type):
+    # Before, only image/jpeg, image/png and image/webp bodies were taken: an app uploading HEIC got 415.
+    data = sample(fmt)
+    response = service_client.post("/classify?top_k=1", content=data, headers={"content-type": media_type})
+    assert response.status_code == 200, response.text
+    assert response.json() == classify(service_client, data).json()
+
+
 @needs_heif
 def test_the_service_answers_heic_problems_with_json_errors(service_client, monkeypatch):
     heic = sample("HEIF")

@@ -171,7 +171,7 @@ def test_image_modes_and_sizes_are_converted_by_one_policy(app_client, image, la
         ("/classify", encoded("GIF", "L", 0), "image/png", 415, "unsupported_format"),
         ("/classify", encoded("PNG", "L", 0, size=(1001, 1000)), "image/png", 413, "image_too_large"),
         ("/classify", b"\x80\x04K\x01.", "application/python-pickle", 415, "pickle_refused"),
-        ("/classify", b"abc", "application/octet-stream", 415, "unsupported_media_type"),
+        ("/classify", b"abc", "text/plain", 415, "unsupported_media_type"),
         ("/classify", b"{oops", "application/json", 400, "invalid_json"),
         ("/classify", b'{"image": "abc"}', "application/json", 400, "invalid_base64"),
         ("/classify", b'{"image": "a@c="}', "application/json", 400, "invalid_base64"),
