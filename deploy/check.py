@@ -251,8 +251,10 @@ def runs_under_compose(tag: str, image: tuple[str, bytes]) -> dict:
 
 def probe_grpc(address: str, url: str, images: list[tuple[str, bytes]]) -> dict:
     """The Open Inference Protocol over gRPC, as Triton's client speaks it: readiness and one infer of encoded JPEGs."""
+    import grpc
     import numpy as np
     import tritonclient.grpc as grpcclient
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     metadata = httpx.get(f"{url}/metadata", timeout=10).json()  # the model's name and classes
     model, classes = metadata["name"], metadata["classes"]
@@ -261,8 +263,11 @@ def probe_grpc(address: str, url: str, images: list[tuple[str, bytes]]) -> dict:
     encoded.set_data_from_numpy(np.array([blob for _, blob in images], dtype=object))
     probabilities = client.infer(model, [encoded]).as_numpy("probabilities")
     top = [classes[i] for i in probabilities.argmax(axis=1)]
+    with grpc.insecure_channel(address) as channel:  # what a Kubernetes grpc probe asks
+        health_status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
     return {
         "ready": client.is_server_ready(),
+        "health": health_pb2.HealthCheckResponse.ServingStatus.Name(health_status),
         "images": len(images),
         "top1_correct": sum(t == label for t, (label, _) in zip(top, images, strict=True)),
     }
@@ -341,7 +346,8 @@ def markdown(results: dict) -> str:
             f"| {a['classify']['status']}: {top.get('label')} {top.get('probability', 0):.2f} "
             f"(true: {a['classify']['true_label']}) "
             f"| {a['classify_batch']['status']}: {a['classify_batch']['top1_correct']}/{a['classify_batch']['images']} "
-            f"| {a['v2_infer']['status']}; gRPC {a['grpc']['top1_correct']}/{a['grpc']['images']} "
+            f"| {a['v2_infer']['status']}; gRPC {a['grpc']['top1_correct']}/{a['grpc']['images']}, "
+            f"health {a['grpc'].get('health', 'not asked')} "
             f"| {a['bad_image']['status']} `{a['bad_image']['body'].get('code')}` "
             f"| {'ready' if image['offline_start']['ready'] else 'NOT ready'} "
             f"| {drain['requests_sent_before_stop']} requests sent before the stop: {drain['outcomes']}, "

@@ -7,7 +7,8 @@ served (an empty `version` is the model's default). The repository extension (lo
 and the kernel spreads *connections* (not requests) over them, as it does for BentoML's HTTP socket.
 
 RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, and Triton's ModelConfig and
-ModelStatistics (perf_analyzer asks for both); any other answers UNIMPLEMENTED. ModelInfer takes the REST route's
+ModelStatistics (perf_analyzer asks for both); any other answers UNIMPLEMENTED. Beside it, the standard gRPC health
+service (grpc.health.v1.Health: Kubernetes' grpc probes, grpc_health_probe, Envoy), whose status follows ServerReady. ModelInfer takes the REST route's
 inputs (service.oip): `pixels` UINT8 [N, H, W, 3] or `images` BYTES [N] of encoded images, in
 `raw_input_contents` (whose layout is that of Triton's binary extension over HTTP) or in `contents`; the request
 is checked by the REST route's own parser, and the probabilities come back in `raw_output_contents`.
@@ -25,11 +26,13 @@ import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from inference.package import OUTPUT_PROBABILITIES
 from service import listening, oip
@@ -137,6 +140,13 @@ def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
+async def refuse(context: grpc.aio.ServicerContext, error: ApiError) -> None:
+    """End the RPC with the refusal's gRPC status and message, its code (and headers) as trailing metadata."""
+    service_metrics().rejected_requests.labels(reason=error.code).inc()
+    trailing = ((ERROR_CODE_KEY, error.code), *((k.lower(), v) for k, v in error.headers.items()))
+    await context.abort(grpc_status(error), error.message, trailing)
+
+
 def rpc(health: bool = False) -> Callable[[Handler], Handler]:
     """An RPC method: the API-key check (health RPCs only when VISIONSERVE_AUTH_HEALTH is on), and every
     ApiError (or unexpected error) turned into the gRPC status with the message and the code as metadata."""
@@ -153,9 +163,7 @@ def rpc(health: bool = False) -> Callable[[Handler], Handler]:
             except Exception as exc:  # not asyncio.CancelledError: a cancelled RPC has nobody to answer
                 log.error("unhandled error in gRPC %s", method.__name__, exc_info=exc)
                 error = ApiError("internal", "internal server error")
-            service_metrics().rejected_requests.labels(reason=error.code).inc()
-            trailing = ((ERROR_CODE_KEY, error.code), *((k.lower(), v) for k, v in error.headers.items()))
-            await context.abort(grpc_status(error), error.message, trailing)
+            await refuse(context, error)
 
         return handler
 
@@ -240,6 +248,59 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await oip.infer_parsed(classifier, parsed, deadline)
 
 
+# The whole server ("") and the inference service by name: a probe may ask for either.
+HEALTH_SERVICES = ("", pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
+HEALTH_POLL_S = 0.5
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """grpc's reference health service, its status that of ServerReady: NOT_SERVING until the warm-up ends, SERVING
+    while the models are ready, NOT_SERVING from the shutdown on. Behind the API key only where
+    VISIONSERVE_AUTH_HEALTH puts ServerReady behind it (a Kubernetes grpc probe sends no metadata)."""
+
+    def __init__(self, repository: ModelRepository, access: AccessControl) -> None:
+        super().__init__()
+        self.repository = repository
+        self.access = access
+
+    async def refresh(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        status = serving if self.repository.ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in HEALTH_SERVICES:
+            await self.set(service, status)  # ignored once the shutdown has begun
+
+    async def follow_readiness(self) -> None:
+        """Refresh every HEALTH_POLL_S, so that Watch streams the changes."""
+        while True:
+            await self.refresh()
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
+        await self._authorize(context)
+        await self.refresh()  # as of this call, as ServerReady's answer
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
+        await self._authorize(context)
+        await super().Watch(request, context)
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if self.access.protect_health:
+            try:
+                self.access.check(_metadata_value(context, "authorization"))
+            except ApiError as exc:
+                await refuse(context, exc)
+
+
+@dataclass
+class GrpcServer:
+    """A started gRPC server, its health service and the task that keeps that service's status current."""
+
+    server: grpc.aio.Server
+    health: HealthServicer
+    follower: asyncio.Task
+
+
 class GrpcStartError(RuntimeError):
     """The gRPC server could not listen (its port is taken, or not ours to take)."""
 
@@ -249,7 +310,7 @@ def listen_address(settings: ServiceSettings) -> str:
     return listening.address(settings.grpc_host, settings.grpc_port)
 
 
-async def start(served: ModelRepository | Classifier, access: AccessControl) -> grpc.aio.Server | None:
+async def start(served: ModelRepository | Classifier, access: AccessControl) -> GrpcServer | None:
     """Serve the protocol on the settings' gRPC host and port on the running event loop; None when the port is 0."""
     settings = served.settings
     if not settings.grpc_port:
@@ -262,17 +323,23 @@ async def start(served: ModelRepository | Classifier, access: AccessControl) -> 
         ]
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(served, access), server)
+    health_servicer = HealthServicer(as_repository(served), access)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = listen_address(settings)
     try:
         server.add_insecure_port(address)
     except RuntimeError as exc:
         raise GrpcStartError(f"visionserve: cannot serve gRPC on {address} (VISIONSERVE_GRPC_PORT): {exc}") from None
+    follower = asyncio.get_running_loop().create_task(health_servicer.follow_readiness())
     await server.start()
     log.info("gRPC (Open Inference Protocol) listening on %s", address)
-    return server
+    return GrpcServer(server, health_servicer, follower)
 
 
-async def stop(server: grpc.aio.Server | None, grace_s: float) -> None:
-    """Refuse new RPCs at once and let those in flight finish for up to `grace_s` seconds."""
-    if server is not None:
-        await server.stop(grace_s)
+async def stop(running: GrpcServer | None, grace_s: float) -> None:
+    """Report NOT_SERVING to health checks, refuse new RPCs at once and let those in flight finish for up to
+    `grace_s` seconds."""
+    if running is not None:
+        running.follower.cancel()
+        await running.health.enter_graceful_shutdown()
+        await running.server.stop(grace_s)

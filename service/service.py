@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 
 import bentoml
-import grpc
 import yaml
 
 from inference.package import PackageError
@@ -127,7 +126,7 @@ class ImageClassifier:
         self.repository.workers = WORKERS.describe()
         attach(app, self.repository, ACCESS)
         self._warm_up: asyncio.Task | None = None
-        self._grpc: grpc.aio.Server | None = None
+        self._grpc: grpc_server.GrpcServer | None = None
 
     @bentoml.on_deployment
     def check_listen_addresses() -> None:

@@ -19,6 +19,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 from tritonclient.grpc import model_config_pb2 as triton_config
 from tritonclient.grpc import service_pb2 as triton
@@ -166,21 +167,23 @@ class InProcess:
         self.server = self.runner.run(grpc_server.start(self.classifier, access))
         self.channel = self.runner.run(self._channel())
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
 
     async def _channel(self) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
 
-    def call(self, method: str, request, key: str | None = None):
+    def call(self, method: str, request, key: str | None = None, stub=None):
+        """`method` of the inference service (or of `stub`) on this process's loop, with `key` if given."""
         metadata = (("authorization", f"Bearer {key}"),) if key else None
 
         async def call():
-            return await getattr(self.stub, method)(request, metadata=metadata, timeout=10)
+            return await getattr(stub or self.stub, method)(request, metadata=metadata, timeout=10)
 
         return self.runner.run(call())
 
-    def error(self, method: str, request, key: str | None = None) -> grpc.aio.AioRpcError:
+    def error(self, method: str, request, key: str | None = None, stub=None) -> grpc.aio.AioRpcError:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            self.call(method, request, key)
+            self.call(method, request, key, stub)
         return caught.value
 
     def close(self) -> None:
@@ -220,6 +223,82 @@ def test_every_rpc_but_health_wants_the_api_key(keyed):
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED, method
             assert error_code(error) == "unauthorized"
         keyed.call(method, request, KEY)
+
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health_request(service: str = "") -> health_pb2.HealthCheckRequest:
+    return health_pb2.HealthCheckRequest(service=service)
+
+
+def test_the_standard_health_service_answers_as_server_ready_without_the_key(keyed):
+    # What Kubernetes' grpc probes, grpc_health_probe and Envoy ask: the whole server, or the service by name.
+    for service in ("", "inference.GRPCInferenceService"):
+        assert keyed.call("Check", health_request(service), stub=keyed.health).status == SERVING
+    assert keyed.error("Check", health_request("other.Service"), stub=keyed.health).code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_with_auth_health_the_standard_health_service_wants_the_key(tmp_path):
+    digest = bytes.fromhex(hash_key(KEY).removeprefix("sha256:"))
+    served = InProcess(make_color_package(tmp_path / "color"), AccessControl(api_keys=(digest,), protect_health=True))
+    try:
+        error = served.error("Check", health_request(), stub=served.health)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED and error_code(error) == "unauthorized"
+        assert served.call("Check", health_request(), KEY, stub=served.health).status == SERVING
+
+        async def first_watch_answer(key: str | None):  # a stream: a refusal arrives with its first read
+            metadata = (("authorization", f"Bearer {key}"),) if key else None
+            return await served.health.Watch(health_request(), metadata=metadata, timeout=10).read()
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            served.runner.run(first_watch_answer(None))
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert served.runner.run(first_watch_answer(KEY)).status == SERVING
+    finally:
+        served.close()
+
+
+def test_the_health_status_follows_readiness(monkeypatch):
+    monkeypatch.setattr(grpc_server, "HEALTH_POLL_S", 0.01)
+
+    class Repository:
+        ready = False
+
+    async def statuses() -> tuple[list[int], list[int]]:
+        servicer = grpc_server.HealthServicer(Repository, AccessControl())
+        checked, followed = [], []
+        follower = asyncio.create_task(servicer.follow_readiness())
+        for ready in (False, True, False):
+            Repository.ready = ready
+            await asyncio.sleep(0.05)
+            # The stored status, which Watch streams: the reference servicer's own Check, without the refresh.
+            followed.append((await health.aio.HealthServicer.Check(servicer, health_request(), None)).status)
+            Repository.ready = not ready
+            checked.append((await servicer.Check(health_request(), None)).status)  # as of the call
+        follower.cancel()
+        return followed, checked
+
+    followed, checked = asyncio.run(statuses())
+    assert followed == [NOT_SERVING, SERVING, NOT_SERVING]
+    assert checked == [SERVING, NOT_SERVING, SERVING]
+
+
+def test_a_stopping_server_tells_health_watchers_it_is_not_serving(tmp_path):
+    served = InProcess(make_color_package(tmp_path / "color"), AccessControl())
+
+    async def watch_while_stopping() -> list[int]:
+        stream = served.health.Watch(health_request(), timeout=10)
+        first = await stream.read()
+        stopping = asyncio.create_task(grpc_server.stop(served.server, 1.0))
+        second = await stream.read()
+        await stopping
+        return [first.status, second.status]
+
+    try:
+        assert served.runner.run(watch_while_stopping()) == [SERVING, NOT_SERVING]
+    finally:
+        served.close()
 
 
 def test_raw_and_typed_contents_get_the_same_answer(keyed):
@@ -334,6 +413,8 @@ def test_health_and_metadata_equal_the_http_routes(served):
     config = grpc_client.get_model_config("color").config
     assert config == as_message(http_json(server, "/v2/models/color/config"), triton_config.ModelConfig())
     assert config.max_batch_size == 8 and config.input[0].name == "pixels"
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # the standard health service beside it
+        assert health_pb2_grpc.HealthStub(channel).Check(health_request(), timeout=10).status == SERVING
     [worker] = workers(server.process.pid)
     assert listening_ports(worker) == {server.server.port, port}
 
