@@ -191,6 +191,62 @@ def test_an_unreachable_service_stops_the_job_after_the_retries(tmp_path):
         list(engine.score([Record("a.png", data=color_png("red"))]))
 
 
+KEY = "batch-test-key"
+
+
+@contextmanager
+def keyed_service(package: Path) -> Iterator[str]:
+    """The service's routes in this process behind its API-key middleware, which wants KEY."""
+    from service import app as service_app
+    from service.auth import AccessControl, hash_key
+    from service.classifier import Classifier
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings(model=str(package), device="cpu", max_batch_images=8)
+    classifier = Classifier(settings)
+    app = service_app.create_app()
+    service_app.attach(app, classifier)
+    access = AccessControl(api_keys=(bytes.fromhex(hash_key(KEY).removeprefix("sha256:")),))
+    keyed = service_app.with_middlewares(app, service_app.asgi_middlewares(settings, access))
+    with serve(keyed, on_start=classifier.start, on_stop=classifier.stop) as url:
+        yield url
+
+
+def test_the_api_key_comes_from_the_environment_and_a_refused_key_stops_the_job(package, tmp_path, monkeypatch):
+    source = write_folder(tmp_path / "in", color_files())
+    output = tmp_path / "s.parquet"
+    with keyed_service(package) as url:
+        for key, hint in [(None, "set VISIONSERVE_API_KEY"), ("wrong", "VISIONSERVE_API_KEY is not one")]:
+            if key is None:
+                monkeypatch.delenv("VISIONSERVE_API_KEY", raising=False)
+            else:
+                monkeypatch.setenv("VISIONSERVE_API_KEY", key)
+            with RemoteEngine(url_settings(url)) as engine, pytest.raises(RemoteError) as refused:
+                list(engine.score([Record("a.png", data=color_png("red"))]))
+            assert "refused the job with HTTP 401 unauthorized" in str(refused.value) and hint in str(refused.value)
+        monkeypatch.setenv("VISIONSERVE_API_KEY", KEY)
+        assert run_cli("--url", url, "--input", source, "--output", output, "--top-k", 1) == 0
+    rows = read_output(output)
+    assert [r["label_1"] for r in rows] == [Path(r["id"]).name.split("-")[0] for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("path", "options", "message"),
+    [
+        ("/nowhere", (), "HTTP 404 not_found: no route for POST /nowhere/classify_batch"),
+        ("", ("--top-k", 5), "HTTP 400 invalid_top_k"),  # the colour model has 3 classes
+    ],
+)
+def test_a_refusal_of_the_whole_job_stops_it_at_the_first_request(package, tmp_path, capsys, path, options, message):
+    # Before, each image was sent alone in the end and became an error row: two requests an image for nothing.
+    source = write_folder(tmp_path / "in", color_files())
+    with keyed_service(package) as url, pytest.MonkeyPatch.context() as env:
+        env.setenv("VISIONSERVE_API_KEY", KEY)
+        assert run_cli("--url", url + path, "--input", source, "--output", tmp_path / "s.parquet", *options) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("visionserve-batch: error: ") and message in line
+
+
 def score_remote_and_local(url: str, package: Path, tmp_path: Path) -> None:
     """Score good and bad files through `url` and with the local engine: the rows must agree."""
     files = {**color_files(LABELS * 3), **{name: data for name, (data, _) in BAD_FILES.items()}}

@@ -3,9 +3,14 @@
 - 429, 502, 503, 504, timeouts and connection errors are retried with exponential backoff and jitter;
   a Retry-After header (seconds) is honoured. When the retries run out the job stops with an error (the
   parts written so far stay; `--resume` continues once the service is back).
+- A refusal that no retry and no smaller request changes (401/403: the API key; 404/405: the URL, the model
+  or the route; 400 for top_k or the model choice) stops the job at the first request, with the service's
+  message, instead of becoming an error row for every image.
 - Other 4xx/5xx answers concern the whole request (too many images, body too large, one image that
   breaks the server): the batch is split in halves until the answer concerns one image, which then
   becomes an error row with the service's code.
+- With VISIONSERVE_API_KEY set, every request carries `Authorization: Bearer <key>` (a service started with
+  VISIONSERVE_API_KEYS_FILE wants one).
 - Per-image errors in a 200 answer become error rows with the service's code and message.
 - Files the client cannot read (missing, outside the input folder) are error rows and are not sent.
 """
@@ -13,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Iterable, Iterator
@@ -31,6 +37,10 @@ log = logging.getLogger(__name__)
 
 ENDPOINT = "/classify_batch"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+API_KEY_VARIABLE = "VISIONSERVE_API_KEY"
+# Answers about the job rather than the request's images: every request would get the same.
+JOB_REFUSAL_STATUSES = frozenset({401, 403, 404, 405})
+JOB_REFUSAL_CODES = frozenset({"invalid_top_k", "invalid_model_choice", "unsupported_media_type"})
 
 
 class RemoteError(Exception):
@@ -55,7 +65,11 @@ class RemoteEngine:
 
     def __enter__(self) -> RemoteEngine:
         workers = max(1, self.settings.workers)
-        self.client = httpx.Client(timeout=self.retry.timeout_s, limits=httpx.Limits(max_connections=workers))
+        self.api_key = os.environ.get(API_KEY_VARIABLE) or None
+        headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        self.client = httpx.Client(
+            timeout=self.retry.timeout_s, limits=httpx.Limits(max_connections=workers), headers=headers
+        )
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="request")
         log.info(
             "url engine: %s, %d concurrent requests of up to %d images",
@@ -97,11 +111,21 @@ class RemoteEngine:
                 _result_row(r.id, result, self.settings.top_k)
                 for (_, r, _), result in zip(items, _results(response, len(items)), strict=True)
             ]
+        code, message = _error_of(response)
+        if response.status_code in JOB_REFUSAL_STATUSES or code in JOB_REFUSAL_CODES:
+            raise RemoteError(self._refusal(response.status_code, code, message))
         if len(items) > 1:  # a whole-request refusal: find the image (or the size) it is about
             half = len(items) // 2
             return self._classify(items[:half]) + self._classify(items[half:])
-        code, message = _error_of(response)
         return [ScoreRow(items[0][1].id, (), (), code, message)]
+
+    def _refusal(self, status: int, code: str, message: str) -> str:
+        refusal = f"{self.endpoint} refused the job with HTTP {status} {code}: {message}"
+        if status == 401:
+            if self.api_key is None:
+                return f"{refusal} (set {API_KEY_VARIABLE} to one of the service's API keys)"
+            return f"{refusal} ({API_KEY_VARIABLE} is not one of the service's API keys)"
+        return refusal
 
     def _post(self, files: list[Any]) -> httpx.Response:
         policy = self.retry
