@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Score a folder, archive, Parquet file or list of images with a model package.",
     )
-    p.add_argument("--model", help="model package folder (manifest.json + model files)")
+    p.add_argument(
+        "--model",
+        help="model package folder (manifest.json + model files); with --url, a model the service serves by name",
+    )
     p.add_argument(
         "--input",
         required=True,
@@ -122,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from batch.engines.base import EngineError
-    from batch.engines.remote import RemoteError
+    from batch.engines.remote import JobRefused, RemoteError
     from batch.inputs import InputError
     from batch.job import JobError, run_job
     from batch.output import OutputError
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     try:
         summary = run_job(job, progress=progress)
-    except (JobError, InputError, OutputError, PackageError, DeviceUnavailableError, EngineError) as exc:
+    except (JobError, InputError, OutputError, PackageError, DeviceUnavailableError, EngineError, JobRefused) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except RemoteError as exc:

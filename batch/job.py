@@ -14,7 +14,7 @@ from batch.engines.local import POOLS
 from batch.inputs import open_input
 from batch.output import ChunkedOutput, check_output_path
 from inference.imaging import DEFAULT_MAX_PIXELS
-from inference.package import BACKEND_FILES, ModelPackage, load_package
+from inference.package import BACKEND_FILES, MANIFEST_NAME, ModelPackage, load_package
 from inference.runtime import DEVICES, cpu_threads
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class BatchJob:
 
     input: str  # folder, .tar/.tar.gz/.tgz, .parquet or .txt list of paths
     output: Path  # .parquet or .csv
-    model: str | None = None  # package folder; None with `url`
+    model: str | None = None  # package folder; with `url`, the name of a model the service serves (or None)
     url: str | None = None  # a running service: score through its /classify_batch
     engine: str = "local"  # local | ray (url is implied by `url`)
     top_k: int | None = None  # None: min(DEFAULT_TOP_K, classes)
@@ -80,7 +80,7 @@ def run_job(job: BatchJob, *, progress: bool = False) -> BatchSummary:
 
     started = time.perf_counter()
     engine_name = _check(job)
-    package = load_package(job.model) if job.model is not None else None
+    package = load_package(job.model) if engine_name != "url" else None
     if package is not None:
         package.model_path(job.backend)  # PackageError if the package lacks that backend's file
     top_k = _top_k(job, package)
@@ -133,14 +133,18 @@ def engine_settings(job: BatchJob, engine_name: str, package: ModelPackage | Non
         max_pixels=job.max_pixels,
         ray_address=job.ray_address,
         url=job.url,
+        served_model=job.model if job.url is not None else None,
     )
 
 
 def _check(job: BatchJob) -> str:
     """The engine name, once the job's options are consistent."""
     if job.url is not None:
-        if job.model is not None:
-            raise JobError("--model and --url exclude each other: with --url the service's model scores the images")
+        if job.model is not None and (Path(job.model) / MANIFEST_NAME).is_file():
+            raise JobError(
+                f"with --url, --model names a model the service serves; {job.model} is a package folder "
+                "(without --url it is scored here)"
+            )
         if job.engine != "local":
             raise JobError(f"--url sends the images to a service; it cannot run with --engine {job.engine}")
         engine = "url"
@@ -188,7 +192,7 @@ def _identity(job: BatchJob, kind: str, package: ModelPackage | None, top_k: int
             "sha256": package.sha256(job.backend),
         }
     else:
-        model = {"url": job.url}
+        model = {"url": job.url} if job.model is None else {"url": job.url, "served_model": job.model}
     identity = {
         "input": str(Path(job.input).resolve()),
         "input_kind": kind,

@@ -328,7 +328,7 @@ def test_an_empty_folder_gives_an_empty_output(package, tmp_path):
         ),
         (
             ["--input", "{tmp}/in", "--output", "{tmp}/o.csv", "--url", "http://x"],
-            "exclude each other",
+            "with --url, --model names a model the service serves;",
         ),
         (["--input", "{tmp}/in", "--output", "{tmp}/o.csv", "--engine", "spark"], "invalid choice"),
         (

@@ -242,9 +242,40 @@ def test_a_refusal_of_the_whole_job_stops_it_at_the_first_request(package, tmp_p
     source = write_folder(tmp_path / "in", color_files())
     with keyed_service(package) as url, pytest.MonkeyPatch.context() as env:
         env.setenv("VISIONSERVE_API_KEY", KEY)
-        assert run_cli("--url", url + path, "--input", source, "--output", tmp_path / "s.parquet", *options) == 1
+        assert run_cli("--url", url + path, "--input", source, "--output", tmp_path / "s.parquet", *options) == 2
     [line] = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith("visionserve-batch: error: ") and message in line
+
+
+def test_model_names_the_served_model_when_the_service_serves_several(tmp_path, capsys):
+    import httpx
+
+    from service import app as service_app
+    from service.repository import ModelRepository
+    from service.repository_layout import open_source, plan
+    from service.settings import ServiceSettings
+
+    root = tmp_path / "repository"
+    for name in ("first", "second"):
+        make_color_package(root / name / "1", name=name)
+    settings = ServiceSettings(repository=str(root), device="cpu", max_batch_images=8)
+    source = open_source(settings)
+    repository = ModelRepository.from_plan(settings, source, plan(source, settings))
+    app = service_app.create_app()
+    service_app.attach(app, repository)
+    images = write_folder(tmp_path / "in", color_files())
+    with serve(app, on_start=repository.start, on_stop=repository.stop) as url:
+        assert run_cli("--url", url, "--input", images, "--output", tmp_path / "a.parquet") == 2
+        assert capsys.readouterr().err.strip().endswith("(name one with --model)")
+        output = tmp_path / "b.parquet"
+        assert run_cli("--url", url, "--model", "second", "--input", images, "--output", output, "--top-k", 1) == 0
+        counts = {
+            name: httpx.get(f"{url}/v2/models/{name}/stats").json()["model_stats"][0]["inference_count"]
+            for name in ("first", "second")
+        }
+    assert counts == {"first": 0, "second": len(color_files())}
+    rows = read_output(output)
+    assert [r["label_1"] for r in rows] == [Path(r["id"]).name.split("-")[0] for r in rows]
 
 
 def score_remote_and_local(url: str, package: Path, tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ class EngineSettings:
     max_pixels: int
     ray_address: str | None
     url: str | None
+    served_model: str | None  # url engine: the model to ask the service for (several served); None: its only one
 
 
 class Engine(Protocol):

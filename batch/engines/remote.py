@@ -9,6 +9,7 @@
 - Other 4xx/5xx answers concern the whole request (too many images, body too large, one image that
   breaks the server): the batch is split in halves until the answer concerns one image, which then
   becomes an error row with the service's code.
+- `--model NAME` asks a service that serves several models for that one (the `model` query parameter).
 - With VISIONSERVE_API_KEY set, every request carries `Authorization: Bearer <key>` (a service started with
   VISIONSERVE_API_KEYS_FILE wants one).
 - Per-image errors in a 200 answer become error rows with the service's code and message.
@@ -47,6 +48,10 @@ class RemoteError(Exception):
     """The service stayed unreachable or overloaded through every retry."""
 
 
+class JobRefused(RemoteError):
+    """The service refused the job itself (its key, URL, model or top-k): no retry or smaller request helps."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 8  # tries per request, the first included
@@ -62,6 +67,9 @@ class RemoteEngine:
         self.retry = retry
         url = settings.url.rstrip("/")
         self.endpoint = url if url.endswith(ENDPOINT) else url + ENDPOINT
+        self.params: dict[str, Any] = {"top_k": settings.top_k}
+        if settings.served_model is not None:
+            self.params["model"] = settings.served_model
 
     def __enter__(self) -> RemoteEngine:
         workers = max(1, self.settings.workers)
@@ -113,7 +121,7 @@ class RemoteEngine:
             ]
         code, message = _error_of(response)
         if response.status_code in JOB_REFUSAL_STATUSES or code in JOB_REFUSAL_CODES:
-            raise RemoteError(self._refusal(response.status_code, code, message))
+            raise JobRefused(self._refusal(response.status_code, code, message))
         if len(items) > 1:  # a whole-request refusal: find the image (or the size) it is about
             half = len(items) // 2
             return self._classify(items[:half]) + self._classify(items[half:])
@@ -121,6 +129,8 @@ class RemoteEngine:
 
     def _refusal(self, status: int, code: str, message: str) -> str:
         refusal = f"{self.endpoint} refused the job with HTTP {status} {code}: {message}"
+        if code == "invalid_model_choice":
+            return f"{refusal} (name one with --model)"
         if status == 401:
             if self.api_key is None:
                 return f"{refusal} (set {API_KEY_VARIABLE} to one of the service's API keys)"
@@ -132,7 +142,7 @@ class RemoteEngine:
         for attempt in range(policy.attempts):
             backoff = min(policy.max_delay_s, policy.base_delay_s * 2**attempt) * random.uniform(0.5, 1.0)
             try:
-                response = self.client.post(self.endpoint, params={"top_k": self.settings.top_k}, files=files)
+                response = self.client.post(self.endpoint, params=self.params, files=files)
             except httpx.TransportError as exc:  # refused, reset, timed out
                 problem = f"{type(exc).__name__}: {exc}"
                 delay = backoff
