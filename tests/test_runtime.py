@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -13,6 +16,8 @@ from inference import runtime
 from inference.package import PackageError
 from inference.runtime import CPU_PROVIDER, DeviceUnavailableError, Predictor, cpu_threads
 from tests.support.color_package import COLOR_CLASSES, color_pixels, cuda_session_works, make_color_package
+
+REPO = Path(__file__).resolve().parents[1]
 
 CUDA_WORKS = cuda_session_works()
 
@@ -124,3 +129,21 @@ def test_check_device_reports_in_a_child_process_whether_the_device_works(packag
             check_device(package_dir, "onnx", "cuda")
     with pytest.raises(DeviceUnavailableError, match="checking device=cpu failed: .*PackageError"):
         check_device(package_dir.parent / "no-such-package", "onnx", "cpu")
+
+
+ORT_TELEMETRY_QUEUE = ".cache/Microsoft/DeveloperTools/.onnxruntime/onnxruntime.db"  # under HOME, on Linux
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ONNX Runtime's telemetry queue is a Linux file")
+@pytest.mark.parametrize(("setting", "queued"), [(None, False), ("0", True)], ids=["default", "allowed"])
+def test_onnx_runtime_records_nothing_for_upload_unless_allowed(tmp_path, setting, queued):
+    # Importing onnxruntime records the process (OS, executable path, a device id) in a queue for upload; importing
+    # inference first turns that off. ORT_DISABLE_TELEMETRY=0 allows it, which shows where the queue would be.
+    env = {key: value for key, value in os.environ.items() if key != "ORT_DISABLE_TELEMETRY"}
+    env["HOME"] = str(tmp_path)
+    if setting is not None:
+        env["ORT_DISABLE_TELEMETRY"] = setting
+    package = make_color_package(tmp_path / "color")
+    code = f"from inference.runtime import Predictor; Predictor.from_path({str(package)!r}, device='cpu')"
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True, capture_output=True, timeout=120)
+    assert (tmp_path / ORT_TELEMETRY_QUEUE).exists() == queued
