@@ -35,6 +35,17 @@ RESULTS = REPO / "benchmarks" / "results" / "container_check.md"
 COMPOSE_FILE = REPO / "deploy" / "compose.yaml"
 STOP_GRACE_S = 30  # docker stop -t: the pod's terminationGracePeriodSeconds (deploy/kubernetes/deployment.yaml)
 READY_TIMEOUT_S = 180
+# BentoML's home where the manifests put it: under /tmp, the one writable path of a read-only root filesystem.
+CONTAINER_BENTOML_HOME = "/tmp/bentoml"
+# `docker run` as the Kubernetes manifests run the container (Pod Security Standards' restricted profile with a
+# read-only root filesystem, /tmp a volume of its own) and deploy/compose.yaml does.
+RESTRICTED_RUN = (
+    "--read-only",
+    "--tmpfs", "/tmp",
+    "--cap-drop", "ALL",
+    "--security-opt", "no-new-privileges",
+    "-e", f"BENTOML_HOME={CONTAINER_BENTOML_HOME}",
+)  # fmt: skip
 DRAIN_CLIENTS = 32
 
 
@@ -277,7 +288,7 @@ def check_image(kind: str, image: dict, images: list[tuple[str, bytes]], gpus: b
     port, grpc_port = free_port(), free_port()
     name = f"visionserve-check-{kind}-{port}"
     publish = ["-p", f"127.0.0.1:{port}:3000", "-p", f"127.0.0.1:{grpc_port}:8001"]
-    run = ["run", "-d", "--name", name, *publish, *(["--gpus", "all"] if gpus else [])]
+    run = ["run", "-d", "--name", name, *publish, *RESTRICTED_RUN, *(["--gpus", "all"] if gpus else [])]
     started = time.perf_counter()
     docker(*run, image["tag"])
     try:

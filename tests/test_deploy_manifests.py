@@ -10,7 +10,7 @@ import httpx
 import pytest
 import yaml
 
-from deploy.check import STOP_GRACE_S
+from deploy.check import CONTAINER_BENTOML_HOME, RESTRICTED_RUN, STOP_GRACE_S
 from service.settings import ENV_PREFIX, ServiceSettings
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -18,6 +18,7 @@ KUBERNETES = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
 SERVICE_PORT = 3000  # BentoML's default, which the images EXPOSE
 GRPC_PORT = ServiceSettings.grpc_port
 VARIABLES = {ENV_PREFIX + field.name.upper() for field in fields(ServiceSettings)}
+BENTOML_HOME = "BENTOML_HOME"  # the one variable of BentoML's that the manifests set
 PRE_STOP_SLEEP_S = 5
 
 
@@ -48,6 +49,7 @@ def test_there_is_a_cpu_and_a_gpu_deployment_and_each_has_a_service():
 @pytest.mark.parametrize(("name", "pod", "container"), containers(), ids=lambda v: v if isinstance(v, str) else "")
 def test_a_deployment_names_only_what_the_service_has(name, pod, container):
     env = {item["name"]: item["value"] for item in container.get("env", [])}
+    assert env.pop(BENTOML_HOME) == CONTAINER_BENTOML_HOME
     assert set(env) <= VARIABLES, f"{name}: unknown variables {set(env) - VARIABLES}"
     ServiceSettings.from_env(env)  # every value parses and passes the service's own checks
     assert [port["containerPort"] for port in container["ports"]] == [SERVICE_PORT, GRPC_PORT]
@@ -64,6 +66,23 @@ def test_a_deployment_names_only_what_the_service_has(name, pod, container):
     assert ("nvidia.com/gpu" in limits) == (name == "deployment-gpu.yaml")
 
 
+@pytest.mark.parametrize(("name", "pod", "container"), containers(), ids=lambda v: v if isinstance(v, str) else "")
+def test_a_deployment_meets_the_restricted_pod_security_profile_with_a_read_only_root(name, pod, container):
+    # What a namespace labelled pod-security.kubernetes.io/enforce=restricted admits, and what the container
+    # check's RESTRICTED_RUN gives `docker run`: the root filesystem read-only, /tmp the writable volume.
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+    }
+    [mount] = container["volumeMounts"]
+    [volume] = pod["volumes"]
+    assert mount == {"name": volume["name"], "mountPath": "/tmp"} and "emptyDir" in volume
+    assert CONTAINER_BENTOML_HOME.startswith("/tmp/")
+    assert {"--read-only", "no-new-privileges", "/tmp", f"BENTOML_HOME={CONTAINER_BENTOML_HOME}"} <= set(RESTRICTED_RUN)
+
+
 def test_the_autoscaler_scales_the_cpu_deployment():
     [hpa] = documents(DEPLOY / "kubernetes" / "hpa.yaml")
     [deployment, _] = documents(DEPLOY / "kubernetes" / "deployment.yaml")
@@ -73,8 +92,11 @@ def test_the_autoscaler_scales_the_cpu_deployment():
 
 def test_compose_names_only_what_the_service_has():
     [service] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"].values()
-    assert set(service["environment"]) <= VARIABLES
-    ServiceSettings.from_env(service["environment"])
+    environment = dict(service["environment"])
+    assert environment.pop(BENTOML_HOME) == CONTAINER_BENTOML_HOME
+    assert set(environment) <= VARIABLES
+    ServiceSettings.from_env(environment)
+    assert service["read_only"] and service["tmpfs"] == ["/tmp"] and service["cap_drop"] == ["ALL"]
     assert service["ports"] == [
         f"${{VISIONSERVE_PUBLISH_HTTP:-{SERVICE_PORT}}}:{SERVICE_PORT}",
         f"${{VISIONSERVE_PUBLISH_GRPC:-{GRPC_PORT}}}:{GRPC_PORT}",
