@@ -310,6 +310,12 @@ def listen_address(settings: ServiceSettings) -> str:
     return listening.address(settings.grpc_host, settings.grpc_port)
 
 
+def tls_credentials(settings: ServiceSettings) -> grpc.ServerCredentials:
+    """The server side of TLS from the settings' PEM certificate (chain) and private key."""
+    with open(settings.grpc_tls_certfile, "rb") as cert, open(settings.grpc_tls_keyfile, "rb") as key:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+
 async def start(served: ModelRepository | Classifier, access: AccessControl) -> GrpcServer | None:
     """Serve the protocol on the settings' gRPC host and port on the running event loop; None when the port is 0."""
     settings = served.settings
@@ -327,12 +333,17 @@ async def start(served: ModelRepository | Classifier, access: AccessControl) -> 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = listen_address(settings)
     try:
-        server.add_insecure_port(address)
+        if settings.grpc_tls_certfile:
+            server.add_secure_port(address, tls_credentials(settings))
+        else:
+            server.add_insecure_port(address)
     except RuntimeError as exc:
         raise GrpcStartError(f"visionserve: cannot serve gRPC on {address} (VISIONSERVE_GRPC_PORT): {exc}") from None
     follower = asyncio.get_running_loop().create_task(health_servicer.follow_readiness())
     await server.start()
-    log.info("gRPC (Open Inference Protocol) listening on %s", address)
+    log.info(
+        "gRPC (Open Inference Protocol) listening on %s%s", address, " with TLS" if settings.grpc_tls_certfile else ""
+    )
     return GrpcServer(server, health_servicer, follower)
 
 

@@ -2,12 +2,15 @@
 
 A taken HTTP port used to stop `bentoml serve` with a traceback of BentoML's process manager, and a gRPC port that
 cannot be bound made every worker fail its start, restarted by BentoML forever. `check` finds both first, so the
-service's deployment hook can stop the command with one line.
+service's deployment hook can stop the command with one line. It also refuses a plaintext gRPC port beside an HTTP
+port with TLS, and gRPC TLS files that do not load.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
+from typing import Any
 
 import click
 from bentoml._internal.configuration.containers import BentoMLContainer
@@ -25,17 +28,52 @@ def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def serve_option(name: str) -> Any:
+    """An option of the `bentoml serve` command running this process (None outside it, or when not given)."""
+    context = click.get_current_context(silent=True)
+    return context.params.get(name) if context is not None else None
+
+
 def http_address() -> tuple[str, int]:
     """The host and port `bentoml serve` is about to bind for HTTP.
 
     Its `--host` and `--port` (or BENTOML_PORT) reach BentoML's server only as arguments, never its configuration,
     so they are read from the command's own click context; outside the command, BentoML's configuration.
     """
-    context = click.get_current_context(silent=True)
-    options = context.params if context is not None else {}
-    host = options.get("host") or BentoMLContainer.http.host.get()
-    port = options.get("port") or BentoMLContainer.http.port.get()
-    return host, int(port)
+    host = serve_option("host") or BentoMLContainer.http.host.get()
+    port = serve_option("port") or BentoMLContainer.http.port.get()
+    return str(host), int(port)
+
+
+def http_has_tls() -> bool:
+    """Whether `bentoml serve` serves HTTP with TLS (--ssl-certfile, or BentoML's ssl configuration)."""
+    return bool(serve_option("ssl_certfile") or BentoMLContainer.ssl.certfile.get())
+
+
+def check_grpc_tls(settings: ServiceSettings) -> None:
+    """Raise CannotListen if gRPC's TLS files do not load as a certificate and its key, or if gRPC would be
+    plaintext while HTTP has TLS."""
+    where = address(settings.grpc_host, settings.grpc_port)
+    if not settings.grpc_tls_certfile:
+        if http_has_tls():
+            raise CannotListen(
+                f"HTTP has TLS (--ssl-certfile) but gRPC on {where} would be plaintext: set "
+                "VISIONSERVE_GRPC_TLS_CERTFILE and VISIONSERVE_GRPC_TLS_KEYFILE (the same files serve), or "
+                "VISIONSERVE_GRPC_PORT=0"
+            )
+        return
+    try:  # what grpcio would refuse only in each worker, after the start
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            # grpcio takes no passphrase; without this, OpenSSL would ask for one on the terminal.
+            settings.grpc_tls_certfile,
+            settings.grpc_tls_keyfile,
+            password=lambda: b"",
+        )
+    except OSError as exc:  # ssl.SSLError included
+        raise CannotListen(
+            f"gRPC TLS: {settings.grpc_tls_certfile} and {settings.grpc_tls_keyfile} (VISIONSERVE_GRPC_TLS_CERTFILE, "
+            f"VISIONSERVE_GRPC_TLS_KEYFILE) do not load as a certificate and its key: {exc.strerror or exc}"
+        ) from None
 
 
 def probe(host: str, port: int) -> None:
@@ -52,12 +90,13 @@ def probe(host: str, port: int) -> None:
 
 def check(settings: ServiceSettings) -> None:
     """Raise CannotListen, naming the settings to change, unless the HTTP address and the gRPC one (when gRPC is
-    on) can both be bound now and are not the same port."""
+    on) can both be bound now, are not the same port, and gRPC has working TLS where HTTP has TLS."""
     host, port = http_address()
     checks = [("HTTP", host, port, "--host, --port or BENTOML_PORT")]
     if settings.grpc_port:
         if settings.grpc_port == port:
             raise CannotListen(f"gRPC cannot listen on port {port}, the HTTP port: set VISIONSERVE_GRPC_PORT or --port")
+        check_grpc_tls(settings)
         checks.append(("gRPC", settings.grpc_host, settings.grpc_port, "VISIONSERVE_GRPC_HOST, VISIONSERVE_GRPC_PORT"))
     for protocol, host, port, names in checks:
         try:

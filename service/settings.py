@@ -79,6 +79,10 @@ class ServiceSettings:
     grpc_port: int = 8001
     # The interface it listens on: 0.0.0.0 is every IPv4 one, as BentoML's HTTP default; :: (or [::]) every IPv6 one.
     grpc_host: str = "0.0.0.0"
+    # TLS for gRPC: a PEM certificate (chain) and its private key, both or neither. Without them gRPC is plaintext,
+    # which `bentoml serve` refuses while HTTP has TLS (--ssl-certfile); the same files serve both.
+    grpc_tls_certfile: str = ""
+    grpc_tls_keyfile: str = ""
 
     def __post_init__(self) -> None:
         if not self.model_references:
@@ -106,6 +110,10 @@ class ServiceSettings:
             raise SettingsError(f"{ENV_PREFIX}GRPC_PORT must be a port number (0 turns gRPC off), got {self.grpc_port}")
         if self.grpc_port and not self.grpc_host.strip():
             raise SettingsError(f"{ENV_PREFIX}GRPC_HOST must name an interface (0.0.0.0: all) when gRPC is on")
+        if bool(self.grpc_tls_certfile) != bool(self.grpc_tls_keyfile):
+            raise SettingsError(
+                f"{ENV_PREFIX}GRPC_TLS_CERTFILE and {ENV_PREFIX}GRPC_TLS_KEYFILE go together: set both, or neither"
+            )
         if self.threads < 0:
             raise SettingsError(f"{ENV_PREFIX}THREADS must be >= 0, got {self.threads}")
         if self.rebalance_every < 0:

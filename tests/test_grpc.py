@@ -45,6 +45,7 @@ from tests.support.servers import (
     wait_until,
     workers,
 )
+from tests.support.tls import needs_openssl, self_signed_certificate
 
 LIMITS = InputLimits((32, 32), max_images=8, max_image_bytes=1000)
 KEY = "grpc-test-key"
@@ -515,6 +516,33 @@ def test_a_taken_port_stops_bentoml_serve_with_one_line_before_any_worker(tmp_pa
     log = str(exited.value)
     assert f"visionserve: cannot serve: gRPC cannot listen on 127.0.0.1:{port}" in log
     assert "Traceback" not in log and "startup" not in log  # stopped before any worker started
+
+
+@pytest.mark.e2e
+@needs_openssl
+def test_grpc_with_tls_answers_tritonclient_over_tls_only(tmp_path):
+    cert, key = self_signed_certificate(tmp_path)
+    port = free_port()
+    settings = {
+        **SERVICE_TEST_SETTINGS,
+        "VISIONSERVE_GRPC_PORT": str(port),
+        "VISIONSERVE_GRPC_HOST": "127.0.0.1",
+        "VISIONSERVE_GRPC_TLS_CERTFILE": str(cert),
+        "VISIONSERVE_GRPC_TLS_KEYFILE": str(key),
+    }
+    server = start_server(make_color_package(tmp_path / "color"), tmp_path, settings)
+    try:
+        secure = grpcclient.InferenceServerClient(f"localhost:{port}", ssl=True, root_certificates=str(cert))
+        assert secure.is_server_ready()
+        pixels = grpcclient.InferInput("pixels", [1, 32, 32, 3], "UINT8")
+        pixels.set_data_from_numpy(color_pixels("green"))
+        assert secure.infer("color", [pixels]).as_numpy("probabilities").argmax() == 1
+        secure.close()
+        plaintext = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        assert triton_error(plaintext.is_server_ready).status() == "StatusCode.UNAVAILABLE"
+        plaintext.close()
+    finally:
+        stop_server(server)
 
 
 @pytest.mark.e2e

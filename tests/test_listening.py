@@ -7,9 +7,10 @@ import pytest
 
 from benchmarks.servers import free_port
 from service import listening
-from service.settings import ServiceSettings
+from service.settings import ServiceSettings, SettingsError
 from tests.support.color_package import make_color_package
 from tests.support.servers import listener, serve_exit
+from tests.support.tls import needs_openssl, self_signed_certificate
 
 
 def serve_context(**options) -> click.Context:
@@ -96,3 +97,33 @@ def test_a_taken_http_port_stops_bentoml_serve_with_one_line(tmp_path):
         f"visionserve: cannot serve: HTTP cannot listen on 0.0.0.0:{port} (--host, --port or BENTOML_PORT): Address already in use"
     )
     assert "Traceback" not in output
+
+
+def grpc_settings(**tls: str) -> ServiceSettings:
+    return ServiceSettings(model="m", grpc_port=free_port(), grpc_host="127.0.0.1", **tls)
+
+
+def test_grpc_without_tls_beside_https_is_refused():
+    with serve_context(host="127.0.0.1", port=free_port(), ssl_certfile="cert.pem"):
+        with pytest.raises(
+            listening.CannotListen, match="HTTP has TLS .* but gRPC on 127.0.0.1:[0-9]+ would be plaintext"
+        ):
+            listening.check(grpc_settings())
+        listening.check(ServiceSettings(model="m", grpc_port=0))  # gRPC off: nothing in plaintext
+
+
+@needs_openssl
+def test_grpc_tls_files_are_loaded_before_any_worker_starts(tmp_path):
+    cert, key = self_signed_certificate(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other_key = self_signed_certificate(tmp_path / "other")
+    with serve_context(host="127.0.0.1", port=free_port(), ssl_certfile=str(cert)):
+        listening.check(grpc_settings(grpc_tls_certfile=str(cert), grpc_tls_keyfile=str(key)))
+        for certfile, keyfile in [(cert, tmp_path / "missing.pem"), (cert, other_key), (key, key)]:
+            with pytest.raises(listening.CannotListen, match="do not load as a certificate and its key"):
+                listening.check(grpc_settings(grpc_tls_certfile=str(certfile), grpc_tls_keyfile=str(keyfile)))
+
+
+def test_grpc_tls_needs_both_files():
+    with pytest.raises(SettingsError, match="GRPC_TLS_CERTFILE and VISIONSERVE_GRPC_TLS_KEYFILE go together"):
+        ServiceSettings(model="m", grpc_tls_certfile="cert.pem")
