@@ -35,6 +35,7 @@ RESULTS = REPO / "benchmarks" / "results" / "container_check.md"
 COMPOSE_FILE = REPO / "deploy" / "compose.yaml"
 STOP_GRACE_S = 30  # docker stop -t: the pod's terminationGracePeriodSeconds (deploy/kubernetes/deployment.yaml)
 READY_TIMEOUT_S = 180
+ARBITRARY_USER = "1000650000:0"  # a user id as OpenShift assigns one, in the root group
 # BentoML's home where the manifests put it: under /tmp, the one writable path of a read-only root filesystem.
 CONTAINER_BENTOML_HOME = "/tmp/bentoml"
 # `docker run` as the Kubernetes manifests run the container (Pod Security Standards' restricted profile with a
@@ -194,10 +195,11 @@ def stop_under_load(url: str, container: str, images: list[tuple[str, bytes]]) -
     }
 
 
-def starts_without_network(tag: str) -> dict:
-    """Start the image with no network at all and ask /readyz from inside the container (its own loopback)."""
-    name = f"visionserve-check-offline-{free_port()}"
-    docker("run", "-d", "--network", "none", "--name", name, tag)
+def starts(tag: str, *options: str) -> bool:
+    """Whether the image, run with these `docker run` options, answers /readyz from inside the container (its own
+    loopback: the options may leave it no network)."""
+    name = f"visionserve-check-start-{free_port()}"
+    docker("run", "-d", "--name", name, *options, tag)
     code = (
         "import time, urllib.request\n"
         "for _ in range(600):\n"
@@ -206,10 +208,9 @@ def starts_without_network(tag: str) -> dict:
         "    except Exception: time.sleep(0.2)\n"
     )
     try:
-        ready = docker("exec", name, "python", "-c", code, timeout=READY_TIMEOUT_S).strip() == "ready"
+        return docker("exec", name, "python", "-c", code, timeout=READY_TIMEOUT_S).strip() == "ready"
     finally:
         docker("rm", "-f", name)
-    return {"network": "none", "ready": ready}
 
 
 def compose_command() -> list[str]:
@@ -301,7 +302,10 @@ def check_image(kind: str, image: dict, images: list[tuple[str, bytes]], gpus: b
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
     return {"ready_seconds": ready_seconds, "uid": user, "answers": answers, "drain": drain,
-            "offline_start": starts_without_network(image["tag"])}  # fmt: skip
+            "offline_start": {"network": "none", "ready": starts(image["tag"], "--network", "none")},
+            # OpenShift runs a container as an arbitrary user of group 0: the image's files must be readable to it.
+            "arbitrary_uid_start": {"user": ARBITRARY_USER,
+                                    "ready": starts(image["tag"], "--user", ARBITRARY_USER, *RESTRICTED_RUN)}}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -345,8 +349,9 @@ def markdown(results: dict) -> str:
         f"{results['base_image']['bytes'] / mb:.0f} MB",
         "",
         "| image | size | added to the base | build | `docker run` to /readyz | user | /classify | /classify_batch "
-        "top-1 | v2 infer (HTTP; gRPC top-1) | bad image | no network at start | `docker stop` under load |",
-        "|---|---:|---:|---:|---:|---|---|---|---|---|---|---|",
+        "top-1 | v2 infer (HTTP; gRPC top-1) | bad image | no network at start | another user (OpenShift) "
+        "| `docker stop` under load |",
+        "|---|---:|---:|---:|---:|---|---|---|---|---|---|---|---|",
     ]
     for kind, image in results["images"].items():
         a, drain = image["answers"], image["drain"]
@@ -361,6 +366,7 @@ def markdown(results: dict) -> str:
             f"health {a['grpc'].get('health', 'not asked')} "
             f"| {a['bad_image']['status']} `{a['bad_image']['body'].get('code')}` "
             f"| {'ready' if image['offline_start']['ready'] else 'NOT ready'} "
+            f"| {'ready' if image['arbitrary_uid_start']['ready'] else 'NOT ready'} "
             f"| {drain['requests_sent_before_stop']} requests sent before the stop: {drain['outcomes']}, "
             f"{drain['unanswered']} unanswered; stopped in {drain['stop_seconds']:.1f} s (grace {drain['grace_seconds']} s), "
             f"exit {drain['exit_code']}; memory under that load {drain['memory_under_load']} |"

@@ -6,6 +6,7 @@ The store entry's folder holds the package's files unchanged (plus BentoML's own
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def register_package(package_dir: Path) -> str:
     with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
         for file_name in [MANIFEST_NAME, *package.manifest["files"]]:
             shutil.copy2(package.root / file_name, Path(model.path) / file_name)
+        # BentoML makes the folder owner-only (a temporary directory); Bentos and images copy that mode, and a
+        # container run as another user (OpenShift's arbitrary uid) could not read the model.
+        os.chmod(model.path, 0o755)
     return tag
 
 

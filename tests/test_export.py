@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from datetime import datetime
@@ -364,6 +365,7 @@ def test_cli_registers_the_package_in_the_bentoml_model_store(tmp_path, data_32)
 
     stored = tmp_path / "bentoml" / "models" / "run_a" / "v1"
     package = load_package(stored)  # the store's copy verifies like the folder
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o755  # Bentos copy it: any user of an image must read it
     assert package.name == "run_a" and package.version == "v1"
     assert package.manifest == load_package(tmp_path / "package").manifest
 
