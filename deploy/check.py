@@ -301,11 +301,12 @@ def check_image(kind: str, image: dict, images: list[tuple[str, bytes]], gpus: b
         drain = stop_under_load(url, name, images[:16])
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    offline = starts(image["tag"], "--network", "none")
+    # OpenShift runs a container as an arbitrary user of group 0: the image's files must be readable to it.
+    arbitrary_user = starts(image["tag"], "--user", ARBITRARY_USER, *RESTRICTED_RUN)
     return {"ready_seconds": ready_seconds, "uid": user, "answers": answers, "drain": drain,
-            "offline_start": {"network": "none", "ready": starts(image["tag"], "--network", "none")},
-            # OpenShift runs a container as an arbitrary user of group 0: the image's files must be readable to it.
-            "arbitrary_uid_start": {"user": ARBITRARY_USER,
-                                    "ready": starts(image["tag"], "--user", ARBITRARY_USER, *RESTRICTED_RUN)}}  # fmt: skip
+            "offline_start": {"network": "none", "ready": offline},
+            "arbitrary_uid_start": {"user": ARBITRARY_USER, "ready": arbitrary_user}}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -8,7 +8,8 @@ and the kernel spreads *connections* (not requests) over them, as it does for Be
 
 RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, and Triton's ModelConfig and
 ModelStatistics (perf_analyzer asks for both); any other answers UNIMPLEMENTED. Beside it, the standard gRPC health
-service (grpc.health.v1.Health: Kubernetes' grpc probes, grpc_health_probe, Envoy), whose status follows ServerReady. ModelInfer takes the REST route's
+service (grpc.health.v1.Health: Kubernetes' grpc probes, grpc_health_probe, Envoy), whose status follows
+ServerReady. With VISIONSERVE_GRPC_TLS_CERTFILE and _KEYFILE the port speaks TLS. ModelInfer takes the REST route's
 inputs (service.oip): `pixels` UINT8 [N, H, W, 3] or `images` BYTES [N] of encoded images, in
 `raw_input_contents` (whose layout is that of Triton's binary extension over HTTP) or in `contents`; the request
 is checked by the REST route's own parser, and the probabilities come back in `raw_output_contents`.
