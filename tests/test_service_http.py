@@ -7,10 +7,13 @@ import ast
 import asyncio
 import base64
 import gzip
+import http.client
 import io
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import time
 import tracemalloc
@@ -587,6 +590,32 @@ def test_two_workers_each_serve_with_their_share_of_the_threads(tmp_path):
 
 
 # --- BentoML's configuration overrides the service's defaults ------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_body_sent_too_slowly_is_cut_off_by_the_request_timeout_backstop(tmp_path):
+    # A client that declares a body and sends it a few bytes at a time (slowloris) holds its connection and its
+    # share of the upload budget until BentoML's request timeout, VISIONSERVE_REQUEST_TIMEOUT_S + 5 s
+    # (service.service's `traffic`), answers 504 in JSON (BentoML's own body: no `code`) and frees both.
+    settings = {**SERVICE_TEST_SETTINGS, "VISIONSERVE_REQUEST_TIMEOUT_S": "1"}
+    server = start_server(make_color_package(tmp_path / "color"), tmp_path, settings)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server.port), timeout=30) as connection:
+            head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+            connection.sendall(head)
+            started = time.monotonic()
+            # Ten bytes every half second, until the server answers.
+            while not select.select([connection], [], [], 0.5)[0] and time.monotonic() - started < 20:
+                connection.sendall(b"\0" * 10)
+            waited = time.monotonic() - started
+            response = http.client.HTTPResponse(connection)
+            response.begin()
+            status, body = response.status, response.read()
+    finally:
+        stop_server(server)
+    assert status == 504 and 5 <= waited < 10, (status, waited)
+    assert "error" in json.loads(body)
 
 
 @pytest.mark.e2e
