@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.engines import ENGINES, create_engine
-from batch.engines.base import EngineSettings
+from batch.engines.base import EngineSettings, ServedModel
 from batch.engines.local import POOLS
 from batch.inputs import open_input
 from batch.output import ChunkedOutput, check_output_path
@@ -85,14 +85,19 @@ def run_job(job: BatchJob, *, progress: bool = False) -> BatchSummary:
         package.model_path(job.backend)  # PackageError if the package lacks that backend's file
     top_k = _top_k(job, package)
     source = open_input(job.input, id_column=job.id_column, image_column=job.image_column)
+    served = None
+    if engine_name == "url":
+        from batch.engines.remote import served_model  # httpx only for url jobs, as the engine itself
+
+        served = served_model(job.url, job.model)
     output = ChunkedOutput(
         job.output,
-        _identity(job, source.kind, package, top_k),
+        _identity(job, source.kind, package, served, top_k),
         top_k=top_k,
         rows_per_part=job.rows_per_part,
         resume=job.resume,
     )
-    settings = engine_settings(job, engine_name, package, top_k)
+    settings = engine_settings(job, engine_name, package, top_k, served)
     remaining = None if source.count is None else source.count - len(output.done_ids)
     if output.done_ids:
         log.info(
@@ -117,7 +122,9 @@ def run_job(job: BatchJob, *, progress: bool = False) -> BatchSummary:
     return BatchSummary(job.output, scored, failed, new_rows, scoring_started - started, finished - scoring_started)
 
 
-def engine_settings(job: BatchJob, engine_name: str, package: ModelPackage | None, top_k: int) -> EngineSettings:
+def engine_settings(
+    job: BatchJob, engine_name: str, package: ModelPackage | None, top_k: int, served: ServedModel | None = None
+) -> EngineSettings:
     """The job's settings with every default resolved, as the engine `engine_name` gets them."""
     default_workers = DEFAULT_URL_WORKERS if engine_name == "url" else cpu_threads()
     return EngineSettings(
@@ -133,7 +140,7 @@ def engine_settings(job: BatchJob, engine_name: str, package: ModelPackage | Non
         max_pixels=job.max_pixels,
         ray_address=job.ray_address,
         url=job.url,
-        served_model=job.model if job.url is not None else None,
+        served=served,
     )
 
 
@@ -182,7 +189,9 @@ def _top_k(job: BatchJob, package: ModelPackage | None) -> int:
     return job.top_k
 
 
-def _identity(job: BatchJob, kind: str, package: ModelPackage | None, top_k: int) -> dict[str, Any]:
+def _identity(
+    job: BatchJob, kind: str, package: ModelPackage | None, served: ServedModel | None, top_k: int
+) -> dict[str, Any]:
     """What must not change between a run and its resume (JSON types only: it is compared after a round trip)."""
     if package is not None:
         model: dict[str, Any] = {
@@ -192,7 +201,8 @@ def _identity(job: BatchJob, kind: str, package: ModelPackage | None, top_k: int
             "sha256": package.sha256(job.backend),
         }
     else:
-        model = {"url": job.url} if job.model is None else {"url": job.url, "served_model": job.model}
+        assert served is not None
+        model = {"url": job.url, "name": served.name, "version": served.version}
     identity = {
         "input": str(Path(job.input).resolve()),
         "input_kind": kind,

@@ -8,6 +8,8 @@ script (503/429 with Retry-After, 413 for too many images, a 500 on one image).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import socket
 import threading
 import time
@@ -23,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from batch.engines.base import EngineSettings
-from batch.engines.remote import RemoteEngine, RemoteError, RetryPolicy
+from batch.engines.base import EngineError, EngineSettings, ServedModel
+from batch.engines.remote import JobRefused, RemoteEngine, RemoteError, RetryPolicy, served_model
 from batch.inputs import Record
 from batch.job import BatchJob, engine_settings
 from inference.imaging import ImageDecodeError, decode_image
@@ -88,7 +90,15 @@ class StandIn:
         self.requests: list[int] = []  # images per request, refused ones included
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/classify_batch", self.classify_batch, methods=["POST"])])
+        return Starlette(
+            routes=[
+                Route("/metadata", self.metadata, methods=["GET"]),
+                Route("/classify_batch", self.classify_batch, methods=["POST"]),
+            ]
+        )
+
+    async def metadata(self, request: Request) -> JSONResponse:
+        return JSONResponse({"name": "color", "version": "1"})
 
     async def classify_batch(self, request: Request) -> JSONResponse:
         form = await request.form()
@@ -233,7 +243,7 @@ def test_the_api_key_comes_from_the_environment_and_a_refused_key_stops_the_job(
 @pytest.mark.parametrize(
     ("path", "options", "message"),
     [
-        ("/nowhere", (), "HTTP 404 not_found: no route for POST /nowhere/classify_batch"),
+        ("/nowhere", (), "HTTP 404 not_found: no route for GET /nowhere/metadata"),
         ("", ("--top-k", 5), "HTTP 400 invalid_top_k"),  # the colour model has 3 classes
     ],
 )
@@ -266,7 +276,7 @@ def test_model_names_the_served_model_when_the_service_serves_several(tmp_path, 
     images = write_folder(tmp_path / "in", color_files())
     with serve(app, on_start=repository.start, on_stop=repository.stop) as url:
         assert run_cli("--url", url, "--input", images, "--output", tmp_path / "a.parquet") == 2
-        assert capsys.readouterr().err.strip().endswith("(name one with --model)")
+        assert capsys.readouterr().err.strip().endswith("serves 2 models (first, second): name one with --model")
         output = tmp_path / "b.parquet"
         assert run_cli("--url", url, "--model", "second", "--input", images, "--output", output, "--top-k", 1) == 0
         counts = {
@@ -276,6 +286,51 @@ def test_model_names_the_served_model_when_the_service_serves_several(tmp_path, 
     assert counts == {"first": 0, "second": len(color_files())}
     rows = read_output(output)
     assert [r["label_1"] for r in rows] == [Path(r["id"]).name.split("-")[0] for r in rows]
+
+
+def test_a_job_pins_one_model_version_from_start_to_end(tmp_path):
+    import httpx
+
+    from service import app as service_app
+    from service.repository import ModelRepository
+    from service.repository_layout import open_source, plan
+    from service.settings import ServiceSettings
+
+    root = tmp_path / "repository"
+    for version in ("1", "2"):
+        make_color_package(root / "color" / version, version=version)
+    (root / "repository.json").write_text(json.dumps({"models": {"color": {"versions": ["1", "2"]}}}))
+    settings = ServiceSettings(repository=str(root), device="cpu", max_batch_images=8)
+    source = open_source(settings)
+    repository = ModelRepository.from_plan(settings, source, plan(source, settings))
+    app = service_app.create_app()
+    service_app.attach(app, repository)
+    with serve(app, on_start=repository.start, on_stop=repository.stop) as url:
+        assert served_model(url, None) == ServedModel("color", "2")  # the default version when the job starts
+        pinned = dataclasses.replace(url_settings(url), served=ServedModel("color", "1"))
+        with RemoteEngine(pinned) as engine:
+            [rows] = list(engine.score([Record("a.png", data=color_png("blue"))]))
+        counts = {
+            version: httpx.get(f"{url}/v2/models/color/versions/{version}/stats").json()["model_stats"][0][
+                "inference_count"
+            ]
+            for version in ("1", "2")
+        }
+        gone = dataclasses.replace(url_settings(url), served=ServedModel("color", "9"))
+        with RemoteEngine(gone) as engine, pytest.raises(JobRefused, match="no longer served"):
+            list(engine.score([Record("a.png", data=color_png("blue"))]))
+    assert rows[0].labels == ("blue",) and counts == {"1": 1, "2": 0}
+
+
+def test_the_served_model_is_asked_for_once_and_a_service_that_cannot_say_stops_the_job(tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(EngineError, match="cannot be reached: ConnectError"):
+        served_model(f"http://127.0.0.1:{port}/classify_batch", None)
+    not_ours = Starlette(routes=[Route("/metadata", lambda request: JSONResponse({"status": "ok"}))])
+    with serve(not_ours) as url, pytest.raises(EngineError, match="is not a visionserve service's /metadata"):
+        served_model(url, None)
 
 
 def score_remote_and_local(url: str, package: Path, tmp_path: Path) -> None:

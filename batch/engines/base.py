@@ -26,6 +26,14 @@ class EngineError(Exception):
 
 
 @dataclass(frozen=True)
+class ServedModel:
+    """The model a service scores a url job with, its version pinned for the whole job (and its resumes)."""
+
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     """A job's settings as an engine needs them, every default already resolved by `batch.job` (hence none here)."""
 
@@ -41,7 +49,7 @@ class EngineSettings:
     max_pixels: int
     ray_address: str | None
     url: str | None
-    served_model: str | None  # url engine: the model to ask the service for (several served); None: its only one
+    served: ServedModel | None  # url engine: the model and version every request asks the service for
 
 
 class Engine(Protocol):

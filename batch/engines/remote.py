@@ -9,7 +9,9 @@
 - Other 4xx/5xx answers concern the whole request (too many images, body too large, one image that
   breaks the server): the batch is split in halves until the answer concerns one image, which then
   becomes an error row with the service's code.
-- `--model NAME` asks a service that serves several models for that one (the `model` query parameter).
+- The job asks for one model and version throughout (the `model` and `version` query parameters): `--model NAME`,
+  or the service's only model, at the version it serves by default when the job starts (GET /metadata); that
+  version is part of the output's identity, so a resume after a rollout is refused instead of mixing versions.
 - With VISIONSERVE_API_KEY set, every request carries `Authorization: Bearer <key>` (a service started with
   VISIONSERVE_API_KEYS_FILE wants one).
 - Per-image errors in a 200 answer become error rows with the service's code and message.
@@ -30,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from batch.engines.base import EngineSettings, batched, ordered_map
+from batch.engines.base import EngineError, EngineSettings, ServedModel, batched, ordered_map
 from batch.inputs import Record, RecordError, read_bytes
 from batch.scoring import ScoreRow
 
@@ -65,18 +67,15 @@ class RemoteEngine:
         assert settings.url is not None
         self.settings = settings
         self.retry = retry
-        url = settings.url.rstrip("/")
-        self.endpoint = url if url.endswith(ENDPOINT) else url + ENDPOINT
+        self.endpoint = service_root(settings.url) + ENDPOINT
         self.params: dict[str, Any] = {"top_k": settings.top_k}
-        if settings.served_model is not None:
-            self.params["model"] = settings.served_model
+        if settings.served is not None:  # None only for an engine used on its own (tests)
+            self.params.update(model=settings.served.name, version=settings.served.version)
 
     def __enter__(self) -> RemoteEngine:
         workers = max(1, self.settings.workers)
-        self.api_key = os.environ.get(API_KEY_VARIABLE) or None
-        headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else None
         self.client = httpx.Client(
-            timeout=self.retry.timeout_s, limits=httpx.Limits(max_connections=workers), headers=headers
+            timeout=self.retry.timeout_s, limits=httpx.Limits(max_connections=workers), headers=api_key_headers()
         )
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="request")
         log.info(
@@ -121,21 +120,11 @@ class RemoteEngine:
             ]
         code, message = _error_of(response)
         if response.status_code in JOB_REFUSAL_STATUSES or code in JOB_REFUSAL_CODES:
-            raise JobRefused(self._refusal(response.status_code, code, message))
+            raise JobRefused(refusal(self.endpoint, response.status_code, code, message))
         if len(items) > 1:  # a whole-request refusal: find the image (or the size) it is about
             half = len(items) // 2
             return self._classify(items[:half]) + self._classify(items[half:])
         return [ScoreRow(items[0][1].id, (), (), code, message)]
-
-    def _refusal(self, status: int, code: str, message: str) -> str:
-        refusal = f"{self.endpoint} refused the job with HTTP {status} {code}: {message}"
-        if code == "invalid_model_choice":
-            return f"{refusal} (name one with --model)"
-        if status == 401:
-            if self.api_key is None:
-                return f"{refusal} (set {API_KEY_VARIABLE} to one of the service's API keys)"
-            return f"{refusal} ({API_KEY_VARIABLE} is not one of the service's API keys)"
-        return refusal
 
     def _post(self, files: list[Any]) -> httpx.Response:
         policy = self.retry
@@ -156,6 +145,55 @@ class RemoteEngine:
                 log.warning("%s from %s; retrying in %.1f s", problem, self.endpoint, delay)
                 time.sleep(delay)
         raise RemoteError(f"{self.endpoint} failed {policy.attempts} times, last with {problem}")
+
+
+def service_root(url: str) -> str:
+    """The service's address from --url, which may name the /classify_batch route itself."""
+    url = url.rstrip("/")
+    return url.removesuffix(ENDPOINT)
+
+
+def api_key_headers() -> dict[str, str]:
+    key = os.environ.get(API_KEY_VARIABLE)
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
+def refusal(url: str, status: int, code: str, message: str) -> str:
+    """The one line for a refusal of the whole job, with what to change where that is ours to say."""
+    line = f"{url} refused the job with HTTP {status} {code}: {message}"
+    if code == "invalid_model_choice":
+        return f"{line} (name one with --model)"
+    if code == "version_not_found":
+        return f"{line} (the version this job started with is no longer served: score into a new output)"
+    if status == 401:
+        if not os.environ.get(API_KEY_VARIABLE):
+            return f"{line} (set {API_KEY_VARIABLE} to one of the service's API keys)"
+        return f"{line} ({API_KEY_VARIABLE} is not one of the service's API keys)"
+    return line
+
+
+def served_model(url: str, name: str | None, timeout_s: float = 30.0) -> ServedModel:
+    """The model the service at `url` scores with (`name`, or its only one) and that model's default version now,
+    from GET /metadata: a job pins that version, so that a rollout during the job, or before a resume, cannot
+    mix two versions' scores in one output."""
+    address = service_root(url) + "/metadata"
+    try:
+        response = httpx.get(address, params={"model": name} if name else None, headers=api_key_headers(),
+                             timeout=timeout_s)  # fmt: skip
+    except httpx.TransportError as exc:
+        raise EngineError(f"{address} cannot be reached: {type(exc).__name__}: {exc}") from None
+    if response.status_code != 200:
+        code, message = _error_of(response)
+        raise JobRefused(refusal(address, response.status_code, code, message))
+    try:
+        metadata = response.json()
+        if "version" not in metadata:  # several models served and none named: /metadata lists them
+            served = sorted({entry["name"] for entry in metadata["models"]})
+            raise JobRefused(f"{address}: the service serves {len(served)} models ({', '.join(served)}): name one "
+                             "with --model")  # fmt: skip
+        return ServedModel(str(metadata["name"]), str(metadata["version"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EngineError(f"{address} is not a visionserve service's /metadata: {exc!r}") from None
 
 
 def _results(response: httpx.Response, expected: int) -> list[dict[str, Any]]:
