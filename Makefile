@@ -38,7 +38,9 @@ export: $(PACKAGE)/manifest.json
 $(PACKAGE)/manifest.json: $(RUN)/metrics.json
 	$(PY) -m export --run $(RUN) --out $(PACKAGE) --overwrite --name visionserve-classifier
 
+# The ports are checked first: a second `bentoml serve` empties the running server's metrics before its own check.
 serve: setup
+	$(PY) -m service.listening --port $(PORT)
 	VISIONSERVE_MODEL=$(PACKAGE) $(VENV)/bin/bentoml serve --port $(PORT)
 
 test: setup

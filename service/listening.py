@@ -8,14 +8,17 @@ port with TLS, and gRPC TLS files that do not load.
 
 from __future__ import annotations
 
+import argparse
+import os
 import socket
 import ssl
+import sys
 from typing import Any
 
 import click
 from bentoml._internal.configuration.containers import BentoMLContainer
 
-from service.settings import ServiceSettings
+from service.settings import ServiceSettings, SettingsError
 
 
 class CannotListen(RuntimeError):
@@ -88,10 +91,11 @@ def probe(host: str, port: int) -> None:
         held.bind(where)
 
 
-def check(settings: ServiceSettings) -> None:
-    """Raise CannotListen, naming the settings to change, unless the HTTP address and the gRPC one (when gRPC is
-    on) can both be bound now, are not the same port, and gRPC has working TLS where HTTP has TLS."""
-    host, port = http_address()
+def check(settings: ServiceSettings, http: tuple[str, int] | None = None) -> None:
+    """Raise CannotListen, naming the settings to change, unless the HTTP address (`http`, else the serve
+    command's) and the gRPC one (when gRPC is on) can both be bound now, are not the same port, and gRPC has working
+    TLS where HTTP has TLS."""
+    host, port = http or http_address()
     checks = [("HTTP", host, port, "--host, --port or BENTOML_PORT")]
     if settings.grpc_port:
         if settings.grpc_port == port:
@@ -104,3 +108,27 @@ def check(settings: ServiceSettings) -> None:
         except OSError as exc:
             where = address(host, port)
             raise CannotListen(f"{protocol} cannot listen on {where} ({names}): {exc.strerror or exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m service.listening --port PORT`: the deployment hook's check, before `bentoml serve` is run at all.
+
+    BentoML empties its home's metrics folder when `bentoml serve` starts, before any hook runs, so a second server
+    refused by the hook has already emptied the running one's /metrics; the Makefile's `serve` checks first.
+    """
+    parser = argparse.ArgumentParser(prog="python -m service.listening", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--host", default=BentoMLContainer.http.host.get(), help="HTTP host (default %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=BentoMLContainer.http.port.get(), help="HTTP port (default %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        check(ServiceSettings.from_env(os.environ), (args.host, args.port))
+    except (SettingsError, CannotListen) as exc:
+        print(f"visionserve: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

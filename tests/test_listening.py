@@ -127,3 +127,21 @@ def test_grpc_tls_files_are_loaded_before_any_worker_starts(tmp_path):
 def test_grpc_tls_needs_both_files():
     with pytest.raises(SettingsError, match="GRPC_TLS_CERTFILE and VISIONSERVE_GRPC_TLS_KEYFILE go together"):
         ServiceSettings(model="m", grpc_tls_certfile="cert.pem")
+
+
+def test_the_command_line_check_refuses_a_taken_port_before_bentoml_serve_runs(monkeypatch, capsys):
+    # The Makefile's `serve` runs it first: a refused `bentoml serve` would already have emptied the running server's
+    # metrics folder (BentoML does that before any hook).
+    monkeypatch.setenv("VISIONSERVE_GRPC_PORT", "0")
+    with listener(reuse_port=False) as held:
+        port = held.getsockname()[1]
+        assert listening.main(["--host", "127.0.0.1", "--port", str(port)]) == 1
+    assert capsys.readouterr().err == (
+        f"visionserve: cannot serve: HTTP cannot listen on 127.0.0.1:{port} (--host, --port or BENTOML_PORT): "
+        "Address already in use\n"
+    )
+    monkeypatch.setenv("VISIONSERVE_GRPC_PORT", str(port))  # free again now: gRPC on it, HTTP elsewhere
+    assert listening.main(["--host", "127.0.0.1", "--port", str(free_port())]) == 0
+    monkeypatch.setenv("VISIONSERVE_MAX_QUEUE", "many")
+    assert listening.main(["--port", str(free_port())]) == 1
+    assert "VISIONSERVE_MAX_QUEUE='many' is not a valid int" in capsys.readouterr().err
