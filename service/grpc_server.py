@@ -9,7 +9,7 @@ and the kernel spreads *connections* (not requests) over them, as it does for Be
 RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, and Triton's ModelConfig and
 ModelStatistics (perf_analyzer asks for both); any other answers UNIMPLEMENTED. Beside it, the standard gRPC health
 service (grpc.health.v1.Health: Kubernetes' grpc probes, grpc_health_probe, Envoy), whose status follows
-ServerReady. With VISIONSERVE_GRPC_TLS_CERTFILE and _KEYFILE the port speaks TLS. ModelInfer takes the REST route's
+ServerReady, and server reflection. With VISIONSERVE_GRPC_TLS_CERTFILE and _KEYFILE the port speaks TLS. ModelInfer takes the REST route's
 inputs (service.oip): `pixels` UINT8 [N, H, W, 3] or `images` BYTES [N] of encoded images, in
 `raw_input_contents` (whose layout is that of Triton's binary extension over HTTP) or in `contents`; the request
 is checked by the REST route's own parser, and the probabilities come back in `raw_output_contents`.
@@ -34,6 +34,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from inference.package import OUTPUT_PROBABILITIES
 from service import listening, oip
@@ -249,8 +250,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await oip.infer_parsed(classifier, parsed, deadline)
 
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # The whole server ("") and the inference service by name: a probe may ask for either.
-HEALTH_SERVICES = ("", pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
+HEALTH_SERVICES = ("", SERVICE_NAME)
 HEALTH_POLL_S = 0.5
 
 
@@ -332,6 +334,9 @@ async def start(served: ModelRepository | Classifier, access: AccessControl) -> 
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(served, access), server)
     health_servicer = HealthServicer(as_repository(served), access)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Server reflection, for grpcurl, Postman and Evans: the inference service's messages come from the generated
+    # modules' own descriptor pool (service.protos keeps it apart from tritonclient's copy of the same names).
+    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server, pool=pb.DESCRIPTOR.pool)
     address = listen_address(settings)
     try:
         if settings.grpc_tls_certfile:

@@ -18,8 +18,9 @@ import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from google.protobuf import json_format
+from google.protobuf import descriptor_pool, json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 from tritonclient.grpc import model_config_pb2 as triton_config
 from tritonclient.grpc import service_pb2 as triton
@@ -416,6 +417,19 @@ def test_health_and_metadata_equal_the_http_routes(served):
     assert config.max_batch_size == 8 and config.input[0].name == "pixels"
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # the standard health service beside it
         assert health_pb2_grpc.HealthStub(channel).Check(health_request(), timeout=10).status == SERVING
+        # Server reflection, as grpcurl and Postman read it: the service and its messages, without the .proto.
+        reflected = ProtoReflectionDescriptorDatabase(channel)
+        assert set(reflected.get_services()) == {
+            "inference.GRPCInferenceService",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
+        service = descriptor_pool.DescriptorPool(reflected).FindServiceByName("inference.GRPCInferenceService")
+        assert {method.name for method in service.methods} == set(
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
+        )
+        infer_request = service.methods_by_name["ModelInfer"].input_type
+        assert infer_request.full_name == "inference.ModelInferRequest"
+        assert {"inputs", "raw_input_contents"} <= set(infer_request.fields_by_name)
     [worker] = workers(server.process.pid)
     assert listening_ports(worker) == {server.server.port, port}
 
