@@ -3,16 +3,18 @@
 A grpc.aio server on VISIONSERVE_GRPC_PORT (8001 by default, 0 = off), started in each BentoML worker by the
 service's startup hook on that worker's event loop, so it shares the worker's models (service.repository): gRPC and
 HTTP requests join the same batches, queues, limits, statistics and metrics, and every model and loaded version is
-served (an empty `version` is the model's default). The repository extension (load, unload) is HTTP only. Every worker binds the same port with SO_REUSEPORT
-and the kernel spreads *connections* (not requests) over them, as it does for BentoML's HTTP socket.
+served (an empty `version` is the model's default). The repository extension (load, unload) is HTTP only. Every
+worker binds the same port with SO_REUSEPORT and the kernel spreads *connections* (not requests) over them, as it
+does for BentoML's HTTP socket.
 
 RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, and Triton's ModelConfig and
 ModelStatistics (perf_analyzer asks for both); any other answers UNIMPLEMENTED. Beside it, the standard gRPC health
 service (grpc.health.v1.Health: Kubernetes' grpc probes, grpc_health_probe, Envoy), whose status follows
-ServerReady, and server reflection. With VISIONSERVE_GRPC_TLS_CERTFILE and _KEYFILE the port speaks TLS. ModelInfer takes the REST route's
-inputs (service.oip): `pixels` UINT8 [N, H, W, 3] or `images` BYTES [N] of encoded images, in
-`raw_input_contents` (whose layout is that of Triton's binary extension over HTTP) or in `contents`; the request
-is checked by the REST route's own parser, and the probabilities come back in `raw_output_contents`.
+ServerReady, and server reflection. With VISIONSERVE_GRPC_TLS_CERTFILE and _KEYFILE the port speaks TLS.
+ModelInfer takes the REST route's inputs (service.oip): `pixels` UINT8 [N, H, W, 3] or `images` BYTES [N] of
+encoded images, in `raw_input_contents` (whose layout is that of Triton's binary extension over HTTP) or in
+`contents`; the request is checked by the REST route's own parser, and the probabilities come back in
+`raw_output_contents`.
 
 A refusal carries the ApiError's message and a status from GRPC_STATUS, with its code of service.errors in the
 trailing metadata `visionserve-error-code` (and `retry-after` on 503s). A message over VISIONSERVE_MAX_BODY_BYTES
@@ -149,6 +151,13 @@ async def refuse(context: grpc.aio.ServicerContext, error: ApiError) -> None:
     await context.abort(grpc_status(error), error.message, trailing)
 
 
+def check_key(access: AccessControl, context: grpc.aio.ServicerContext, health: bool) -> None:
+    """The API-key check of an RPC (ApiError 401): every RPC's, a health RPC's only when VISIONSERVE_AUTH_HEALTH is
+    on, as over HTTP."""
+    if not health or access.protect_health:
+        access.check(_metadata_value(context, "authorization"))
+
+
 def rpc(health: bool = False) -> Callable[[Handler], Handler]:
     """An RPC method: the API-key check (health RPCs only when VISIONSERVE_AUTH_HEALTH is on), and every
     ApiError (or unexpected error) turned into the gRPC status with the message and the code as metadata."""
@@ -157,8 +166,7 @@ def rpc(health: bool = False) -> Callable[[Handler], Handler]:
         @functools.wraps(method)
         async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                if not health or self.access.protect_health:
-                    self.access.check(_metadata_value(context, "authorization"))
+                check_key(self.access, context, health)
                 return await method(self, request, context)
             except ApiError as exc:
                 error = exc
@@ -288,11 +296,10 @@ class HealthServicer(health.aio.HealthServicer):
         await super().Watch(request, context)
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if self.access.protect_health:
-            try:
-                self.access.check(_metadata_value(context, "authorization"))
-            except ApiError as exc:
-                await refuse(context, exc)
+        try:
+            check_key(self.access, context, health=True)
+        except ApiError as exc:
+            await refuse(context, exc)
 
 
 @dataclass

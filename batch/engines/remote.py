@@ -166,7 +166,7 @@ def refusal(url: str, status: int, code: str, message: str) -> str:
     if code == "version_not_found":
         return f"{line} (the version this job started with is no longer served: score into a new output)"
     if status == 401:
-        if not os.environ.get(API_KEY_VARIABLE):
+        if not api_key_headers():
             return f"{line} (set {API_KEY_VARIABLE} to one of the service's API keys)"
         return f"{line} ({API_KEY_VARIABLE} is not one of the service's API keys)"
     return line
