@@ -1,22 +1,25 @@
-"""`bentoml serve TARGET` in a subprocess on a free loopback port: started, waited for, stopped.
+"""`bentoml serve TARGET` in a subprocess on a free loopback port: started, waited for, stopped; and its memory.
 
 Shared by the benchmarks (which time the start to /readyz) and the tests (which talk HTTP to the real server).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICE = "service.service:ImageClassifier"  # the real service, as `bentoml serve` names it
@@ -28,6 +31,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def peak_memory(pid: int) -> Iterator[dict]:
+    """While the block runs, the RSS of process `pid` and all its children every 100 ms: the dict yielded gets the
+    first sample as `before` and the largest as `peak`, in bytes."""
+    stop, peaks = threading.Event(), {}
+
+    def sample() -> None:
+        root = psutil.Process(pid)
+        while not stop.wait(0.1):
+            try:
+                rss = root.memory_info().rss + sum(p.memory_info().rss for p in root.children(recursive=True))
+            except psutil.Error:
+                continue
+            peaks.setdefault("before", rss)
+            peaks["peak"] = max(peaks.get("peak", 0), rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peaks
+    finally:
+        stop.set()
+        sampler.join()
 
 
 def wait_until_answering(

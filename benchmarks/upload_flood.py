@@ -12,31 +12,17 @@ import argparse
 import asyncio
 import collections
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import aiohttp
 import numpy as np
-import psutil
 
 from benchmarks.common import DEFAULT_ARCHIVE, LOGS, RESULTS, machine, read_test_jpegs, run_and_report
-from benchmarks.servers import SERVICE, BentoServer
+from benchmarks.servers import SERVICE, BentoServer, peak_memory
 
 SMALL_CLIENTS = 4
-
-
-def sample_memory(pid: int, stop: threading.Event, peaks: dict) -> None:
-    """The server's whole process tree's RSS, every 100 ms: its peak and its value before the flood."""
-    root = psutil.Process(pid)
-    while not stop.wait(0.1):
-        try:
-            rss = root.memory_info().rss + sum(p.memory_info().rss for p in root.children(recursive=True))
-        except psutil.Error:
-            continue
-        peaks.setdefault("before", rss)
-        peaks["peak"] = max(peaks.get("peak", 0), rss)
 
 
 async def flood(url: str, images: list[bytes], clients: int, body: bytes, seconds: float) -> dict:
@@ -95,15 +81,11 @@ async def flood(url: str, images: list[bytes], clients: int, body: bytes, second
 def flood_server(args: argparse.Namespace, images: list[bytes], body: bytes, extra_env: dict[str, str]) -> dict:
     env = {"VISIONSERVE_MODEL": str(args.package.resolve()), **extra_env}
     with BentoServer(SERVICE, env, log_dir=LOGS, name="upload-flood") as server:
-        stop, peaks = threading.Event(), {}
-        sampler = threading.Thread(target=sample_memory, args=(server.process.pid, stop, peaks), daemon=True)
-        sampler.start()
-        time.sleep(0.5)
-        started = time.perf_counter()
-        outcome = asyncio.run(flood(server.url, images, args.clients, body, args.seconds))
-        elapsed = time.perf_counter() - started
-        stop.set()
-        sampler.join()
+        with peak_memory(server.process.pid) as peaks:
+            time.sleep(0.5)
+            started = time.perf_counter()
+            outcome = asyncio.run(flood(server.url, images, args.clients, body, args.seconds))
+            elapsed = time.perf_counter() - started
         alive = server.process.poll() is None
     return {
         "seconds": round(elapsed, 1),

@@ -25,6 +25,10 @@ ERRORS: dict[str, ErrorCode] = {
         "no valid API key (Authorization: Bearer KEY) where VISIONSERVE_API_KEYS_FILE requires one, or no admin key "
         "(VISIONSERVE_ADMIN_KEYS_FILE) for loading or unloading a model",
     ),
+    "request_head_timeout": ErrorCode(
+        408, "the request line and headers did not arrive within VISIONSERVE_REQUEST_HEAD_TIMEOUT_S (then closed)"
+    ),
+    "request_head_too_large": ErrorCode(431, "the request line and headers are over 64 KiB (then closed)"),
     "pickle_refused": ErrorCode(415, "a pickle content type: unpickling runs code, so it is never read"),
     "unsupported_media_type": ErrorCode(415, "a content type the route does not take"),
     "invalid_content_length": ErrorCode(400, "a Content-Length header that is not a number"),

@@ -58,11 +58,13 @@ GRPC_STATUS = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     405: grpc.StatusCode.UNIMPLEMENTED,  # HTTP only (a route's wrong method), listed for completeness
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,  # HTTP only (a request head too slow), listed for completeness
     409: grpc.StatusCode.ABORTED,  # HTTP only (a load while another runs), listed for completeness
     # What gRPC answers itself for a message over the size limit; an image over a limit is the same refusal.
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     422: grpc.StatusCode.FAILED_PRECONDITION,  # HTTP only (a version refused at load), listed for completeness
+    431: grpc.StatusCode.RESOURCE_EXHAUSTED,  # HTTP only (a request head too large), listed for completeness
     500: grpc.StatusCode.INTERNAL,
     # Not ready, queue full, shutting down: worth retrying, which UNAVAILABLE says to gRPC clients.
     503: grpc.StatusCode.UNAVAILABLE,

@@ -504,3 +504,28 @@ def test_a_peer_is_waited_for_until_it_answers_and_not_once_it_has_exited(tmp_pa
     exited.wait()
     with pytest.raises(RuntimeError, match="peer exited at start"):
         wait_until_answering(exited, lambda: True, timeout_s=10, name="peer", log_path=log)
+
+
+@pytest.mark.slow  # seconds of attack against two servers
+def test_the_request_heads_benchmark_sees_what_a_server_closes_and_what_it_holds(monkeypatch):
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from benchmarks import request_heads
+    from benchmarks.request_heads import attack
+    from service.request_head import RequestHeadLimits
+    from tests.support.servers import serving
+
+    limited = type("FastLimits", (RequestHeadLimits, HttpToolsProtocol), {"timeout_s": 0.5})
+    images = [b"not a real image, answered all the same"]
+    monkeypatch.setattr(request_heads, "ENDLESS_CAP_BYTES", 2**25)  # the server without limits runs in this process
+    with serving(limited) as port:
+        held_back = asyncio.run(attack(f"http://127.0.0.1:{port}", images, connections=4, seconds=2.5))
+    with serving(HttpToolsProtocol) as port:
+        held = asyncio.run(attack(f"http://127.0.0.1:{port}", images, connections=4, seconds=2.5))
+    assert held_back["silent_closed_by_server"] == held_back["slowloris_closed_by_server"] == 2
+    assert 0.5 <= held_back["silent_closed_after_s_median"] < 2.5
+    assert held_back["endless_head_ended_by"] in ("ConnectionResetError", "BrokenPipeError")
+    assert held["silent_closed_by_server"] == held["slowloris_closed_by_server"] == 0
+    assert held["endless_head_ended_by"] == "still open at the end"
+    assert held["endless_head_bytes_accepted"] >= 2**25 > held_back["endless_head_bytes_accepted"]
+    assert held_back["normal_ok"] == held_back["normal_requests"] > 0

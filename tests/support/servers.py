@@ -1,4 +1,5 @@
-"""Real servers for tests: `bentoml serve service.service:ImageClassifier` in a subprocess on a free loopback port.
+"""Real servers for tests: `bentoml serve service.service:ImageClassifier` in a subprocess on a free loopback port,
+and a bare uvicorn server in a thread for tests of its HTTP protocol.
 
 Also a deliberately slow variant of the colour package (a chain of matrix products that the answer does not
 depend on), to observe warm-up, a busy model and a full queue from outside.
@@ -6,18 +7,23 @@ depend on), to observe warm-up, a busy model and a full queue from outside.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import psutil
+import uvicorn
 from onnx import helper, numpy_helper
 
 from benchmarks.servers import SERVICE, BentoServer, free_port
@@ -151,3 +157,32 @@ def make_slow_color_package(root: Path, matmuls: int = 600, side: int = 512) -> 
     )
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return root
+
+
+async def slow_app(scope, receive, send) -> None:
+    """Answers 200 after sleeping the query's seconds (`/?sleep=S`)."""
+    if scope["type"] != "http":
+        return
+    await receive()
+    query = dict(part.split("=") for part in scope["query_string"].decode().split("&") if part)
+    await asyncio.sleep(float(query.get("sleep", 0)))
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@contextlib.contextmanager
+def serving(protocol: type) -> Iterator[int]:
+    """uvicorn serving slow_app with `protocol` on a free loopback port, in a thread; yields the port."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(slow_app, host="127.0.0.1", port=port, http=protocol, lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.01)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
