@@ -14,6 +14,7 @@ import base64
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -48,6 +49,8 @@ RESTRICTED_RUN = (
     "-e", f"BENTOML_HOME={CONTAINER_BENTOML_HOME}",
 )  # fmt: skip
 DRAIN_CLIENTS = 32
+# Past the image's request-head timeout (VISIONSERVE_REQUEST_HEAD_TIMEOUT_S, 10 s by default) and its 1 s sweep.
+SLOW_HEAD_WAIT_S = 30
 
 
 class CheckError(RuntimeError):
@@ -285,6 +288,31 @@ def probe_grpc(address: str, url: str, images: list[tuple[str, bytes]]) -> dict:
     }
 
 
+def hold_back_head(port: int) -> tuple[socket.socket, float]:
+    """A connection that sends part of a request head and stops, as a slowloris client does; and when it opened."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=SLOW_HEAD_WAIT_S)
+    connection.sendall(b"POST /classify HTTP/1.1\r\nHost: check\r\n")
+    return connection, time.perf_counter()
+
+
+def slow_head_answer(connection: socket.socket, opened: float) -> dict:
+    """What the held-back head got: the status and code of the answer, and when the server closed the connection."""
+    received = b""
+    try:
+        while chunk := connection.recv(65536):
+            received += chunk
+    except OSError as exc:  # still open when the wait ran out
+        return {"status": None, "error": type(exc).__name__}
+    finally:
+        connection.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    return {
+        "status": int(head.split()[1]) if head else None,
+        "code": json.loads(body).get("code") if body else None,
+        "closed_after_s": round(time.perf_counter() - opened, 1),
+    }
+
+
 def check_image(kind: str, image: dict, images: list[tuple[str, bytes]], gpus: bool) -> dict:
     port, grpc_port = free_port(), free_port()
     name = f"visionserve-check-{kind}-{port}"
@@ -296,8 +324,10 @@ def check_image(kind: str, image: dict, images: list[tuple[str, bytes]], gpus: b
         url = f"http://127.0.0.1:{port}"
         ready_seconds = wait_ready(url, name, started)
         user = docker("exec", name, "id", "-u").strip()
+        held_back = hold_back_head(port)  # answered while the other probes run
         answers = probe(url, images)
         answers["grpc"] = probe_grpc(f"127.0.0.1:{grpc_port}", url, images)
+        answers["slow_head"] = slow_head_answer(*held_back)
         drain = stop_under_load(url, name, images[:16])
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
@@ -337,6 +367,13 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def slow_head(answer: dict) -> str:
+    if "error" in answer:
+        return f"NOT closed within {SLOW_HEAD_WAIT_S} s ({answer['error']})"
+    got = f"{answer['status']} `{answer['code']}`" if answer["status"] else "no answer"
+    return f"{got}, closed after {answer['closed_after_s']} s"
+
+
 def markdown(results: dict) -> str:
     mb = 1e6
     lines = [
@@ -350,9 +387,9 @@ def markdown(results: dict) -> str:
         f"{results['base_image']['bytes'] / mb:.0f} MB",
         "",
         "| image | size | added to the base | build | `docker run` to /readyz | user | /classify | /classify_batch "
-        "top-1 | v2 infer (HTTP; gRPC top-1) | bad image | no network at start | another user (OpenShift) "
-        "| `docker stop` under load |",
-        "|---|---:|---:|---:|---:|---|---|---|---|---|---|---|---|",
+        "top-1 | v2 infer (HTTP; gRPC top-1) | bad image | a request head held back | no network at start "
+        "| another user (OpenShift) | `docker stop` under load |",
+        "|---|---:|---:|---:|---:|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, image in results["images"].items():
         a, drain = image["answers"], image["drain"]
@@ -366,6 +403,7 @@ def markdown(results: dict) -> str:
             f"| {a['v2_infer']['status']}; gRPC {a['grpc']['top1_correct']}/{a['grpc']['images']}, "
             f"health {a['grpc'].get('health', 'not asked')} "
             f"| {a['bad_image']['status']} `{a['bad_image']['body'].get('code')}` "
+            f"| {slow_head(a['slow_head'])} "
             f"| {'ready' if image['offline_start']['ready'] else 'NOT ready'} "
             f"| {'ready' if image['arbitrary_uid_start']['ready'] else 'NOT ready'} "
             f"| {drain['requests_sent_before_stop']} requests sent before the stop: {drain['outcomes']}, "

@@ -16,3 +16,22 @@ def test_sample_test_images_takes_the_first_of_each_class_from_the_test_split(
     expected = (tree / "test" / "cat" / "000.jpg").read_bytes()
     assert chosen[0][1] == expected
     assert all(blob[:2] == b"\xff\xd8" for _, blob in chosen)  # JPEGs, not the train split's or a folder entry
+
+
+def test_a_held_back_request_head_is_reported_with_what_the_server_did(monkeypatch):
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from deploy import check
+    from service.request_head import RequestHeadLimits
+    from tests.support.servers import serving
+
+    limited = type("FastLimits", (RequestHeadLimits, HttpToolsProtocol), {"timeout_s": 0.5})
+    with serving(limited) as port:
+        answer = check.slow_head_answer(*check.hold_back_head(port))
+    assert answer["status"] == 408 and answer["code"] == "request_head_timeout"
+    assert 0.5 <= answer["closed_after_s"] < 5
+    assert check.slow_head(answer) == f"408 `request_head_timeout`, closed after {answer['closed_after_s']} s"
+    monkeypatch.setattr(check, "SLOW_HEAD_WAIT_S", 1)
+    with serving(HttpToolsProtocol) as port:  # uvicorn's own: holds the connection
+        answer = check.slow_head_answer(*check.hold_back_head(port))
+    assert check.slow_head(answer) == "NOT closed within 1 s (TimeoutError)"
