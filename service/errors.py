@@ -25,6 +25,9 @@ ERRORS: dict[str, ErrorCode] = {
         "no valid API key (Authorization: Bearer KEY) where VISIONSERVE_API_KEYS_FILE requires one, or no admin key "
         "(VISIONSERVE_ADMIN_KEYS_FILE) for loading or unloading a model",
     ),
+    "invalid_http": ErrorCode(
+        400, "bytes that are not an HTTP/1.1 request (a TLS handshake at the plain HTTP port, say; then closed)"
+    ),
     "request_head_timeout": ErrorCode(
         408, "the request line and headers did not arrive within VISIONSERVE_REQUEST_HEAD_TIMEOUT_S (then closed)"
     ),

@@ -53,7 +53,14 @@ MODEL = ("model_not_found", "version_not_found")
 CHOICE = ("invalid_model_choice", *MODEL)  # a model named in the query or body, or none while several are served
 # Refusals of no operation in particular (the routing's, and a request head's, service.request_head): the "default"
 # response of every operation.
-ROUTING = ("method_not_allowed", "not_found", "http_error", "request_head_timeout", "request_head_too_large")
+ROUTING = (
+    "method_not_allowed",
+    "not_found",
+    "http_error",
+    "invalid_http",
+    "request_head_timeout",
+    "request_head_too_large",
+)
 
 CLASSIFY_CODES = (
     *CHOICE,

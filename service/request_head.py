@@ -5,7 +5,8 @@ sends a head a byte at a time (slowloris), is held for ever, and the ASGI app ne
 the head is complete). Nor does uvicorn's httptools parser bound a head's size. Enough such connections use up a
 worker's file descriptors or memory, and then no client is served. So every HTTP connection must deliver each
 request head within `timeout_s` (from the connection's opening or its last response) and in at most
-MAX_HEAD_BYTES: past either, the connection is closed, with a JSON 408 or 431 if part of a head had arrived. A
+MAX_HEAD_BYTES: past either, the connection is closed, with a JSON 408 or 431 if part of a head had arrived. A head
+that uvicorn's parser cannot read gets a JSON 400 instead of uvicorn's plain text. A
 request's body is covered by the request deadline (VISIONSERVE_REQUEST_TIMEOUT_S, with BentoML's backstop).
 
 One sweep a second per server closes the overdue connections, so a request costs a clock reading, not a timer.
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import weakref
+from http import HTTPStatus
 
 import uvicorn.config
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -32,11 +34,10 @@ SWEEP_INTERVAL_S = 1.0
 
 def refusal(code: str, message: str) -> bytes:
     """A complete HTTP/1.1 answer with the service's JSON error body, closing the connection."""
-    status = ERRORS[code].status
+    status = HTTPStatus(ERRORS[code].status)
     body = json.dumps({"error": message, "code": code}).encode()
-    reason = {408: "Request Timeout", 431: "Request Header Fields Too Large"}[status]
     head = (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
         "connection: close\r\n\r\n"
     )
     return head.encode() + body
@@ -76,6 +77,11 @@ class RequestHeadLimits:
         # A connection that sent nothing is closed as uvicorn closes an idle keep-alive one: without an answer.
         message = f"the request head did not arrive within {self.timeout_s:g} s"
         self.close_with(refusal("request_head_timeout", message) if self.head_bytes else b"")
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn answers bytes that its parser cannot read (an https:// client at the plain port, say) in plain
+        # text; every refusal of the service is JSON.
+        self.close_with(refusal("invalid_http", f"the request is not valid HTTP/1.1: {msg}"))
 
     def close_with(self, answer: bytes) -> None:
         if answer:

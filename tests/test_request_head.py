@@ -106,6 +106,18 @@ def test_a_head_over_the_size_limit_gets_a_json_431_and_the_connection_is_closed
     assert json.loads(body)["code"] == "request_head_too_large"
 
 
+def test_bytes_that_are_not_http_get_a_json_400(server_port):
+    connection = connect(server_port)
+    # The start of a TLS ClientHello: an https:// client at the plain HTTP port.
+    connection.sendall(bytes.fromhex("1603010200010001fc0303") + bytes(40))
+    ((status, body),) = answers(read_until_closed(connection))
+    assert status == 400
+    assert json.loads(body) == {
+        "error": "the request is not valid HTTP/1.1: Invalid HTTP request received.",
+        "code": "invalid_http",
+    }
+
+
 def test_install_points_uvicorns_default_protocol_at_the_limited_one(monkeypatch):
     monkeypatch.setitem(uvicorn.config.HTTP_PROTOCOLS, "auto", uvicorn.config.HTTP_PROTOCOLS["auto"])
     monkeypatch.setattr(request_head.LimitedHTTPProtocol, "timeout_s", request_head.LimitedHTTPProtocol.timeout_s)
