@@ -120,8 +120,9 @@ def wait_ready(url: str, container: str, started: float) -> float:
     raise CheckError(f"{container} not ready after {READY_TIMEOUT_S} s:\n{docker('logs', '--tail', '40', container)}")
 
 
-def probe(url: str, images: list[tuple[str, bytes]]) -> dict:
-    """The answers a client gets: /classify, /classify_batch, a v2 infer, a bad image, /metadata and /metrics."""
+def probe(url: str, metadata: dict, images: list[tuple[str, bytes]]) -> dict:
+    """The answers a client gets: /classify, /classify_batch, a v2 infer to the model `metadata` (the service's
+    /metadata) names, a bad image, and /metrics."""
     answers: dict = {}
     label, jpeg = images[0]
     response = httpx.post(f"{url}/classify", files={"image": ("test.jpg", jpeg, "image/jpeg")}, timeout=30)
@@ -132,7 +133,6 @@ def probe(url: str, images: list[tuple[str, bytes]]) -> dict:
     results = response.json().get("results", []) if response.status_code == 200 else []
     correct = sum(r["predictions"][0]["label"] == label for r, (label, _) in zip(results, images, strict=False))
     answers["classify_batch"] = {"status": response.status_code, "images": len(images), "top1_correct": correct}
-    metadata = httpx.get(f"{url}/metadata", timeout=10).json()
     name = metadata["name"]
     body = {
         "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(jpeg).decode()]}]
@@ -264,14 +264,14 @@ def runs_under_compose(tag: str, image: tuple[str, bytes]) -> dict:
     }
 
 
-def probe_grpc(address: str, url: str, images: list[tuple[str, bytes]]) -> dict:
-    """The Open Inference Protocol over gRPC, as Triton's client speaks it: readiness and one infer of encoded JPEGs."""
+def probe_grpc(address: str, metadata: dict, images: list[tuple[str, bytes]]) -> dict:
+    """The Open Inference Protocol over gRPC, as Triton's client speaks it: readiness and one infer of encoded JPEGs
+    to the model that `metadata` (the service's /metadata) names, read with its classes."""
     import grpc
     import numpy as np
     import tritonclient.grpc as grpcclient
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    metadata = httpx.get(f"{url}/metadata", timeout=10).json()  # the model's name and classes
     model, classes = metadata["name"], metadata["classes"]
     client = grpcclient.InferenceServerClient(address)
     encoded = grpcclient.InferInput("images", [len(images)], "BYTES")
@@ -325,8 +325,9 @@ def check_image(kind: str, image: dict, images: list[tuple[str, bytes]], gpus: b
         ready_seconds = wait_ready(url, name, started)
         user = docker("exec", name, "id", "-u").strip()
         held_back = hold_back_head(port)  # answered while the other probes run
-        answers = probe(url, images)
-        answers["grpc"] = probe_grpc(f"127.0.0.1:{grpc_port}", url, images)
+        metadata = httpx.get(f"{url}/metadata", timeout=10).json()
+        answers = probe(url, metadata, images)
+        answers["grpc"] = probe_grpc(f"127.0.0.1:{grpc_port}", metadata, images)
         answers["slow_head"] = slow_head_answer(*held_back)
         drain = stop_under_load(url, name, images[:16])
     finally:

@@ -95,19 +95,22 @@ def check(settings: ServiceSettings, http: tuple[str, int] | None = None) -> Non
     """Raise CannotListen, naming the settings to change, unless the HTTP address (`http`, else the serve
     command's) and the gRPC one (when gRPC is on) can both be bound now, are not the same port, and gRPC has working
     TLS where HTTP has TLS."""
-    host, port = http or http_address()
-    checks = [("HTTP", host, port, "--host, --port or BENTOML_PORT")]
+    http_host, http_port = http or http_address()
+    checks = [("HTTP", http_host, http_port, "--host, --port or BENTOML_PORT")]
     if settings.grpc_port:
-        if settings.grpc_port == port:
-            raise CannotListen(f"gRPC cannot listen on port {port}, the HTTP port: set VISIONSERVE_GRPC_PORT or --port")
+        if settings.grpc_port == http_port:
+            raise CannotListen(
+                f"gRPC cannot listen on port {http_port}, the HTTP port: set VISIONSERVE_GRPC_PORT or --port"
+            )
         check_grpc_tls(settings)
         checks.append(("gRPC", settings.grpc_host, settings.grpc_port, "VISIONSERVE_GRPC_HOST, VISIONSERVE_GRPC_PORT"))
     for protocol, host, port, names in checks:
         try:
             probe(host, port)
         except OSError as exc:
-            where = address(host, port)
-            raise CannotListen(f"{protocol} cannot listen on {where} ({names}): {exc.strerror or exc}") from None
+            raise CannotListen(
+                f"{protocol} cannot listen on {address(host, port)} ({names}): {exc.strerror or exc}"
+            ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
