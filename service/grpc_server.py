@@ -333,13 +333,19 @@ async def start(served: ModelRepository | Classifier, access: AccessControl) -> 
     settings = served.settings
     if not settings.grpc_port:
         return None
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", settings.max_body_bytes),
-            # On by default on Linux; said here because every worker binds the same port.
-            ("grpc.so_reuseport", 1),
+    options = [
+        ("grpc.max_receive_message_length", settings.max_body_bytes),
+        # On by default on Linux; said here because every worker binds the same port.
+        ("grpc.so_reuseport", 1),
+    ]
+    if settings.connection_max_age_s:
+        # A GOAWAY past the age: the client's channel reconnects (possibly to another replica), and the RPCs in
+        # flight have until their deadline to finish.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.connection_max_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int((settings.request_timeout_s + 5) * 1000)),
         ]
-    )
+    server = grpc.aio.server(options=options)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(served, access), server)
     health_servicer = HealthServicer(as_repository(served), access)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

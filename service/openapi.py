@@ -51,7 +51,7 @@ IMAGE = ("empty", "corrupt", "unsupported_format", "image_too_large")  # the dec
 ANSWER = ("deadline_exceeded", "shutting_down")
 MODEL = ("model_not_found", "version_not_found")
 CHOICE = ("invalid_model_choice", *MODEL)  # a model named in the query or body, or none while several are served
-# Refusals of no operation in particular (the routing's, and a request head's, service.request_head): the "default"
+# Refusals of no operation in particular (the routing's, and a request head's, service.http_protocol): the "default"
 # response of every operation.
 ROUTING = (
     "method_not_allowed",

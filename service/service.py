@@ -25,7 +25,7 @@ import yaml
 
 from inference.package import PackageError
 from inference.runtime import DeviceUnavailableError, check_device
-from service import auth, bentoml_config, grpc_server, listening, openapi, request_head
+from service import auth, bentoml_config, grpc_server, http_protocol, listening, openapi
 from service.app import asgi_middlewares, attach, create_app
 from service.auth import AccessControl
 from service.defaults import WorkerChoice, WorkerChoiceError, choose_workers
@@ -90,10 +90,10 @@ def checked_configuration() -> tuple[ServiceSettings, PackageSource, list[Planne
 
 SETTINGS, SOURCE, PLANNED, ACCESS, WORKERS = checked_configuration()
 app = create_app()
-# Before BentoML starts uvicorn in this process: connections that hold a request head back are closed, and the
-# number of connections is bounded by the hard limit on open files, not the soft one.
-request_head.install(SETTINGS.request_head_timeout_s)
-request_head.raise_open_files_limit()
+# Before BentoML starts uvicorn in this process: connections that hold a request head back are closed, old ones are
+# asked to reconnect, and the number of connections is bounded by the hard limit on open files, not the soft one.
+http_protocol.install(SETTINGS.request_head_timeout_s, SETTINGS.connection_max_age_s)
+http_protocol.raise_open_files_limit()
 
 # The container image's base; the bentofiles add the Python packages (GPU or CPU). BentoML apt-installs
 # build-essential, git and gnupg into every image of a distro it knows, for packages built from source;

@@ -42,8 +42,11 @@ class ServiceSettings:
     max_queue: int = 512  # images waiting for the model; past it requests get 503 + Retry-After at once
     request_timeout_s: float = 10.0  # from arrival to answer; past it 504
     # From a connection's opening or last answer to a complete request head; past it the connection is closed
-    # (service.request_head). 0 = uvicorn's behaviour: no limit.
+    # (service.http_protocol). 0 = uvicorn's behaviour: no limit.
     request_head_timeout_s: float = 10.0
+    # An HTTP connection older than this gets `Connection: close` with its next answer, and a gRPC connection a
+    # GOAWAY, so that clients reconnect and replicas added behind a balancer get their share. 0 = never.
+    connection_max_age_s: float = 60.0
     max_body_bytes: int = 16 * 1024 * 1024  # a request body over this gets 413 without being read
     # Bytes of bodies larger than 256 KiB being received at once in a worker; past it such uploads get 503 before
     # their bodies are read.
@@ -112,6 +115,10 @@ class ServiceSettings:
         if self.request_head_timeout_s < 0:
             raise SettingsError(
                 f"{ENV_PREFIX}REQUEST_HEAD_TIMEOUT_S must be >= 0 (0: no limit), got {self.request_head_timeout_s}"
+            )
+        if self.connection_max_age_s < 0:
+            raise SettingsError(
+                f"{ENV_PREFIX}CONNECTION_MAX_AGE_S must be >= 0 (0: never), got {self.connection_max_age_s}"
             )
         if not 0 <= self.grpc_port <= 65535:
             raise SettingsError(f"{ENV_PREFIX}GRPC_PORT must be a port number (0 turns gRPC off), got {self.grpc_port}")

@@ -512,10 +512,10 @@ def test_the_request_heads_benchmark_sees_what_a_server_closes_and_what_it_holds
 
     from benchmarks import request_heads
     from benchmarks.request_heads import attack
-    from service.request_head import RequestHeadLimits
+    from service.http_protocol import ConnectionLimits
     from tests.support.servers import serving
 
-    limited = type("FastLimits", (RequestHeadLimits, HttpToolsProtocol), {"timeout_s": 0.5})
+    limited = type("FastLimits", (ConnectionLimits, HttpToolsProtocol), {"head_timeout_s": 0.5})
     images = [b"not a real image, answered all the same"]
     monkeypatch.setattr(request_heads, "ENDLESS_CAP_BYTES", 2**25)  # the server without limits runs in this process
     with serving(limited) as port:

@@ -22,10 +22,10 @@ def test_a_held_back_request_head_is_reported_with_what_the_server_did(monkeypat
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     from deploy import check
-    from service.request_head import RequestHeadLimits
+    from service.http_protocol import ConnectionLimits
     from tests.support.servers import serving
 
-    limited = type("FastLimits", (RequestHeadLimits, HttpToolsProtocol), {"timeout_s": 0.5})
+    limited = type("FastLimits", (ConnectionLimits, HttpToolsProtocol), {"head_timeout_s": 0.5})
     with serving(limited) as port:
         answer = check.slow_head_answer(*check.hold_back_head(port))
     assert answer["status"] == 408 and answer["code"] == "request_head_timeout"

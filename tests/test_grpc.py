@@ -153,7 +153,7 @@ def test_generated_messages_live_beside_tritonclients():
 class InProcess:
     """A started Classifier and its gRPC server on one event loop; calls through the generated stub on that loop."""
 
-    def __init__(self, package, access: AccessControl) -> None:
+    def __init__(self, package, access: AccessControl, settings: dict[str, str] | None = None) -> None:
         self.runner = asyncio.Runner()
         self.port = free_port()
         settings = ServiceSettings.from_env(
@@ -162,6 +162,7 @@ class InProcess:
                 "VISIONSERVE_MODEL": str(package),
                 "VISIONSERVE_GRPC_PORT": str(self.port),
                 "VISIONSERVE_GRPC_HOST": "127.0.0.1",
+                **(settings or {}),
             }
         )
         self.classifier = Classifier(settings)
@@ -301,6 +302,32 @@ def test_a_stopping_server_tells_health_watchers_it_is_not_serving(tmp_path):
         assert served.runner.run(watch_while_stopping()) == [SERVING, NOT_SERVING]
     finally:
         served.close()
+
+
+def client_ports(server_port: int) -> set[int]:
+    """The local ports of this process's connections to `server_port` (the client side of them)."""
+    return {c.laddr.port for c in psutil.Process().net_connections("tcp") if c.raddr and c.raddr.port == server_port}
+
+
+@pytest.mark.slow  # seconds of RPCs across several connection ages
+def test_old_connections_get_a_goaway_and_the_client_reconnects_without_failing_an_rpc(tmp_path):
+    served = InProcess(
+        make_color_package(tmp_path / "color"), AccessControl(), {"VISIONSERVE_CONNECTION_MAX_AGE_S": "1"}
+    )
+    try:
+        pixels = np.concatenate([color_pixels(label) for label in COLOR_CLASSES])
+        request = infer_request("pixels", "UINT8", [3, 32, 32, 3], pixels.tobytes())
+        ports: set[int] = set()
+        end = time.monotonic() + 4
+        answered = 0
+        while time.monotonic() < end:  # every RPC must succeed, across the GOAWAYs
+            assert len(served.call("ModelInfer", request).outputs) == 1
+            answered += 1
+            ports |= client_ports(served.port)
+    finally:
+        served.close()
+    assert answered > 20
+    assert len(ports) >= 3  # a connection per second or so, not the one of a channel that never ages
 
 
 def test_raw_and_typed_contents_get_the_same_answer(keyed):

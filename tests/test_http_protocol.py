@@ -1,4 +1,5 @@
-"""Request-head limits: connections holding a head back are closed, on uvicorn's parsers and in the real service."""
+"""The connection limits: heads held back, heads too large, bytes that are not HTTP, and old connections, on both of
+uvicorn's parsers and in the real service."""
 
 from __future__ import annotations
 
@@ -17,16 +18,16 @@ import uvicorn.config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service import request_head
-from service.request_head import MAX_HEAD_BYTES, RequestHeadLimits
+from service import http_protocol
+from service.http_protocol import MAX_HEAD_BYTES, ConnectionLimits
 from service.settings import ServiceSettings, SettingsError
 from tests.support.color_package import make_color_package
 from tests.support.servers import SERVICE_TEST_SETTINGS, serving, slow_app, start_server, stop_server, workers
 
 TIMEOUT_S = 0.5
 PARSERS = {
-    "httptools": type("FastHttpTools", (RequestHeadLimits, HttpToolsProtocol), {"timeout_s": TIMEOUT_S}),
-    "h11": type("FastH11", (RequestHeadLimits, H11Protocol), {"timeout_s": TIMEOUT_S}),
+    "httptools": type("FastHttpTools", (ConnectionLimits, HttpToolsProtocol), {"head_timeout_s": TIMEOUT_S}),
+    "h11": type("FastH11", (ConnectionLimits, H11Protocol), {"head_timeout_s": TIMEOUT_S}),
 }
 
 
@@ -119,17 +120,47 @@ def test_bytes_that_are_not_http_get_a_json_400(server_port):
 
 
 def test_install_points_uvicorns_default_protocol_at_the_limited_one(monkeypatch):
+    protocol = http_protocol.LimitedHTTPProtocol
     monkeypatch.setitem(uvicorn.config.HTTP_PROTOCOLS, "auto", uvicorn.config.HTTP_PROTOCOLS["auto"])
-    monkeypatch.setattr(request_head.LimitedHTTPProtocol, "timeout_s", request_head.LimitedHTTPProtocol.timeout_s)
-    request_head.install(0)
+    monkeypatch.setattr(protocol, "head_timeout_s", protocol.head_timeout_s)
+    monkeypatch.setattr(protocol, "max_age_s", protocol.max_age_s)
+    http_protocol.install(0, 0)
     config = uvicorn.Config(slow_app)
     config.load()
     assert config.http_protocol_class is HttpToolsProtocol
-    request_head.install(3)
+    http_protocol.install(3, 0)
     config = uvicorn.Config(slow_app)
     config.load()
-    assert config.http_protocol_class is request_head.LimitedHTTPProtocol
-    assert request_head.LimitedHTTPProtocol.timeout_s == 3
+    assert config.http_protocol_class is protocol
+    assert (protocol.head_timeout_s, protocol.max_age_s) == (3, 0)
+
+
+def response_heads(received: bytes) -> list[bytes]:
+    """The head (status line and headers, lower-cased) of each answer in `received`, which are all `ok` bodies."""
+    return [head.lower() for head in received.split(b"ok")[:-1]]
+
+
+@pytest.mark.parametrize("parser", sorted(PARSERS))
+def test_a_connection_older_than_the_max_age_is_answered_with_connection_close(parser):
+    aging = type("Aging", (PARSERS[parser],), {"max_age_s": 0.5, "head_timeout_s": 10})
+    request = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
+    with serving(aging) as port:
+        connection = connect(port)
+        connection.sendall(request)
+        first = connection.recv(65536)
+        time.sleep(0.3)
+        connection.sendall(request)  # answered after 0.3 s: still young
+        second = connection.recv(65536)
+        time.sleep(0.3)
+        connection.sendall(request)  # answered after 0.6 s: its last, and the server closes it
+        sent = time.monotonic()
+        last = read_until_closed(connection)
+        closed_after_s = time.monotonic() - sent
+    assert [b"connection: close" in head for head in response_heads(first + second)] == [False, False]
+    assert response_heads(last)[0].startswith(b"http/1.1 200")
+    assert closed_after_s < 2  # by the age, not by uvicorn's 5 s keep-alive timeout
+    if parser == "httptools":  # h11 closes without saying so first
+        assert b"connection: close" in response_heads(last)[0]
 
 
 def test_the_soft_limit_on_open_files_is_raised_to_the_hard_one():
@@ -137,7 +168,7 @@ def test_the_soft_limit_on_open_files_is_raised_to_the_hard_one():
     if hard == resource.RLIM_INFINITY or hard < 512:
         pytest.skip(f"the hard limit on open files ({hard}) cannot show the soft one raised")
     code = (
-        "import resource; from service.request_head import raise_open_files_limit; "
+        "import resource; from service.http_protocol import raise_open_files_limit; "
         "raise_open_files_limit(); print(*resource.getrlimit(resource.RLIMIT_NOFILE))"
     )
 
@@ -183,7 +214,9 @@ def test_the_service_closes_slow_heads_and_raises_its_open_files_limit(tmp_path)
         stop_server(running)
 
 
-def test_a_negative_head_timeout_is_refused_with_its_variable():
+def test_negative_limits_are_refused_with_their_variable():
     with pytest.raises(SettingsError, match="REQUEST_HEAD_TIMEOUT_S must be >= 0"):
         ServiceSettings.from_env({"VISIONSERVE_REQUEST_HEAD_TIMEOUT_S": "-1"})
     assert ServiceSettings.from_env({"VISIONSERVE_REQUEST_HEAD_TIMEOUT_S": "0"}).request_head_timeout_s == 0
+    with pytest.raises(SettingsError, match="CONNECTION_MAX_AGE_S must be >= 0"):
+        ServiceSettings.from_env({"VISIONSERVE_CONNECTION_MAX_AGE_S": "-1"})
