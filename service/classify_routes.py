@@ -107,7 +107,7 @@ async def classify(request: Request) -> JSONResponse:
             await admit_when_warm(lease.classifier)
             if query_top_k is not None:
                 lease.classifier.check_top_k(query_top_k)  # fail before reading the body
-        data, body_choice, body_top_k = await read_classify_body(request, repository, lease)
+        data, body_choice, body_top_k = await read_classify_body(request, repository, lease, deadline)
         choice = query.merged(body_choice)
         if lease is None or choice != query:
             chosen = repository.lease(choice.model, choice.version)
@@ -136,21 +136,22 @@ async def classify(request: Request) -> JSONResponse:
 
 
 async def read_classify_body(
-    request: Request, repository: ModelRepository, lease: Lease | None
+    request: Request, repository: ModelRepository, lease: Lease | None, deadline: float
 ) -> tuple[bytes, ModelChoice, Any]:
-    """(image bytes, the body's model choice, the body's top_k or None) of a /classify request."""
+    """(image bytes, the body's model choice, the body's top_k or None) of a /classify request, its body all
+    arrived by `deadline`."""
     media_type = media_type_of(request)
     max_bytes = repository.settings.max_body_bytes
     if media_type == MULTIPART:
-        form = await read_form(request, max_bytes, repository.uploads, max_files=1)
+        form = await read_form(request, max_bytes, repository.uploads, deadline, max_files=1)
         data = form_image(form, "image")
         # An empty field is how an HTML form (the API page's too) sends one left blank: not a choice.
         choice = ModelChoice.of(form.get("model") or None, form.get("version") or None, "the form")
         return data, choice, form.get("top_k")
     if media_type in RAW_IMAGE_TYPES:
-        return await read_body(request, max_bytes, repository.uploads), ModelChoice(), None
+        return await read_body(request, max_bytes, repository.uploads, deadline), ModelChoice(), None
     if media_type == JSON_TYPE:
-        body = await read_body(request, max_bytes, repository.uploads)
+        body = await read_body(request, max_bytes, repository.uploads, deadline)
         if len(body) <= INLINE_PARSE_MAX_BYTES:
             return parse_json_image(body)
         # base64 of a big image would hold up every other request on the event loop
@@ -177,7 +178,9 @@ async def classify_many(request: Request, classifier: Classifier, repository: Mo
     if media_type != MULTIPART:
         raise unsupported_media_type(media_type, [MULTIPART])
     settings = classifier.settings
-    form = await read_form(request, settings.max_body_bytes, repository.uploads, max_files=settings.max_batch_images)
+    form = await read_form(
+        request, settings.max_body_bytes, repository.uploads, deadline, max_files=settings.max_batch_images
+    )
     uploads = form.getlist("images")
     if not uploads:
         raise ApiError("no_images", "send at least one image in the multipart field 'images'")

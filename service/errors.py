@@ -40,6 +40,9 @@ ERRORS: dict[str, ErrorCode] = {
     ),
     "unsupported_content_encoding": ErrorCode(415, "a Content-Encoding other than gzip, deflate or identity"),
     "invalid_content_encoding": ErrorCode(400, "a gzip or deflate body that does not decompress, or ends early"),
+    "body_timeout": ErrorCode(
+        408, "the request body had not all arrived VISIONSERVE_REQUEST_TIMEOUT_S after the request did (then closed)"
+    ),
     "client_disconnected": ErrorCode(400, "the client closed the connection before the whole body arrived"),
     "invalid_multipart": ErrorCode(400, "a malformed multipart body, or an image part that is not a file upload"),
     "invalid_json": ErrorCode(400, "a body that is not JSON, not an object, or has unknown fields"),

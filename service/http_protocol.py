@@ -6,7 +6,7 @@ sends a byte, or sends a head a byte at a time (slowloris), is held for ever, an
 connections use up a worker's file descriptors or memory, and then no client is served. So every connection must
 deliver each request head within `head_timeout_s` (from the connection's opening or its last response) and in at
 most MAX_HEAD_BYTES: past either, the connection is closed, with a JSON 408 or 431 if part of a head had arrived. A
-request's body is covered by the request deadline (VISIONSERVE_REQUEST_TIMEOUT_S, with BentoML's backstop). A head
+request's body is covered by the request deadline (VISIONSERVE_REQUEST_TIMEOUT_S: service.request_reading). A head
 that uvicorn's parser cannot read gets a JSON 400 instead of uvicorn's plain text.
 
 Connection age: a keep-alive connection stays with the replica that accepted it, so replicas added behind a

@@ -491,7 +491,7 @@ def routes(served: ModelRepository | Classifier) -> list[Route]:
         with repository.lease(request.path_params["name"], request.path_params.get("version")) as classifier:
             await admit_when_warm(classifier)
             media_type_of(request)  # refuses a pickle content type (415); JSON or the binary extension's body follow
-            body = await read_body(request, settings.max_body_bytes, repository.uploads)
+            body = await read_body(request, settings.max_body_bytes, repository.uploads, deadline)
             header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
             # Parsing a large tensor would hold up every other request on the event loop.
             parsed = await classifier.run_in_pool(parse_infer_request, header, input_limits(classifier), binary)

@@ -45,6 +45,7 @@ BODY = (
     "body_too_large",
     "too_many_uploads",
     "client_disconnected",
+    "body_timeout",
     "invalid_content_encoding",
 )
 IMAGE = ("empty", "corrupt", "unsupported_format", "image_too_large")  # the decoder's (inference.imaging)
@@ -107,6 +108,7 @@ REPOSITORY_BODY = (
     "invalid_content_length",
     "body_too_large",
     "client_disconnected",
+    "body_timeout",
     "invalid_content_encoding",
     "invalid_json",
 )

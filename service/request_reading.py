@@ -4,8 +4,8 @@ Each check refuses as early as it can, so that a request that will fail costs as
 and queue room (503) before anything else, the content type (415; pickle is always refused) before the body,
 the declared Content-Length (413) before any byte of the body, and a streamed body (413) as soon as it passes
 the limit. A body sent with Content-Encoding gzip or deflate (tritonclient's request_compression_algorithm, as
-Triton accepts) is decompressed, and refused (413) as soon as it decodes past the same limit. No URL is ever
-fetched.
+Triton accepts) is decompressed, and refused (413) as soon as it decodes past the same limit. A body that has not
+all arrived by the request's deadline is refused (408) and its connection closed. No URL is ever fetched.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import asyncio
 import base64
 import re
 import zlib
+from collections.abc import AsyncIterator
 
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -67,12 +68,12 @@ def unsupported_media_type(media_type: str, accepted: list[str]) -> ApiError:
     )
 
 
-async def read_body(request: Request, max_bytes: int, uploads: UploadBudget) -> bytes:
+async def read_body(request: Request, max_bytes: int, uploads: UploadBudget, deadline: float) -> bytes:
     """The whole body, its content coding undone, refusing (413) a declared, streamed or decoded size over
-    `max_bytes` without reading or decoding the rest, and (503) one that would take the bytes being received past
-    the upload budget."""
+    `max_bytes` without reading or decoding the rest, (503) one that would take the bytes being received past
+    the upload budget, and (408) one still arriving at `deadline` (the event loop's time)."""
     coding = content_coding(request)
-    body = await read_raw_body(request, max_bytes, uploads)
+    body = await read_raw_body(request, max_bytes, uploads, deadline)
     if coding is None:
         return body
     # Off the event loop: a small body may take a megabyte-sized decode.
@@ -118,9 +119,10 @@ def inflate(body: bytes, coding: str, max_bytes: int) -> bytes:
     return b"".join(parts)
 
 
-async def read_raw_body(request: Request, max_bytes: int, uploads: UploadBudget) -> bytes:
+async def read_raw_body(request: Request, max_bytes: int, uploads: UploadBudget, deadline: float) -> bytes:
     """The body as it arrives, refusing (413) a declared or streamed size over `max_bytes` without reading the rest,
-    and (503) one that would take the bytes being received past the upload budget."""
+    (503) one that would take the bytes being received past the upload budget, and (408) one still arriving at
+    `deadline`."""
     declared = request.headers.get("content-length")
     reserved = 0
     if declared is not None:
@@ -134,7 +136,7 @@ async def read_raw_body(request: Request, max_bytes: int, uploads: UploadBudget)
     chunks = []
     received = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in body_chunks(request, deadline):
             received += len(chunk)
             if received > max_bytes:  # a chunked body (or one longer than declared)
                 raise body_too_large(max_bytes)
@@ -155,14 +157,44 @@ def parse_length(value: str) -> int | None:
     return int(value) if DIGITS.fullmatch(value) else None
 
 
+async def body_chunks(request: Request, deadline: float) -> AsyncIterator[bytes]:
+    """The body's chunks as the server receives them; ClientDisconnect if the client leaves first.
+
+    A body that came whole with the request head (the common small one) is read without a timer. Past its first
+    chunk, a body still arriving at `deadline` is refused with 408 and `Connection: close`: the client may still be
+    sending the rest, which the connection cannot carry to another request. Without this, a body sent a few bytes
+    at a time held its connection and its share of the upload budget until BentoML's own timeout."""
+    more_expected = False
+    while True:
+        if more_expected:
+            try:
+                remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+                message = await asyncio.wait_for(request.receive(), remaining)
+            except asyncio.TimeoutError:
+                raise ApiError(
+                    "body_timeout", "the request body did not all arrive in time", {"Connection": "close"}
+                ) from None
+        else:
+            message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        if chunk := message.get("body", b""):
+            yield chunk
+        more_expected = message.get("more_body", False)
+        if not more_expected:
+            return
+
+
 def body_too_large(max_bytes: int) -> ApiError:
     return ApiError("body_too_large", f"the request body is larger than the limit of {max_bytes} bytes")
 
 
-async def read_form(request: Request, max_bytes: int, uploads: UploadBudget, max_files: int) -> FormData:
-    """A multipart body (at most `max_bytes`, `max_files` file parts and MAX_FORM_FIELDS other fields): str values
-    for fields, FilePart values for files."""
-    body = await read_body(request, max_bytes, uploads)
+async def read_form(
+    request: Request, max_bytes: int, uploads: UploadBudget, deadline: float, max_files: int
+) -> FormData:
+    """A multipart body (at most `max_bytes`, `max_files` file parts and MAX_FORM_FIELDS other fields, all arrived
+    by `deadline`): str values for fields, FilePart values for files."""
+    body = await read_body(request, max_bytes, uploads, deadline)
     items = simple_form(body, request.headers.get("content-type", ""), max_files, MAX_FORM_FIELDS)
     if items is None:
         items = await parsed_by_starlette(request, body, max_files)

@@ -114,7 +114,8 @@ CONTAINER_IMAGE = bentoml.images.Image(base_image="python:3.11-slim", python_ver
     # VISIONSERVE_WORKERS, else chosen from the cores and the model's cost (service.defaults): each worker has its
     # own queue and cores / workers runtime threads.
     workers=SETTINGS.workers,
-    # Our own deadline answers 504 with a JSON body; BentoML's timeout is only the backstop behind it.
+    # Our own deadline answers 504 (408 for a body still arriving) with a JSON body; BentoML's timeout is only the
+    # backstop behind it.
     traffic={"timeout": SETTINGS.request_timeout_s + 5},
     # The Bento records the models it was built with; the tags themselves are packed through `models` below.
     envs=[{"name": "VISIONSERVE_MODEL", "value": SETTINGS.model}],

@@ -14,6 +14,7 @@ from service.settings import ServiceSettings, SettingsError
 from service.uploads import SMALL_BODY_BYTES, UploadBudget
 
 MB = 1024 * 1024
+DEADLINE = float("inf")  # these bodies' timing is not what is tested
 
 
 def request(chunks: list[bytes], content_length: int | None, reads: list[int]) -> Request:
@@ -48,7 +49,7 @@ def test_a_declared_body_that_does_not_fit_is_refused_before_any_byte_is_read():
     budget.reserve(3 * MB, 3 * MB)  # another upload being received
     reads: list[int] = []
     with pytest.raises(ApiError) as refused:
-        asyncio.run(read_body(request([b"x" * MB, b"x" * MB], 2 * MB, reads), 16 * MB, budget))
+        asyncio.run(read_body(request([b"x" * MB, b"x" * MB], 2 * MB, reads), 16 * MB, budget, DEADLINE))
     assert refused.value.code == "too_many_uploads" and reads == []
     assert budget.in_flight == 3 * MB
 
@@ -59,7 +60,7 @@ def test_a_chunked_body_reserves_as_it_arrives_and_is_refused_once_it_does_not_f
     reads: list[int] = []
     chunks = [b"x" * MB] * 5
     with pytest.raises(ApiError) as refused:
-        asyncio.run(read_body(request(chunks, None, reads), 16 * MB, budget))
+        asyncio.run(read_body(request(chunks, None, reads), 16 * MB, budget, DEADLINE))
     assert refused.value.code == "too_many_uploads"
     assert len(reads) == 3  # refused with the third megabyte, the other two never read
     assert budget.in_flight == 2 * MB  # what the refused body held is given back
@@ -71,7 +72,7 @@ def test_a_chunked_body_in_small_pieces_counts_against_the_budget_once_it_is_lar
     reads: list[int] = []
     chunks = [b"x" * (64 * 1024)] * 64  # 4 MB as a server receives it, in 64 KiB pieces
     with pytest.raises(ApiError) as refused:
-        asyncio.run(read_body(request(chunks, None, reads), 16 * MB, budget))
+        asyncio.run(read_body(request(chunks, None, reads), 16 * MB, budget, DEADLINE))
     assert refused.value.code == "too_many_uploads"
     assert len(reads) == 17  # 16 pieces fill the 1 MiB of room left; the 17th is refused
     assert budget.in_flight == 3 * MB
@@ -80,10 +81,44 @@ def test_a_chunked_body_in_small_pieces_counts_against_the_budget_once_it_is_lar
 def test_a_body_that_fits_is_read_whole_and_its_bytes_given_back():
     budget = UploadBudget(4 * MB)
     reads: list[int] = []
-    body = asyncio.run(read_body(request([b"a" * MB, b"b" * MB], 2 * MB, reads), 16 * MB, budget))
+    body = asyncio.run(read_body(request([b"a" * MB, b"b" * MB], 2 * MB, reads), 16 * MB, budget, DEADLINE))
     assert body == b"a" * MB + b"b" * MB and budget.in_flight == 0
 
 
 def test_the_budget_must_hold_one_body_of_the_largest_size():
     with pytest.raises(SettingsError, match="MAX_UPLOAD_BYTES_IN_FLIGHT"):
         ServiceSettings(max_body_bytes=64 * MB, max_upload_bytes_in_flight=32 * MB)
+
+
+def test_a_body_still_arriving_at_the_deadline_is_refused_with_408_and_connection_close():
+    async def slow_body() -> ApiError:
+        sent = [{"type": "http.request", "body": b"first part", "more_body": True}]
+
+        async def receive():
+            if sent:
+                return sent.pop()
+            await asyncio.sleep(3600)  # the rest never comes
+
+        slow = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+        deadline = asyncio.get_running_loop().time() + 0.2
+        with pytest.raises(ApiError) as refused:
+            await read_body(slow, 16 * MB, UploadBudget(16 * MB), deadline)
+        return refused.value
+
+    refused = asyncio.run(slow_body())
+    assert (refused.status, refused.code, refused.headers) == (408, "body_timeout", {"Connection": "close"})
+
+
+def test_a_client_leaving_mid_body_is_a_client_disconnect_and_a_whole_body_needs_no_time():
+    messages = [{"type": "http.request", "body": b"part", "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0)
+
+    leaving = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(read_body(leaving, 16 * MB, UploadBudget(16 * MB), DEADLINE))
+    assert refused.value.code == "client_disconnected"
+    # A body that came whole is read even when its deadline has passed: no timer runs for it.
+    reads: list[int] = []
+    assert asyncio.run(read_body(request([b"whole"], 5, reads), 16 * MB, UploadBudget(16 * MB), 0.0)) == b"whole"
