@@ -11,17 +11,20 @@ import sys
 import time
 from collections.abc import Iterator
 
+import httpx
 import psutil
 import pytest
+import tritonclient.http as httpclient
 import uvicorn
 import uvicorn.config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from inference.imaging import encode_png
 from service import http_protocol
 from service.http_protocol import MAX_HEAD_BYTES, ConnectionLimits
 from service.settings import ServiceSettings, SettingsError
-from tests.support.color_package import make_color_package
+from tests.support.color_package import color_pixels, make_color_package
 from tests.support.servers import SERVICE_TEST_SETTINGS, serving, slow_app, start_server, stop_server, workers
 
 TIMEOUT_S = 0.5
@@ -220,3 +223,30 @@ def test_negative_limits_are_refused_with_their_variable():
     assert ServiceSettings.from_env({"VISIONSERVE_REQUEST_HEAD_TIMEOUT_S": "0"}).request_head_timeout_s == 0
     with pytest.raises(SettingsError, match="CONNECTION_MAX_AGE_S must be >= 0"):
         ServiceSettings.from_env({"VISIONSERVE_CONNECTION_MAX_AGE_S": "-1"})
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_clients_keep_working_across_the_connection_max_age(tmp_path):
+    # Connection: close every second: tritonclient's HTTP client (geventhttpclient's pool) and httpx (batch
+    # scoring's --url engine) must open new connections without failing a request.
+    settings = {**SERVICE_TEST_SETTINGS, "VISIONSERVE_CONNECTION_MAX_AGE_S": "1"}
+    running = start_server(make_color_package(tmp_path / "color"), tmp_path, settings)
+    try:
+        triton = httpclient.InferenceServerClient(running.url.removeprefix("http://"))
+        pixels = httpclient.InferInput("pixels", [1, 32, 32, 3], "UINT8")
+        pixels.set_data_from_numpy(color_pixels("green"))
+        closes = 0
+        with httpx.Client(base_url=running.url, timeout=10) as client:
+            end = time.monotonic() + 3.5
+            while time.monotonic() < end:
+                assert triton.infer("color", [pixels]).as_numpy("probabilities").argmax() == 1
+                answer = client.post(
+                    "/classify", content=encode_png(color_pixels("blue")[0]), headers={"content-type": "image/png"}
+                )
+                assert answer.json()["predictions"][0]["label"] == "blue"
+                closes += answer.headers.get("connection") == "close"
+        triton.close()
+    finally:
+        stop_server(running)
+    assert closes >= 2
