@@ -67,8 +67,10 @@ class ConnectionLimits:
         if self.transport.is_closing():
             return
         if self.awaiting_head():
-            # What arrived while no request is in progress, and did not complete a head, is part of the next head.
-            self.head_bytes += len(data)
+            # What arrived while no request is in progress, and did not complete a head, is part of the next head;
+            # unless the last request's body is still coming (answered before it was all read), which uvicorn drops.
+            if self.cycle is None or not self.cycle.more_body:
+                self.head_bytes += len(data)
             if self.head_timeout_s and self.head_bytes > MAX_HEAD_BYTES:
                 self.close_with(refusal("request_head_too_large", f"the request head is over {MAX_HEAD_BYTES} bytes"))
         elif self.max_age_s and self.cycle.keep_alive and self.loop.time() - self.opened_at > self.max_age_s:

@@ -110,6 +110,21 @@ def test_a_head_over_the_size_limit_gets_a_json_431_and_the_connection_is_closed
     assert json.loads(body)["code"] == "request_head_too_large"
 
 
+def test_the_rest_of_a_body_answered_early_is_not_taken_for_a_head(server_port):
+    # slow_app answers after the body's first chunk; the rest, over the head size limit, is the same request's.
+    connection = connect(server_port)
+    connection.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 1000000\r\n\r\n" + bytes(1000))
+    time.sleep(0.1)
+    connection.sendall(bytes(999_000))
+    connection.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")  # the next request on the same connection
+    received = b""
+    while received.count(b"ok") < 2:
+        chunk = connection.recv(65536)
+        assert chunk, f"closed after {received!r}"
+        received += chunk
+    assert [head.split(b"\r\n")[0] for head in response_heads(received)] == [b"http/1.1 200 ok"] * 2
+
+
 def test_bytes_that_are_not_http_get_a_json_400(server_port):
     connection = connect(server_port)
     # The start of a TLS ClientHello: an https:// client at the plain HTTP port.
