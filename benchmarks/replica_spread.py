@@ -26,7 +26,7 @@ import httpx
 
 from benchmarks.common import DEFAULT_ARCHIVE, LOGS, RESULTS, machine, provenance, read_test_jpegs, run_and_report
 from benchmarks.loadgen import write_image_files, wrk_closed_loop
-from benchmarks.servers import SERVICE, BentoServer, free_port
+from benchmarks.servers import SERVICE, BentoServer, free_port, wait_until_answering
 
 WINDOW_S = 5.0
 CONNECTIONS = 16
@@ -39,18 +39,9 @@ def answered(server: BentoServer) -> int:
     return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(ANSWERED)))
 
 
-def wait_until_balanced(port: int, timeout_s: float = 30) -> None:
-    """Until the balancer on `port` forwards to a ready replica: its checks run every 500 ms, and a connection it
-    cannot forward fails (which wrk would count, and retry at once, many times)."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the balancer on port {port} forwarded nothing within {timeout_s:g} s")
+def forwards(port: int) -> bool:
+    """Whether the balancer on `port` forwards a request to a ready replica."""
+    return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
 
 
 def haproxy_config(port: int, replicas: dict[str, int]) -> str:
@@ -88,12 +79,14 @@ def spread(args: argparse.Namespace, listing: Path, max_age_s: float) -> dict:
         b = BentoServer(SERVICE, {**env, "BENTOML_HOME": f"{folder}/b"}, log_dir=LOGS, name="replica-b")
         config = Path(folder) / "haproxy.cfg"
         config.write_text(haproxy_config(front, {"a": a.port, "b": b.port}))
-        balancer = subprocess.Popen(
-            ["haproxy", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        balancer_log = LOGS / "replica-spread-haproxy.log"
+        with open(balancer_log, "wb") as log:
+            balancer = subprocess.Popen(["haproxy", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
         try:
             with a:
-                wait_until_balanced(front)
+                # Until HAProxy's check (every 500 ms) sees A ready: a connection it cannot forward fails, and wrk
+                # would count and retry that at once, many times.
+                wait_until_answering(balancer, lambda: forwards(front), 30, "haproxy", balancer_log)
                 load: dict = {}
                 duration = args.seconds + 20  # B's start (about 5 s) and the windows after it
                 url = f"http://127.0.0.1:{front}/classify"
@@ -119,11 +112,10 @@ def spread(args: argparse.Namespace, listing: Path, max_age_s: float) -> dict:
             balancer.terminate()
             balancer.wait(10)
     phase = load["phase"]
-    total_a, total_b = sum(w["a"] for w in windows), sum(w["b"] for w in windows)
     return {
         "max_age_s": max_age_s,
         "windows": windows,
-        "b_share": round(total_b / max(1, total_a + total_b), 3),
+        "b_share": share_of_b(windows),
         "b_share_last_half": share_of_b(windows[len(windows) // 2 :]),
         "requests_per_second": phase.requests_per_second,
         "statuses": phase.statuses,

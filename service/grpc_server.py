@@ -340,7 +340,7 @@ async def start(served: ModelRepository | Classifier, access: AccessControl) -> 
     ]
     if settings.connection_max_age_s:
         # A GOAWAY past the age: the client's channel reconnects (possibly to another replica), and the RPCs in
-        # flight have until their deadline to finish.
+        # flight have the request timeout and 5 s more to finish.
         options += [
             ("grpc.max_connection_age_ms", int(settings.connection_max_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", int((settings.request_timeout_s + 5) * 1000)),

@@ -101,17 +101,9 @@ INFER_CODES = (
     *IMAGE,
     *ANSWER,
 )
-# A repository call's small JSON body (service.repository_routes).
-REPOSITORY_BODY = (
-    "pickle_refused",
-    "unsupported_content_encoding",
-    "invalid_content_length",
-    "body_too_large",
-    "client_disconnected",
-    "body_timeout",
-    "invalid_content_encoding",
-    "invalid_json",
-)
+# A repository call's small JSON body (service.repository_routes): under the upload budget's small-body size, which
+# it always admits, so never too_many_uploads.
+REPOSITORY_BODY = (*(code for code in BODY if code != "too_many_uploads"), "invalid_json")
 LOAD_CODES = (
     "unauthorized",
     *REPOSITORY_BODY,
