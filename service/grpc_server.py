@@ -317,11 +317,6 @@ class GrpcStartError(RuntimeError):
     """The gRPC server could not listen (its port is taken, or not ours to take)."""
 
 
-def listen_address(settings: ServiceSettings) -> str:
-    """The settings' host and port as gRPC takes them: an IPv6 address in brackets (`[::]:8001`)."""
-    return listening.address(settings.grpc_host, settings.grpc_port)
-
-
 def tls_credentials(settings: ServiceSettings) -> grpc.ServerCredentials:
     """The server side of TLS from the settings' PEM certificate (chain) and private key."""
     with open(settings.grpc_tls_certfile, "rb") as cert, open(settings.grpc_tls_keyfile, "rb") as key:
@@ -352,7 +347,7 @@ async def start(served: ModelRepository | Classifier, access: AccessControl) -> 
     # Server reflection, for grpcurl, Postman and Evans: the inference service's messages come from the generated
     # modules' own descriptor pool (service.protos keeps it apart from tritonclient's copy of the same names).
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server, pool=pb.DESCRIPTOR.pool)
-    address = listen_address(settings)
+    address = listening.address(settings.grpc_host, settings.grpc_port)  # an IPv6 host in brackets, as gRPC takes it
     try:
         if settings.grpc_tls_certfile:
             server.add_secure_port(address, tls_credentials(settings))

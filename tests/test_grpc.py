@@ -365,14 +365,6 @@ def test_port_0_turns_grpc_off(tmp_path):
     assert asyncio.run(grpc_server.start(classifier, AccessControl())) is None
 
 
-@pytest.mark.parametrize(
-    ("host", "address"),
-    [("0.0.0.0", "0.0.0.0:8001"), ("localhost", "localhost:8001"), ("::", "[::]:8001"), ("[::1]", "[::1]:8001")],
-)
-def test_an_ipv6_host_is_put_in_brackets_for_grpc(host, address):
-    assert grpc_server.listen_address(ServiceSettings(model="m", grpc_host=host)) == address
-
-
 def ipv6_works() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:
