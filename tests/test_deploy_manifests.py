@@ -7,6 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import httpx
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -20,6 +21,8 @@ GRPC_PORT = ServiceSettings.grpc_port
 VARIABLES = {ENV_PREFIX + field.name.upper() for field in fields(ServiceSettings)}
 BENTOML_HOME = "BENTOML_HOME"  # the one variable of BentoML's that the manifests set
 PRE_STOP_SLEEP_S = 5
+# The oldest Kubernetes release the manifests are checked against, besides the newest schemas kubernetes-validate has.
+OLDEST_KUBERNETES = "1.31.0"
 
 
 def documents(path: Path) -> list[dict]:
@@ -35,6 +38,25 @@ def containers() -> list[tuple[str, dict, dict]]:
                 pod = doc["spec"]["template"]["spec"]
                 found += [(path.name, pod, container) for container in pod["containers"]]
     return found
+
+
+def resources() -> list[tuple[str, dict]]:
+    return [(path.name, doc) for path in KUBERNETES for doc in documents(path)]
+
+
+@pytest.mark.parametrize("version", [OLDEST_KUBERNETES, kubernetes_validate.utils.latest_version()])
+@pytest.mark.parametrize(("name", "resource"), resources(), ids=lambda v: v if isinstance(v, str) else v["kind"])
+def test_every_resource_is_valid_kubernetes(name, resource, version):
+    # Strict: a misspelt or misplaced field, which kubectl apply would refuse or silently drop, fails here.
+    kubernetes_validate.validate(resource, version, strict=True)
+
+
+def test_the_schema_check_finds_a_misplaced_field():
+    [deployment, *_] = documents(DEPLOY / "kubernetes" / "deployment.yaml")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    container["readOnlyRootFilesystem"] = container["securityContext"].pop("readOnlyRootFilesystem")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, OLDEST_KUBERNETES, strict=True)
 
 
 def test_there_is_a_cpu_and_a_gpu_deployment_and_each_has_a_service():
@@ -85,9 +107,21 @@ def test_a_deployment_meets_the_restricted_pod_security_profile_with_a_read_only
 
 def test_the_autoscaler_scales_the_cpu_deployment():
     [hpa] = documents(DEPLOY / "kubernetes" / "hpa.yaml")
-    [deployment, _] = documents(DEPLOY / "kubernetes" / "deployment.yaml")
+    [deployment, *_] = documents(DEPLOY / "kubernetes" / "deployment.yaml")
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert hpa["spec"]["minReplicas"] >= 2  # a rollout or a node loss never leaves no replica
+
+
+def test_the_cpu_replicas_keep_serving_through_rollouts_drains_and_a_node_loss():
+    deployment, _, budget = documents(DEPLOY / "kubernetes" / "deployment.yaml")
+    pods = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    # A drain takes one replica at a time, and the budget covers exactly the Deployment's pods.
+    assert budget["kind"] == "PodDisruptionBudget" and budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == pods
+    [spread] = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["labelSelector"]["matchLabels"] == pods
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"  # a one-node cluster still runs every replica
 
 
 def test_compose_names_only_what_the_service_has():
