@@ -330,6 +330,33 @@ def test_old_connections_get_a_goaway_and_the_client_reconnects_without_failing_
     assert len(ports) >= 3  # a connection per second or so, not the one of a channel that never ages
 
 
+@pytest.mark.slow  # waits out a connection's age and its grace: seconds
+def test_a_connection_that_only_opens_http2_is_closed_at_the_max_age(tmp_path):
+    # gRPC's own timeout covers the handshake only: a client that then sends nothing (and never acknowledges the
+    # GOAWAY) would hold its connection for ever; the max age closes it once the grace (request timeout + 5 s) is out.
+    served = InProcess(
+        make_color_package(tmp_path / "color"),
+        AccessControl(),
+        {"VISIONSERVE_CONNECTION_MAX_AGE_S": "1", "VISIONSERVE_REQUEST_TIMEOUT_S": "1"},
+    )
+    preface_and_settings = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+    async def open_and_idle() -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        writer.write(preface_and_settings)
+        opened = time.monotonic()
+        while await asyncio.wait_for(reader.read(65536), timeout=20):
+            pass
+        writer.close()
+        return time.monotonic() - opened
+
+    try:
+        closed_after_s = served.runner.run(open_and_idle())
+    finally:
+        served.close()
+    assert 1 <= closed_after_s < 1 + 6 + 3
+
+
 def test_raw_and_typed_contents_get_the_same_answer(keyed):
     pixels = np.concatenate([color_pixels(label) for label in COLOR_CLASSES])
     raw = keyed.call("ModelInfer", infer_request("pixels", "UINT8", [3, 32, 32, 3], pixels.tobytes()), KEY)
