@@ -589,7 +589,7 @@ def test_two_workers_each_serve_with_their_share_of_the_threads(tmp_path):
         stop_server(server)
 
 
-# --- BentoML's configuration overrides the service's defaults ------------------------------------------------------
+# --- a body sent too slowly ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.e2e
@@ -621,6 +621,9 @@ def test_a_body_sent_too_slowly_gets_408_at_the_request_deadline_and_the_connect
     assert status == 408 and 1 <= waited < 3, (status, waited)
     assert json.loads(body)["code"] == "body_timeout"
     assert headers["connection"] == "close" and closed
+
+
+# --- BentoML's configuration overrides the service's defaults ------------------------------------------------------
 
 
 @pytest.mark.e2e
