@@ -136,6 +136,8 @@ def test_compose_names_only_what_the_service_has():
         f"${{VISIONSERVE_PUBLISH_GRPC:-{GRPC_PORT}}}:{GRPC_PORT}",
     ]
     assert service["stop_grace_period"] == f"{STOP_GRACE_S}s"
+    # `bentoml containerize` tags the image with the Bento's version only: a default tag would name no image.
+    assert service["image"].startswith("${VISIONSERVE_IMAGE:?")
     assert "/readyz" in " ".join(service["healthcheck"]["test"])
 
 
