@@ -30,6 +30,7 @@ from http import HTTPStatus
 
 import uvicorn.config
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.errors import ERRORS
 
@@ -77,6 +78,9 @@ class ConnectionLimits:
             # A request that begins past the age is the connection's last: uvicorn answers it with
             # `Connection: close` and then closes.
             self.cycle.keep_alive = False
+            if isinstance(self, H11Protocol):
+                # uvicorn's h11 cycle writes that header only for a request that asked for it, so the request asks.
+                self.cycle.scope["headers"].append((b"connection", b"close"))
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -177,8 +177,7 @@ def test_a_connection_older_than_the_max_age_is_answered_with_connection_close(p
     assert [b"connection: close" in head for head in response_heads(first + second)] == [False, False]
     assert response_heads(last)[0].startswith(b"http/1.1 200")
     assert closed_after_s < 2  # by the age, not by uvicorn's 5 s keep-alive timeout
-    if parser == "httptools":  # h11 closes without saying so first
-        assert b"connection: close" in response_heads(last)[0]
+    assert b"connection: close" in response_heads(last)[0]
 
 
 def test_the_soft_limit_on_open_files_is_raised_to_the_hard_one():
