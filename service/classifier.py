@@ -239,7 +239,7 @@ class Classifier:
         if not self.ready:
             raise ApiError("not_ready", "the model is still warming up", {"Retry-After": "1"})
         if deadline is None:
-            deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+            deadline = self.settings.request_deadline()
         return await self.batcher.submit(pixels, deadline)
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[dict[str, Any]]:

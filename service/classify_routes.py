@@ -97,7 +97,7 @@ async def classify(request: Request) -> JSONResponse:
     """
     repository = attached_repository(request)
     settings = repository.settings
-    deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+    deadline = settings.request_deadline()
     query = query_choice(request)
     query_top_k = request.query_params.get("top_k")
     lease: Lease | None = None
@@ -170,7 +170,7 @@ async def classify_batch(request: Request) -> JSONResponse:
 
 
 async def classify_many(request: Request, classifier: Classifier, repository: ModelRepository) -> JSONResponse:
-    deadline = asyncio.get_running_loop().time() + classifier.settings.request_timeout_s
+    deadline = classifier.settings.request_deadline()
     query_top_k = request.query_params.get("top_k")
     if query_top_k is not None:
         classifier.check_top_k(query_top_k)

@@ -28,7 +28,6 @@ every worker process). Both are listed in the server metadata's `extensions`, wi
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from dataclasses import dataclass
@@ -486,7 +485,7 @@ def routes(served: ModelRepository | Classifier) -> list[Route]:
         return JSONResponse(statistics(repository, params.get("name"), params.get("version")))
 
     async def infer(request: Request) -> Response:
-        deadline = asyncio.get_running_loop().time() + settings.request_timeout_s  # counted from arrival
+        deadline = settings.request_deadline()  # counted from arrival
         # Held until the answer: a rollout meanwhile leaves this request on the version that admitted it.
         with repository.lease(request.path_params["name"], request.path_params.get("version")) as classifier:
             await admit_when_warm(classifier)

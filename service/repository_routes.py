@@ -11,7 +11,6 @@ A load answers once the version serves (or was refused); the work goes on if the
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -69,8 +68,7 @@ def routes(repository: ModelRepository, access: AccessControl) -> list[Route]:
 async def read_document(request: Request, repository: ModelRepository, fields: frozenset[str]) -> dict[str, Any]:
     """The JSON object of a repository call (an empty body is {}); unknown fields are a 400."""
     media_type_of(request)  # refuses a pickle content type
-    deadline = asyncio.get_running_loop().time() + repository.settings.request_timeout_s
-    body = await read_body(request, MAX_BODY_BYTES, repository.uploads, deadline)
+    body = await read_body(request, MAX_BODY_BYTES, repository.uploads, repository.settings.request_deadline())
     if not body.strip():
         return {}
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import Mapping
@@ -173,6 +174,10 @@ class ServiceSettings:
     def threads_per_instance(self) -> int:
         """Runtime intra-op threads of each model call."""
         return max(1, self.threads_per_worker // self.model_instances)
+
+    def request_deadline(self) -> float:
+        """The running event loop's time at which a request arriving now has used up its request timeout."""
+        return asyncio.get_running_loop().time() + self.request_timeout_s
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
